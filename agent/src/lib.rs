@@ -1,0 +1,1 @@
+//! The provider agent: operator CLI, stores, and (later) the daemon.

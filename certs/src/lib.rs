@@ -1,0 +1,2 @@
+//! X.509 keystore, certificate chains and manifest signatures.
+#![forbid(unsafe_code)]
