@@ -1,1 +1,5 @@
-//! The provider agent: operator CLI, stores, and (later) the daemon.
+//! The provider agent: the operator CLI and the data dir it manages; later the daemon,
+//! network, VM runtime and egress proxy.
+
+pub mod cli;
+pub mod store;

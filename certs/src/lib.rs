@@ -1,2 +1,18 @@
 //! X.509 keystore, certificate chains and manifest signatures.
+//!
+//! The provider trusts app authors through certificate authorities its operator put in the
+//! keystore (a directory of PEM or DER files). A requestor sends the author's certificate
+//! chain with the demand; [`ChainVerifier`] builds a path from the chain's leaf to a
+//! keystore root with openssl, checks every certificate's validity at an injectable "now",
+//! and checks the manifest signature with the leaf's public key.
 #![forbid(unsafe_code)]
+
+mod chain;
+mod keystore;
+mod parse;
+mod signature;
+
+pub use chain::{ChainError, ChainVerifier, VerifiedChain};
+pub use keystore::{file_name_for, normalize_prefix, Keystore, KeystoreError, StoredCert};
+pub use parse::{cert_id, parse_certificates, CertInfo, ParseError};
+pub use signature::{verify_signature, SignatureAlgorithm, SignatureError};

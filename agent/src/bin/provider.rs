@@ -1,1 +1,6 @@
-fn main() {}
+//! `provider`: the operator's command line and daemon.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    agent::cli::main()
+}

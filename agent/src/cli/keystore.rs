@@ -1,0 +1,194 @@
+//! `provider keystore add|list|remove`: the certificates this provider trusts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use certs::{parse_certificates, CertInfo, Keystore};
+use chrono::Utc;
+use clap::Subcommand;
+use openssl::x509::X509;
+use serde::Serialize;
+
+use super::output::{self, short_id, Table};
+use super::{Ctx, Outcome};
+use crate::store::WriteLock;
+
+#[derive(Debug, Subcommand)]
+pub enum KeystoreCmd {
+    /// Add certificates: PEM files (one or more certificates each) or DER files.
+    Add {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// List the trusted certificates.
+    List,
+    /// Remove certificates by id (any unique prefix); outbound rules naming them go too.
+    Remove {
+        #[arg(required = true, value_name = "ID-PREFIX")]
+        ids: Vec<String>,
+    },
+}
+
+pub fn run(ctx: &Ctx, cmd: KeystoreCmd) -> anyhow::Result<Outcome> {
+    match cmd {
+        KeystoreCmd::Add { paths } => add(ctx, &paths),
+        KeystoreCmd::List => list(ctx),
+        KeystoreCmd::Remove { ids } => remove(ctx, &ids),
+    }
+}
+
+#[derive(Serialize)]
+struct Added {
+    #[serde(flatten)]
+    info: CertInfo,
+    status: &'static str,
+}
+
+/// Reads certificate files for the keystore; every certificate must be valid now. Nothing
+/// is written.
+pub(super) fn read_cert_files(paths: &[PathBuf]) -> anyhow::Result<Vec<X509>> {
+    let now = Utc::now();
+    let mut all = Vec::new();
+    for path in paths {
+        let certs = read_certs(path)?;
+        for cert in certs {
+            Keystore::check_validity(&cert, now)
+                .with_context(|| format!("{}", path.display()))?;
+            all.push(cert);
+        }
+    }
+    Ok(all)
+}
+
+/// Reads one certificate file (no validity check: a blacklist may name anything).
+pub(super) fn read_certs(path: &Path) -> anyhow::Result<Vec<X509>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_certificates(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// Stores certificates in `cert-dir/` (one `<id>.pem` each) unless already there.
+pub(super) fn store_certs(
+    ctx: &Ctx,
+    lock: &WriteLock,
+    certs: &[X509],
+) -> anyhow::Result<Vec<(CertInfo, bool)>> {
+    let keystore = ctx.data.load_keystore()?;
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for cert in certs {
+        let info = CertInfo::of(cert);
+        if !seen.insert(info.id.clone()) {
+            continue;
+        }
+        let present = keystore.get(&info.id).is_some();
+        if !present {
+            ctx.data
+                .save_cert_file(lock, &certs::file_name_for(cert), &cert.to_pem()?)?;
+        }
+        out.push((info, !present));
+    }
+    Ok(out)
+}
+
+fn add(ctx: &Ctx, paths: &[PathBuf]) -> anyhow::Result<Outcome> {
+    let certs = read_cert_files(paths)?;
+    let lock = ctx.data.lock()?;
+    let stored = store_certs(ctx, &lock, &certs)?;
+    drop(lock);
+    let rows: Vec<Added> = stored
+        .into_iter()
+        .map(|(info, added)| Added {
+            info,
+            status: if added { "added" } else { "already present" },
+        })
+        .collect();
+    if ctx.json {
+        return output::json(&rows).map(|_| Outcome::Done);
+    }
+    let mut t = Table::new(&["ID", "NOT AFTER", "STATUS", "SUBJECT"]);
+    for r in &rows {
+        t.row(vec![
+            short_id(&r.info.id).into(),
+            r.info.not_after.format("%Y-%m-%d").to_string(),
+            r.status.into(),
+            r.info.subject.clone(),
+        ]);
+    }
+    t.print();
+    Ok(Outcome::Done)
+}
+
+fn list(ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let keystore = ctx.data.load_keystore()?;
+    if ctx.json {
+        let infos: Vec<&CertInfo> = keystore.certs().map(|c| &c.info).collect();
+        return output::json(&infos).map(|_| Outcome::Done);
+    }
+    if keystore.is_empty() {
+        println!("The keystore is empty: add CA certificates with `provider keystore add <PATH>`.");
+        return Ok(Outcome::Done);
+    }
+    let mut t = Table::new(&["ID", "NOT AFTER", "CA", "SUBJECT"]);
+    for c in keystore.certs() {
+        t.row(vec![
+            short_id(&c.info.id).into(),
+            c.info.not_after.format("%Y-%m-%d").to_string(),
+            if c.info.is_ca { "yes" } else { "no" }.into(),
+            c.info.subject.clone(),
+        ]);
+    }
+    t.print();
+    Ok(Outcome::Done)
+}
+
+fn remove(ctx: &Ctx, prefixes: &[String]) -> anyhow::Result<Outcome> {
+    let lock = ctx.data.lock()?;
+    let keystore = ctx.data.load_keystore()?;
+    // Resolve every prefix before touching anything: one bad prefix changes nothing.
+    let mut doomed = BTreeMap::new();
+    for p in prefixes {
+        let c = keystore.resolve_prefix(p)?;
+        doomed.insert(c.info.id.clone(), c);
+    }
+    let mut rules = ctx.data.load_rules()?;
+    let mut by_file: BTreeMap<&Path, Vec<&str>> = BTreeMap::new();
+    for (id, c) in &doomed {
+        by_file.entry(c.path.as_path()).or_default().push(id);
+    }
+    for (path, ids) in by_file {
+        let remaining: Vec<X509> = read_certs(path)?
+            .into_iter()
+            .filter(|c| !ids.contains(&certs::cert_id(c).as_str()))
+            .collect();
+        let pem = if remaining.is_empty() {
+            None
+        } else {
+            let mut pem = Vec::new();
+            for c in &remaining {
+                pem.extend(c.to_pem()?);
+            }
+            Some(pem)
+        };
+        ctx.data.replace_cert_file(&lock, path, pem.as_deref())?;
+    }
+    // A grant for a certificate the operator no longer trusts must not linger; blacklist
+    // entries stay, since forgetting a ban is never what removing trust means.
+    let before = rules.clone();
+    for id in doomed.keys() {
+        rules.outbound.audited_payload.remove(id);
+        rules.outbound.partner.remove(id);
+    }
+    if rules != before {
+        ctx.data.save_rules(&lock, &rules)?;
+    }
+    drop(lock);
+    let removed: Vec<&CertInfo> = doomed.values().map(|c| &c.info).collect();
+    if ctx.json {
+        return output::json(&removed).map(|_| Outcome::Done);
+    }
+    for c in removed {
+        println!("removed {} {}", short_id(&c.id), c.subject);
+    }
+    Ok(Outcome::Done)
+}

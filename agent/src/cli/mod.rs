@@ -1,0 +1,137 @@
+//! The `provider` command line: argument model (clap derive) and dispatch.
+//!
+//! Exit codes: 0 success (or an accepted manifest), 1 a rejected manifest, 2 bad input, a
+//! usage error or an I/O error. Every error is one line on stderr.
+
+mod keystore;
+mod manifest;
+mod output;
+mod rule;
+mod whitelist;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::store::DataDir;
+
+/// Provider agent: sell compute on a peer-to-peer network, under your rules.
+#[derive(Debug, Parser)]
+#[command(name = "provider", version, about)]
+pub struct Cli {
+    /// Data dir (rules, whitelist, keystore, jobs, audit log).
+    #[arg(long, global = true, env = "PROVIDER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trusted certificate authorities (the keystore, `cert-dir/`).
+    #[command(subcommand)]
+    Keystore(keystore::KeystoreCmd),
+    /// Outbound network, blacklist and allow-only rules.
+    #[command(subcommand)]
+    Rule(rule::RuleCmd),
+    /// Domains the `whitelist` outbound mode allows.
+    #[command(subcommand)]
+    Whitelist(whitelist::WhitelistCmd),
+    /// Check a Computation Payload Manifest against this provider's rules.
+    #[command(subcommand)]
+    Manifest(manifest::ManifestCmd),
+}
+
+/// Outcome of a command that ran to the end.
+pub enum Outcome {
+    Done,
+    /// `manifest check` rejected the demand.
+    Rejected,
+}
+
+/// Context every command gets.
+pub struct Ctx {
+    pub data: DataDir,
+    pub json: bool,
+}
+
+/// Parses the process arguments, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_exit(e),
+    };
+    match run(cli) {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Rejected) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let ctx = Ctx {
+        data: DataDir::resolve(cli.data_dir)?,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Keystore(cmd) => keystore::run(&ctx, cmd),
+        Command::Rule(cmd) => rule::run(&ctx, cmd),
+        Command::Whitelist(cmd) => whitelist::run(&ctx, cmd),
+        Command::Manifest(cmd) => manifest::run(&ctx, cmd),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// clap's usage errors span several lines; operators and scripts get one, with the hint.
+fn clap_exit(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            let text = e.render().to_string();
+            let body: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .filter(|l| !l.starts_with("Usage:"))
+                .collect();
+            let line = body.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            eprintln!("error: {line} (see --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
