@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(rules.outbound.everyone, policies::Mode::Whitelist);
         assert!(data.load_whitelist().unwrap().patterns.is_empty());
         assert!(data.load_keystore().unwrap().is_empty());
-        assert!(!data.root().exists(), "reading must not create the data dir");
+        assert!(
+            !data.root().exists(),
+            "reading must not create the data dir"
+        );
     }
 
     #[test]

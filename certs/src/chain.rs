@@ -20,7 +20,9 @@ const CACHE_CAPACITY: usize = 4096;
 pub enum ChainError {
     #[error("certificate chain: {0}")]
     Parse(String),
-    #[error("certificate chain has no end-entity certificate (every certificate issued another one)")]
+    #[error(
+        "certificate chain has no end-entity certificate (every certificate issued another one)"
+    )]
     NoLeaf,
     #[error("certificate chain has several end-entity certificates ({}); send one author certificate and its intermediates", .0.join(", "))]
     SeveralLeaves(Vec<String>),
@@ -177,8 +179,10 @@ fn openssl_untrusted(leaf: &X509) -> impl Fn(openssl::error::ErrorStack) -> Chai
     }
 }
 
-/// The leaf is the one certificate that issued none of the others; requestors send chains
-/// in either order (yagna's own chain file lists the intermediate first).
+/// The leaf is the one certificate whose subject is no other certificate's issuer;
+/// requestors send chains in either order (yagna's own chain file lists the intermediate
+/// first). Names only: whether an issuer may sign certificates at all is openssl's call
+/// during path building, with an error the requestor can act on.
 fn find_leaf(certs: &[X509]) -> Result<usize, ChainError> {
     if certs.is_empty() {
         return Err(ChainError::Parse(ParseError::Empty.to_string()));
@@ -186,7 +190,11 @@ fn find_leaf(certs: &[X509]) -> Result<usize, ChainError> {
     let leaves: Vec<usize> = (0..certs.len())
         .filter(|&i| {
             !certs.iter().enumerate().any(|(j, other)| {
-                j != i && certs[i].issued(other) == openssl::x509::X509VerifyResult::OK
+                j != i
+                    && other
+                        .issuer_name()
+                        .try_cmp(certs[i].subject_name())
+                        .is_ok_and(|o| o.is_eq())
             })
         })
         .collect();

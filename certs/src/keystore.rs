@@ -38,7 +38,9 @@ pub enum KeystoreError {
     },
     #[error("certificate id prefix `{0}` is not lowercase hexadecimal")]
     BadPrefix(String),
-    #[error("certificate `{subject}` expired at {not_after}; an expired certificate cannot be trusted")]
+    #[error(
+        "certificate `{subject}` expired at {not_after}; an expired certificate cannot be trusted"
+    )]
     Expired {
         subject: String,
         not_after: DateTime<Utc>,

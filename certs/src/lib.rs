@@ -11,6 +11,10 @@ mod chain;
 mod keystore;
 mod parse;
 mod signature;
+#[cfg(any(test, feature = "test-pki"))]
+pub mod testpki;
+#[cfg(test)]
+mod tests;
 
 pub use chain::{ChainError, ChainVerifier, VerifiedChain};
 pub use keystore::{file_name_for, normalize_prefix, Keystore, KeystoreError, StoredCert};

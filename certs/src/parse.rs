@@ -12,7 +12,10 @@ const PEM_BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
 /// Why bytes could not be read as certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("no certificate found (expected PEM `{}` blocks or one DER certificate)", String::from_utf8_lossy(PEM_BEGIN))]
+    #[error(
+        "no certificate found (expected PEM `{}` blocks or one DER certificate)",
+        String::from_utf8_lossy(PEM_BEGIN)
+    )]
     Empty,
     #[error("PEM certificate #{index} is truncated or corrupt: {detail}")]
     BadPem { index: usize, detail: String },
@@ -141,7 +144,9 @@ fn is_ca(cert: &X509Ref) -> bool {
 /// Converts an ASN.1 time to chrono by measuring its distance from the epoch.
 pub(crate) fn asn1_to_chrono(t: &Asn1TimeRef) -> DateTime<Utc> {
     let epoch = openssl::asn1::Asn1Time::from_unix(0).expect("epoch is representable");
-    let diff = epoch.diff(t).expect("two valid ASN.1 times can be compared");
+    let diff = epoch
+        .diff(t)
+        .expect("two valid ASN.1 times can be compared");
     DateTime::<Utc>::from_timestamp(i64::from(diff.days) * 86_400 + i64::from(diff.secs), 0)
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }

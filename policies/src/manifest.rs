@@ -215,7 +215,10 @@ pub enum Outbound {
     /// No `net.inet.out`, or one with no URLs.
     None,
     /// These URLs (each scheme is in `protocols`).
-    Urls { protocols: Vec<String>, urls: Vec<Url> },
+    Urls {
+        protocols: Vec<String>,
+        urls: Vec<Url>,
+    },
     /// Any URL with one of `protocols`.
     Unrestricted { protocols: Vec<String> },
 }
@@ -323,7 +326,10 @@ fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError
         } else {
             // serde_json's message ends with "at line L column C"; keep it, the path says
             // which field.
-            field(if path == "." { "(root)".into() } else { path }, inner.to_string())
+            field(
+                if path == "." { "(root)".into() } else { path },
+                inner.to_string(),
+            )
         }
     })?;
     let outbound = validate(&manifest)?;
@@ -337,7 +343,10 @@ fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
     }
     for (i, p) in m.payload.iter().enumerate() {
         if p.urls.is_empty() {
-            return Err(field(format!("payload[{i}].urls"), "at least one URL is required"));
+            return Err(field(
+                format!("payload[{i}].urls"),
+                "at least one URL is required",
+            ));
         }
         for (j, u) in p.urls.iter().enumerate() {
             let url = Url::parse(u)

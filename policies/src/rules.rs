@@ -152,7 +152,10 @@ impl Rules {
             message: e.into_inner().to_string(),
         })?;
         for (list, ids) in [
-            ("outbound.audited-payload", rules.outbound.audited_payload.keys()),
+            (
+                "outbound.audited-payload",
+                rules.outbound.audited_payload.keys(),
+            ),
             ("outbound.partner", rules.outbound.partner.keys()),
         ] {
             for id in ids {

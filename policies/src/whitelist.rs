@@ -38,9 +38,8 @@ impl DomainPattern {
     /// A short, stable id for `whitelist remove`: the first 8 hex digits of SHA-256 over
     /// `<match>:<domain>`.
     pub fn id(&self) -> String {
-        let digest = openssl::sha::sha256(
-            format!("{}:{}", self.match_.as_str(), self.domain).as_bytes(),
-        );
+        let digest =
+            openssl::sha::sha256(format!("{}:{}", self.match_.as_str(), self.domain).as_bytes());
         digest[..4].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -61,7 +60,9 @@ pub enum WhitelistError {
     File { field: String, message: String },
     #[error("whitelist pattern `{pattern}` is not a valid regex: {error}")]
     BadRegex { pattern: String, error: String },
-    #[error("whitelist pattern `{0}` is not a host name (letters, digits, `-`, `.`; or an IP address)")]
+    #[error(
+        "whitelist pattern `{0}` is not a host name (letters, digits, `-`, `.`; or an IP address)"
+    )]
     BadHost(String),
     #[error("whitelist pattern is empty")]
     Empty,

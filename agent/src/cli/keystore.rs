@@ -53,8 +53,7 @@ pub(super) fn read_cert_files(paths: &[PathBuf]) -> anyhow::Result<Vec<X509>> {
     for path in paths {
         let certs = read_certs(path)?;
         for cert in certs {
-            Keystore::check_validity(&cert, now)
-                .with_context(|| format!("{}", path.display()))?;
+            Keystore::check_validity(&cert, now).with_context(|| format!("{}", path.display()))?;
             all.push(cert);
         }
     }

@@ -49,7 +49,9 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> anyhow::Result<Outcome> {
     let now = match now {
         None => Utc::now(),
         Some(s) => DateTime::parse_from_rfc3339(&s)
-            .with_context(|| format!("--now `{s}` is not an RFC 3339 time like 2030-01-01T00:00:00Z"))?
+            .with_context(|| {
+                format!("--now `{s}` is not an RFC 3339 time like 2030-01-01T00:00:00Z")
+            })?
             .with_timezone(&Utc),
     };
     let manifest_b64 = manifest_base64(&manifest)?;
@@ -85,9 +87,8 @@ fn manifest_base64(path: &Path) -> anyhow::Result<String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {
-            serde_json::from_slice::<serde_json::Value>(&bytes).with_context(|| {
-                format!("manifest {} is not valid JSON", path.display())
-            })?;
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .with_context(|| format!("manifest {} is not valid JSON", path.display()))?;
             Ok(b64.encode(&bytes))
         }
         Some(_) => {
@@ -96,7 +97,10 @@ fn manifest_base64(path: &Path) -> anyhow::Result<String> {
                 .map(str::trim)
                 .filter(|t| b64.decode(t).is_ok())
                 .with_context(|| {
-                    format!("manifest {} is neither JSON nor base64 of JSON", path.display())
+                    format!(
+                        "manifest {} is neither JSON nor base64 of JSON",
+                        path.display()
+                    )
                 })?;
             Ok(text.to_owned())
         }
@@ -140,7 +144,9 @@ fn print(ctx: &Ctx, v: &Verdict) -> anyhow::Result<()> {
         println!("  {}: {}", r.code, r.message);
     }
     match &v.matched_rule {
-        Some(MatchedRule::Everyone { mode }) => println!("outbound granted by: everyone (mode {mode})"),
+        Some(MatchedRule::Everyone { mode }) => {
+            println!("outbound granted by: everyone (mode {mode})")
+        }
         Some(MatchedRule::AuditedPayload {
             cert_id,
             subject,

@@ -340,14 +340,22 @@ fn list(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let on = |b: bool| if b { "enabled" } else { "disabled" }.to_string();
     let mut t = Table::new(&["RULE", "TARGET", "SETTING", "DETAIL"]);
     let o = &rules.outbound;
-    t.row(vec!["outbound".into(), "-".into(), on(o.enabled), String::new()]);
+    t.row(vec![
+        "outbound".into(),
+        "-".into(),
+        on(o.enabled),
+        String::new(),
+    ]);
     t.row(vec![
         "outbound everyone".into(),
         "-".into(),
         o.everyone.to_string(),
         String::new(),
     ]);
-    for (kind, map) in [("audited-payload", &o.audited_payload), ("partner", &o.partner)] {
+    for (kind, map) in [
+        ("audited-payload", &o.audited_payload),
+        ("partner", &o.partner),
+    ] {
         for (id, r) in map {
             let detail = if r.description.is_empty() {
                 subject(id)
@@ -362,10 +370,18 @@ fn list(ctx: &Ctx) -> anyhow::Result<Outcome> {
             ]);
         }
     }
-    for (name, l) in [("blacklist", &rules.blacklist), ("allow-only", &rules.allow_only)] {
+    for (name, l) in [
+        ("blacklist", &rules.blacklist),
+        ("allow-only", &rules.allow_only),
+    ] {
         t.row(vec![name.into(), "-".into(), on(l.enabled), String::new()]);
         for id in &l.identity {
-            t.row(vec![name.into(), id.clone(), "identity".into(), String::new()]);
+            t.row(vec![
+                name.into(),
+                id.clone(),
+                "identity".into(),
+                String::new(),
+            ]);
         }
         for id in &l.certified {
             t.row(vec![

@@ -110,7 +110,11 @@ pub fn run(ctx: &Ctx, cmd: WhitelistCmd) -> anyhow::Result<Outcome> {
             let lock = ctx.data.lock()?;
             let mut list = ctx.data.load_whitelist()?;
             for id in &ids {
-                if !list.patterns.iter().any(|p| p.id() == id.to_ascii_lowercase()) {
+                if !list
+                    .patterns
+                    .iter()
+                    .any(|p| p.id() == id.to_ascii_lowercase())
+                {
                     anyhow::bail!(
                         "no whitelist pattern has id `{id}` (see `provider whitelist list`)"
                     );

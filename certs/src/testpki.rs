@@ -1,0 +1,163 @@
+//! Test PKI: CA chains, keys and signatures made with openssl, for this workspace's tests
+//! and benchmarks (feature `test-pki`). Never used by the product.
+
+use chrono::{DateTime, Duration, Utc};
+use openssl::asn1::{Asn1Integer, Asn1Time};
+use openssl::bn::BigNum;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::rsa::Rsa;
+use openssl::sign::Signer;
+use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectKeyIdentifier};
+use openssl::x509::{X509Builder, X509NameBuilder, X509};
+
+/// Key types the product must accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa2048,
+    EcP256,
+    EcP384,
+}
+
+impl KeyKind {
+    pub fn generate(self) -> PKey<Private> {
+        match self {
+            KeyKind::Rsa2048 => PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap(),
+            KeyKind::EcP256 | KeyKind::EcP384 => {
+                let nid = if self == KeyKind::EcP256 {
+                    Nid::X9_62_PRIME256V1
+                } else {
+                    Nid::SECP384R1
+                };
+                let group = EcGroup::from_curve_name(nid).unwrap();
+                PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+            }
+        }
+    }
+}
+
+/// A certificate and its private key.
+pub struct Issued {
+    pub cert: X509,
+    pub key: PKey<Private>,
+}
+
+/// Validity window of a test certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+}
+
+impl Validity {
+    /// From a day ago for ten years.
+    pub fn current() -> Self {
+        let now = Utc::now();
+        Self {
+            not_before: now - Duration::days(1),
+            not_after: now + Duration::days(3650),
+        }
+    }
+    pub fn expired() -> Self {
+        let now = Utc::now();
+        Self {
+            not_before: now - Duration::days(30),
+            not_after: now - Duration::days(1),
+        }
+    }
+    pub fn future() -> Self {
+        let now = Utc::now();
+        Self {
+            not_before: now + Duration::days(30),
+            not_after: now + Duration::days(60),
+        }
+    }
+}
+
+fn build(
+    cn: &str,
+    key: &PKey<Private>,
+    issuer: Option<&Issued>,
+    ca: bool,
+    validity: Validity,
+) -> X509 {
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_nid(Nid::ORGANIZATIONNAME, "Provider Tests")
+        .unwrap();
+    name.append_entry_by_nid(Nid::COMMONNAME, cn).unwrap();
+    let name = name.build();
+    let mut b = X509Builder::new().unwrap();
+    b.set_version(2).unwrap();
+    let mut serial = BigNum::new().unwrap();
+    serial
+        .rand(64, openssl::bn::MsbOption::MAYBE_ZERO, false)
+        .unwrap();
+    b.set_serial_number(&Asn1Integer::from_bn(&serial).unwrap())
+        .unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(issuer.map_or(&name, |i| i.cert.subject_name()))
+        .unwrap();
+    b.set_pubkey(key).unwrap();
+    b.set_not_before(&Asn1Time::from_unix(validity.not_before.timestamp()).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::from_unix(validity.not_after.timestamp()).unwrap())
+        .unwrap();
+    if ca {
+        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    } else {
+        b.append_extension(BasicConstraints::new().critical().build().unwrap())
+            .unwrap();
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    }
+    let ski = SubjectKeyIdentifier::new()
+        .build(&b.x509v3_context(issuer.map(|i| i.cert.as_ref()), None))
+        .unwrap();
+    b.append_extension(ski).unwrap();
+    let signing_key = issuer.map_or(key, |i| &i.key);
+    b.sign(signing_key, MessageDigest::sha256()).unwrap();
+    b.build()
+}
+
+/// A self-signed root CA.
+pub fn root(cn: &str, kind: KeyKind, validity: Validity) -> Issued {
+    let key = kind.generate();
+    let cert = build(cn, &key, None, true, validity);
+    Issued { cert, key }
+}
+
+/// A certificate issued by `issuer`: an intermediate CA when `ca`, else an author's leaf.
+pub fn issue(issuer: &Issued, cn: &str, kind: KeyKind, ca: bool, validity: Validity) -> Issued {
+    let key = kind.generate();
+    let cert = build(cn, &key, Some(issuer), ca, validity);
+    Issued { cert, key }
+}
+
+/// PEM of several certificates, in the order given.
+pub fn pem(certs: &[&X509]) -> Vec<u8> {
+    certs.iter().flat_map(|c| c.to_pem().unwrap()).collect()
+}
+
+/// Signs `data` as `openssl dgst -<alg> -sign key` does.
+pub fn sign(key: &PKey<Private>, digest: MessageDigest, data: &[u8]) -> Vec<u8> {
+    let mut s = Signer::new(digest, key).unwrap();
+    s.sign_oneshot_to_vec(data).unwrap()
+}
