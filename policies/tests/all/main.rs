@@ -1,0 +1,6 @@
+//! Behaviour of the manifest model, the operator's files and the decision engine.
+
+mod judge;
+mod manifest;
+mod rules_whitelist;
+mod util;
