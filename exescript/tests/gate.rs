@@ -1021,6 +1021,15 @@ fn unreadable_constraints_are_errors_that_say_what_and_where() {
         );
     }
 
+    // Only regex mode skips a leading `^`; in strict mode it is a literal character.
+    assert_eq!(
+        compile_err(vec![s("^run /bin/date")], Match::Strict),
+        CompileError::UnknownKind {
+            index: 0,
+            word: "^run".to_owned()
+        }
+    );
+
     for (entry, found) in [
         (json!(1), "a number"),
         (json!(null), "null"),
