@@ -1,1 +1,4 @@
-//! Helpers shared by the end-to-end scenarios.
+//! Helpers shared by the end-to-end scenarios in `tests/tests/`.
+#![forbid(unsafe_code)]
+
+pub mod util;
