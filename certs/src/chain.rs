@@ -124,6 +124,11 @@ impl ChainVerifier {
         Ok(chain)
     }
 
+    /// Forgets every verified chain.
+    pub fn clear_cache(&self) {
+        self.lock_cache().clear();
+    }
+
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Arc<VerifiedChain>>> {
         // The cache holds only verified results; a panic elsewhere cannot leave it
         // inconsistent, so a poisoned lock is still safe to use.

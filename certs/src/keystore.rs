@@ -58,6 +58,7 @@ pub enum KeystoreError {
 #[derive(Debug, Clone)]
 pub struct StoredCert {
     pub info: CertInfo,
+    pub is_ca: bool,
     pub cert: X509,
     pub path: PathBuf,
 }
@@ -128,6 +129,7 @@ impl Keystore {
                 let info = CertInfo::of(&cert);
                 certs.entry(info.id.clone()).or_insert(StoredCert {
                     info,
+                    is_ca: crate::parse::is_ca(&cert),
                     cert,
                     path: path.clone(),
                 });

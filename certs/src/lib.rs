@@ -18,5 +18,5 @@ mod tests;
 
 pub use chain::{ChainError, ChainVerifier, VerifiedChain};
 pub use keystore::{file_name_for, normalize_prefix, Keystore, KeystoreError, StoredCert};
-pub use parse::{cert_id, parse_certificates, CertInfo, ParseError};
+pub use parse::{cert_id, is_ca, parse_certificates, CertInfo, ParseError};
 pub use signature::{verify_signature, SignatureAlgorithm, SignatureError};

@@ -97,7 +97,6 @@ pub struct CertInfo {
     pub issuer: String,
     pub not_before: DateTime<Utc>,
     pub not_after: DateTime<Utc>,
-    pub is_ca: bool,
 }
 
 impl CertInfo {
@@ -108,7 +107,6 @@ impl CertInfo {
             issuer: name_to_string(cert.issuer_name()),
             not_before: asn1_to_chrono(cert.not_before()),
             not_after: asn1_to_chrono(cert.not_after()),
-            is_ca: is_ca(cert),
         }
     }
 
@@ -133,9 +131,11 @@ pub(crate) fn name_to_string(name: &X509NameRef) -> String {
         .join(", ")
 }
 
-fn is_ca(cert: &X509Ref) -> bool {
-    // rust-openssl exposes no basicConstraints accessor; the text form is stable enough
-    // for display, and the real CA decision is openssl's during path building.
+/// Whether the certificate says it is a CA. For display only: the real CA decision is
+/// openssl's during path building.
+pub fn is_ca(cert: &X509Ref) -> bool {
+    // rust-openssl exposes no basicConstraints accessor, and rendering the text form is
+    // slow (it is kept out of chain verification for that reason).
     cert.to_text()
         .map(|t| String::from_utf8_lossy(&t).contains("CA:TRUE"))
         .unwrap_or(false)

@@ -184,6 +184,15 @@ impl Judge {
         self
     }
 
+    /// Forgets parsed manifests and verified chains (benchmarks measure cold paths this way).
+    pub fn clear_caches(&self) {
+        self.manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.verifier.clear_cache();
+    }
+
     pub fn rules(&self) -> &Rules {
         &self.rules
     }

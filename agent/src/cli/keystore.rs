@@ -121,8 +121,20 @@ fn add(ctx: &Ctx, paths: &[PathBuf]) -> anyhow::Result<Outcome> {
 fn list(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let keystore = ctx.data.load_keystore()?;
     if ctx.json {
-        let infos: Vec<&CertInfo> = keystore.certs().map(|c| &c.info).collect();
-        return output::json(&infos).map(|_| Outcome::Done);
+        #[derive(Serialize)]
+        struct Listed<'a> {
+            #[serde(flatten)]
+            info: &'a CertInfo,
+            is_ca: bool,
+        }
+        let listed: Vec<Listed<'_>> = keystore
+            .certs()
+            .map(|c| Listed {
+                info: &c.info,
+                is_ca: c.is_ca,
+            })
+            .collect();
+        return output::json(&listed).map(|_| Outcome::Done);
     }
     if keystore.is_empty() {
         println!("The keystore is empty: add CA certificates with `provider keystore add <PATH>`.");
@@ -133,7 +145,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<Outcome> {
         t.row(vec![
             short_id(&c.info.id).into(),
             c.info.not_after.format("%Y-%m-%d").to_string(),
-            if c.info.is_ca { "yes" } else { "no" }.into(),
+            if c.is_ca { "yes" } else { "no" }.into(),
             c.info.subject.clone(),
         ]);
     }
