@@ -7,6 +7,7 @@ mod keystore;
 mod manifest;
 mod output;
 mod rule;
+mod script;
 mod whitelist;
 
 use std::path::PathBuf;
@@ -44,12 +45,15 @@ pub enum Command {
     /// Check a Computation Payload Manifest against this provider's rules.
     #[command(subcommand)]
     Manifest(manifest::ManifestCmd),
+    /// Check ExeScript commands against a manifest's script constraints.
+    #[command(subcommand)]
+    Script(script::ScriptCmd),
 }
 
 /// Outcome of a command that ran to the end.
 pub enum Outcome {
     Done,
-    /// `manifest check` rejected the demand.
+    /// `manifest check` rejected the demand, or `script check` denied a command.
     Rejected,
 }
 
@@ -86,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Rule(cmd) => rule::run(&ctx, cmd),
         Command::Whitelist(cmd) => whitelist::run(&ctx, cmd),
         Command::Manifest(cmd) => manifest::run(&ctx, cmd),
+        Command::Script(cmd) => script::run(&ctx, cmd),
     }
 }
 
