@@ -2,4 +2,5 @@
 //! network, VM runtime and egress proxy.
 
 pub mod cli;
+pub mod egress;
 pub mod store;

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success (or an accepted manifest), 1 a rejected manifest, 2 bad input, a
 //! usage error or an I/O error. Every error is one line on stderr.
 
+mod egress;
 mod keystore;
 mod manifest;
 mod output;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Check ExeScript commands against a manifest's script constraints.
     #[command(subcommand)]
     Script(script::ScriptCmd),
+    /// The egress proxy: run one manifest's network policy standalone.
+    #[command(subcommand)]
+    Egress(egress::EgressCmd),
 }
 
 /// Outcome of a command that ran to the end.
@@ -91,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Whitelist(cmd) => whitelist::run(&ctx, cmd),
         Command::Manifest(cmd) => manifest::run(&ctx, cmd),
         Command::Script(cmd) => script::run(&ctx, cmd),
+        Command::Egress(cmd) => egress::run(&ctx, cmd),
     }
 }
 

@@ -1,0 +1,29 @@
+//! The egress proxy: the only way out for a payload, limited to its manifest's URLs.
+//!
+//! An HTTP/1.1 forward proxy (absolute-form plain HTTP, WebSocket upgrades, and `CONNECT`
+//! tunnels for TLS) built per job:
+//!
+//! - [`EgressPolicy`] is the job's allowlist, the manifest's `compManifest.net.inet.out`
+//!   intersected with the operator's mode, plus the CIDRs the operator opens and the
+//!   job's [`Limits`];
+//! - [`Proxy`] holds a policy, the job's usage and the [`AuditLog`];
+//! - [`serve_connection`] serves one client stream of any type (a TCP socket here, a
+//!   stream from a VM's host channel later), [`serve_listener`] accepts TCP clients.
+//!
+//! The defences (resolve once and dial only checked addresses, denied address ranges, IP
+//! literals only by IP-literal URLs, SNI equal to the CONNECT host, `Host` equal to the
+//! URI's host, no requests to the proxy itself, no redirect following) and the audit
+//! format are described in `docs/egress.md`.
+
+pub mod addr;
+pub mod audit;
+mod body;
+pub mod io;
+pub mod policy;
+pub mod proxy;
+pub mod sni;
+
+pub use addr::{AddrDenied, AddressPolicy, Cidr, CidrError};
+pub use audit::{AuditError, AuditLog, AuditRecord};
+pub use policy::{Denial, DenyCode, EgressPolicy, Limits};
+pub use proxy::{serve_connection, serve_listener, EgressError, Proxy};
