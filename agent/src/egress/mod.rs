@@ -23,6 +23,9 @@ pub mod policy;
 pub mod proxy;
 pub mod sni;
 
+#[cfg(test)]
+mod tests;
+
 pub use addr::{AddrDenied, AddressPolicy, Cidr, CidrError};
 pub use audit::{AuditError, AuditLog, AuditRecord};
 pub use policy::{Denial, DenyCode, EgressPolicy, Limits};

@@ -551,22 +551,26 @@ fn best_match<'r>(rules: &'r [UrlRule], dest: &Destination) -> Result<&'r UrlRul
             ),
         });
     }
-    let mut reason = DenyCode::WrongScheme;
+    // The closest miss explains best: the right scheme and port but not the path, then
+    // the right port but not the scheme, then the right scheme but not the port.
+    let mut closest = (0, DenyCode::WrongScheme);
     for r in same_host {
-        if !dest.access.accepts(r.scheme) {
-            continue;
-        }
-        if r.port != dest.port {
-            reason = reason_max(reason, DenyCode::WrongPort);
-            continue;
-        }
-        match dest.access.path() {
-            Some(path) if !path_allowed(&r.path, path) => {
-                reason = DenyCode::PathNotAllowed;
-            }
-            _ => return Ok(r),
+        let scheme_ok = dest.access.accepts(r.scheme);
+        let port_ok = r.port == dest.port;
+        let miss = match (scheme_ok, port_ok) {
+            (true, true) => match dest.access.path() {
+                Some(path) if !path_allowed(&r.path, path) => (3, DenyCode::PathNotAllowed),
+                _ => return Ok(r),
+            },
+            (false, true) => (2, DenyCode::WrongScheme),
+            (true, false) => (1, DenyCode::WrongPort),
+            (false, false) => (0, DenyCode::WrongScheme),
+        };
+        if miss.0 > closest.0 {
+            closest = miss;
         }
     }
+    let reason = closest.1;
     let message = match reason {
         DenyCode::PathNotAllowed => format!(
             "{}:{} is listed, but not for the path {}",
@@ -576,25 +580,13 @@ fn best_match<'r>(rules: &'r [UrlRule], dest: &Destination) -> Result<&'r UrlRul
         ),
         DenyCode::WrongPort => format!("{} is listed, but not on port {}", dest.host, dest.port),
         _ => format!(
-            "{} is listed, but not for {}",
+            "{} is listed, but not for {} on port {}",
             dest.host,
-            dest.access.name()
+            dest.access.name(),
+            dest.port
         ),
     };
     Err(Denial::new(reason, message))
-}
-
-fn reason_max(a: DenyCode, b: DenyCode) -> DenyCode {
-    let rank = |c| match c {
-        DenyCode::PathNotAllowed => 2,
-        DenyCode::WrongPort => 1,
-        _ => 0,
-    };
-    if rank(b) > rank(a) {
-        b
-    } else {
-        a
-    }
 }
 
 /// `prefix` (a URL path) allows `path` when `path` is `prefix` or continues it at a segment

@@ -440,12 +440,12 @@ where
         let on_upgrade = hyper::upgrade::on(&mut req);
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let tunnel = Tunnel {
                 proxy: &proxy,
                 ask: &ask,
                 addr,
                 rule: &rule,
+                permit: Some(permit),
             };
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -594,12 +594,12 @@ where
             let (parts, _) = resp.into_parts();
             let proxy = proxy.clone();
             tokio::spawn(async move {
-                let _permit = permit;
                 let tunnel = Tunnel {
                     proxy: &proxy,
                     ask: &ask,
                     addr,
                     rule: &rule,
+                    permit,
                 };
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => {
@@ -624,7 +624,7 @@ where
             status: parts.status.as_u16(),
             up,
             down: down.clone(),
-            _permit: permit,
+            permit,
         });
         let body = Counted::new(body, down, proxy.usage.clone(), Some(on_close));
         Response::from_parts(parts, ProxyBody::Upstream(body))
@@ -809,22 +809,25 @@ struct RequestClosed {
     status: u16,
     up: Arc<AtomicU64>,
     down: Arc<AtomicU64>,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// A WebSocket request's tunnel slot, for when the upstream declined the upgrade.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl OnClose for RequestClosed {
     fn close(self: Box<Self>, error: Option<String>) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.proxy.audit(
-            &self.ask,
+        let mut this = *self;
+        drop(this.permit.take());
+        this.proxy.audit(
+            &this.ask,
             Outcome {
-                resolved: Some(self.addr),
+                resolved: Some(this.addr),
                 decision: "allow",
-                rule: &self.rule,
+                rule: &this.rule,
                 reason: error.unwrap_or_default(),
-                status: self.status,
-                up: self.up.load(Relaxed),
-                down: self.down.load(Relaxed),
+                status: this.status,
+                up: this.up.load(Relaxed),
+                down: this.down.load(Relaxed),
             },
         );
     }
@@ -836,6 +839,9 @@ struct Tunnel<'a> {
     ask: &'a Ask,
     addr: SocketAddr,
     rule: &'a str,
+    /// The job's tunnel slot, given back before the audit line is written: whoever reads
+    /// the line may count on the slot being free.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 enum HelloError {
@@ -845,7 +851,8 @@ enum HelloError {
 }
 
 impl Tunnel<'_> {
-    fn close(&self, up: u64, down: u64, reason: String) {
+    fn close(mut self, up: u64, down: u64, reason: String) {
+        drop(self.permit.take());
         self.proxy.audit(
             self.ask,
             Outcome {
@@ -860,7 +867,8 @@ impl Tunnel<'_> {
         );
     }
 
-    fn deny(&self, d: Denial) {
+    fn deny(mut self, d: Denial) {
+        drop(self.permit.take());
         self.proxy.audit(
             self.ask,
             Outcome {
@@ -903,9 +911,10 @@ impl Tunnel<'_> {
             }
         };
         if let Err(d) = sni_matches(host, hello.1.as_deref()) {
-            self.deny(d);
             let _ = down.write_all(&TLS_ACCESS_DENIED).await;
             let _ = down.shutdown().await;
+            drop(down);
+            self.deny(d);
             return;
         }
         self.relay(down, upstream, &hello.0).await;
