@@ -131,6 +131,41 @@ impl Provider {
         Run::from(out)
     }
 
+    /// `provider keystore add <paths>…`
+    pub fn keystore_add(&self, paths: &[&Path]) -> Run {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["keystore".as_ref(), "add".as_ref()];
+        args.extend(paths.iter().map(|p| p.as_os_str()));
+        self.run(args)
+    }
+
+    /// `provider --json manifest check --manifest <m> [--sig s --sig-alg a --cert c] <extra>…`
+    pub fn check(
+        &self,
+        manifest: &Path,
+        signed: Option<(&Path, &str, &Path)>,
+        extra: &[&str],
+    ) -> Run {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--json".as_ref(),
+            "manifest".as_ref(),
+            "check".as_ref(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+        ];
+        if let Some((sig, alg, cert)) = signed {
+            args.extend::<[&std::ffi::OsStr; 6]>([
+                "--sig".as_ref(),
+                sig.as_os_str(),
+                "--sig-alg".as_ref(),
+                alg.as_ref(),
+                "--cert".as_ref(),
+                cert.as_os_str(),
+            ]);
+        }
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        self.run(args)
+    }
+
     /// Every file of the data dir with its bytes, to prove a failed command changed nothing.
     pub fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         let mut out = BTreeMap::new();

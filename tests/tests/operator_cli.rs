@@ -7,29 +7,23 @@ use tests::util::{b64, manifest, write_signed, yagna, Provider, OTHER_PEER, PEER
 const FOO_INTER: &str = "55e451bd1a2f43570a25052b863af1d527fe6fd4bfd1482fdb241596432477f20eb2b2f3801fb5c6cd785f1a03c43ccf71fd8cdf0a974d1296be2326b0824673";
 
 fn goth_check(p: &Provider) -> tests::util::Run {
-    p.run([
-        "--json".as_ref(),
-        "manifest".as_ref(),
-        "check".as_ref(),
-        "--manifest".as_ref(),
-        yagna("goth-outbound/outbound_manifest.json").as_os_str(),
-        "--sig".as_ref(),
-        yagna("goth-outbound/outbound_signature.sha256.base64").as_os_str(),
-        "--sig-alg".as_ref(),
-        "sha256".as_ref(),
-        "--cert".as_ref(),
-        yagna("goth-outbound/outbound_certificate.cert").as_os_str(),
-    ])
+    p.check(
+        &yagna("goth-outbound/outbound_manifest.json"),
+        Some((
+            &yagna("goth-outbound/outbound_signature.sha256.base64"),
+            "sha256",
+            &yagna("goth-outbound/outbound_certificate.cert"),
+        )),
+        &[],
+    )
 }
 
 #[test]
 fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
     let p = Provider::new();
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/foo_ca.cert.pem").as_os_str(),
-        yagna("certs/foo_inter.cert.pem").as_os_str(),
+    p.keystore_add(&[
+        &yagna("certs/foo_ca.cert.pem"),
+        &yagna("certs/foo_inter.cert.pem"),
     ])
     .ok();
     // Before any rule: everyone=whitelist with an empty whitelist refuses the URLs.
@@ -66,11 +60,9 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
 #[test]
 fn yagna_goth_rules_json_works_as_a_data_dir_file() {
     let p = Provider::new();
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/foo_ca.cert.pem").as_os_str(),
-        yagna("certs/foo_inter.cert.pem").as_os_str(),
+    p.keystore_add(&[
+        &yagna("certs/foo_ca.cert.pem"),
+        &yagna("certs/foo_inter.cert.pem"),
     ])
     .ok();
     std::fs::copy(
@@ -94,31 +86,16 @@ fn yagna_goth_rules_json_works_as_a_data_dir_file() {
 #[test]
 fn expired_and_not_yet_valid_certificates_are_refused_by_keystore_add() {
     let p = Provider::new();
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/foo_ca.cert.pem").as_os_str(),
-    ])
-    .ok();
+    p.keystore_add(&[&yagna("certs/foo_ca.cert.pem")]).ok();
     let before = p.snapshot();
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/expired.pem").as_os_str(),
-    ])
-    .bad_input("expired at 1992-10-28");
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/not_yet_valid.pem").as_os_str(),
-    ])
-    .bad_input("not valid before 2101");
+    p.keystore_add(&[&yagna("certs/expired.pem")])
+        .bad_input("expired at 1992-10-28");
+    p.keystore_add(&[&yagna("certs/not_yet_valid.pem")])
+        .bad_input("not valid before 2101");
     // One bad file among good ones adds nothing.
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/foo_inter.cert.pem").as_os_str(),
-        yagna("certs/expired.pem").as_os_str(),
+    p.keystore_add(&[
+        &yagna("certs/foo_inter.cert.pem"),
+        &yagna("certs/expired.pem"),
     ])
     .bad_input("expired.pem");
     assert_eq!(p.snapshot(), before);
@@ -129,12 +106,8 @@ fn keystore_lists_as_table_and_json_and_removes_by_prefix() {
     let p = Provider::new();
     let listing = p.run(["keystore", "list"]).ok().stdout;
     assert!(listing.contains("empty"), "{listing}");
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/foo_ca-chain.cert.pem").as_os_str(),
-    ])
-    .ok();
+    p.keystore_add(&[&yagna("certs/foo_ca-chain.cert.pem")])
+        .ok();
     let list = p.run(["--json", "keystore", "list"]).ok().json();
     let ids: Vec<&str> = list
         .as_array()
@@ -173,59 +146,32 @@ fn keystore_lists_as_table_and_json_and_removes_by_prefix() {
 #[test]
 fn bad_input_is_one_line_exit_2_and_changes_nothing() {
     let p = Provider::new();
-    p.run([
-        "keystore".as_ref(),
-        "add".as_ref(),
-        yagna("certs/foo_ca.cert.pem").as_os_str(),
-        yagna("certs/foo_inter.cert.pem").as_os_str(),
-        yagna("certs/foo_req.cert.pem").as_os_str(),
+    p.keystore_add(&[
+        &yagna("certs/foo_ca.cert.pem"),
+        &yagna("certs/foo_inter.cert.pem"),
+        &yagna("certs/foo_req.cert.pem"),
     ])
     .ok();
     p.run(["whitelist", "add", "-p", "api.example.com"]).ok();
     let before = p.snapshot();
 
     let malformed = p.write_input("malformed.json", "{\"version\": \"0.1.0\", ");
-    p.run([
-        "manifest".as_ref(),
-        "check".as_ref(),
-        "--manifest".as_ref(),
-        malformed.as_os_str(),
-    ])
-    .bad_input("not valid JSON");
+    p.check(&malformed, None, &[]).bad_input("not valid JSON");
 
     let chain = std::fs::read(yagna("certs/foo_inter_req-chain.cert.pem")).unwrap();
     let truncated = p.write_input("truncated.pem", &chain[..chain.len() - 300]);
     let sig = p.write_input("ok.sig", b64(b"whatever"));
     let good_manifest = yagna("goth-outbound/outbound_manifest.json");
-    p.run([
-        "manifest".as_ref(),
-        "check".as_ref(),
-        "--manifest".as_ref(),
-        good_manifest.as_os_str(),
-        "--sig".as_ref(),
-        sig.as_os_str(),
-        "--sig-alg".as_ref(),
-        "sha256".as_ref(),
-        "--cert".as_ref(),
-        truncated.as_os_str(),
-    ])
-    .bad_input("truncated");
-    p.run(["keystore".as_ref(), "add".as_ref(), truncated.as_os_str()])
+    p.check(&good_manifest, Some((&sig, "sha256", &truncated)), &[])
         .bad_input("truncated");
+    p.keystore_add(&[&truncated]).bad_input("truncated");
 
     let not_b64 = p.write_input("bad.sig", "this is *not* base64!");
-    p.run([
-        "manifest".as_ref(),
-        "check".as_ref(),
-        "--manifest".as_ref(),
-        good_manifest.as_os_str(),
-        "--sig".as_ref(),
-        not_b64.as_os_str(),
-        "--sig-alg".as_ref(),
-        "sha256".as_ref(),
-        "--cert".as_ref(),
-        yagna("certs/foo_req.cert.pem").as_os_str(),
-    ])
+    p.check(
+        &good_manifest,
+        Some((&not_b64, "sha256", &yagna("certs/foo_req.cert.pem"))),
+        &[],
+    )
     .bad_input("not base64");
 
     p.run(["rule", "set", "outbound", "everyone", "--mode", "sometimes"])
@@ -352,25 +298,12 @@ fn generated_chains_cover_signature_and_certificate_codes() {
         Validity::current(),
     );
     let root_pem = p.write_input("root.pem", root.cert.to_pem().unwrap());
-    p.run(["keystore".as_ref(), "add".as_ref(), root_pem.as_os_str()])
-        .ok();
+    p.keystore_add(&[&root_pem]).ok();
     let chain = testpki::pem(&[&inter.cert, &leaf.cert]);
     let want = manifest(&["https://api.example.com"]);
 
     let check = |m: &std::path::Path, s: &std::path::Path, alg: &str, c: &std::path::Path| {
-        p.run([
-            "--json".as_ref(),
-            "manifest".as_ref(),
-            "check".as_ref(),
-            "--manifest".as_ref(),
-            m.as_os_str(),
-            "--sig".as_ref(),
-            s.as_os_str(),
-            "--sig-alg".as_ref(),
-            alg.as_ref(),
-            "--cert".as_ref(),
-            c.as_os_str(),
-        ])
+        p.check(m, Some((s, alg, c)), &[])
     };
     let codes = |r: &tests::util::Run| -> Vec<String> {
         r.json()["reasons"]
@@ -499,15 +432,7 @@ fn generated_chains_cover_signature_and_certificate_codes() {
     assert_eq!(codes(&r), ["cert-expired", "url-not-whitelisted"], "{r:?}");
 
     // Expired manifest, judged at a time after its expiry.
-    let r = p.run([
-        "--json".as_ref(),
-        "manifest".as_ref(),
-        "check".as_ref(),
-        "--manifest".as_ref(),
-        m.as_os_str(),
-        "--now".as_ref(),
-        "2100-06-01T00:00:00Z".as_ref(),
-    ]);
+    let r = p.check(&m, None, &["--now", "2100-06-01T00:00:00Z"]);
     assert_eq!(
         codes(&r),
         [
@@ -551,13 +476,7 @@ fn whitelist_strictness_through_the_cli() {
 
     let check = |urls: &[&str]| {
         let f = p.write_input("m.json", serde_json::to_vec(&manifest(urls)).unwrap());
-        p.run([
-            "--json".as_ref(),
-            "manifest".as_ref(),
-            "check".as_ref(),
-            "--manifest".as_ref(),
-            f.as_os_str(),
-        ])
+        p.check(&f, None, &[])
     };
     assert_eq!(check(&["https://api.example.com/v1"]).code, 0);
     assert_eq!(check(&["https://img.cdn.example.net"]).code, 0);
@@ -588,8 +507,7 @@ fn blacklist_and_allow_only_by_identity_and_certificate_through_the_cli() {
     );
     let root_pem = p.write_input("root.pem", root.cert.to_pem().unwrap());
     let leaf_pem = p.write_input("leaf.pem", leaf.cert.to_pem().unwrap());
-    p.run(["keystore".as_ref(), "add".as_ref(), root_pem.as_os_str()])
-        .ok();
+    p.keystore_add(&[&root_pem]).ok();
     let (m, s, c) = write_signed(
         &p,
         "bl",
@@ -597,23 +515,7 @@ fn blacklist_and_allow_only_by_identity_and_certificate_through_the_cli() {
         &leaf,
         &leaf.cert.to_pem().unwrap(),
     );
-    let check = |node: &str| {
-        p.run([
-            "--json".as_ref(),
-            "manifest".as_ref(),
-            "check".as_ref(),
-            "--manifest".as_ref(),
-            m.as_os_str(),
-            "--sig".as_ref(),
-            s.as_os_str(),
-            "--sig-alg".as_ref(),
-            "sha256".as_ref(),
-            "--cert".as_ref(),
-            c.as_os_str(),
-            "--node-id".as_ref(),
-            node.as_ref(),
-        ])
-    };
+    let check = |node: &str| p.check(&m, Some((&s, "sha256", &c)), &["--node-id", node]);
     assert_eq!(check(PEER).code, 0);
 
     p.run(["rule", "add", "blacklist", "identity", PEER]).ok();
