@@ -3,4 +3,5 @@
 
 pub mod cli;
 pub mod egress;
+pub mod market;
 pub mod store;
