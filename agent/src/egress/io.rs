@@ -97,31 +97,20 @@ impl<S> Metered<S> {
     }
 
     /// Called when `inner` would block: fails if nothing moved for `idle`, else makes sure
-    /// the timer will wake this task at the idle deadline.
+    /// this task is woken by the idle deadline. The timer is only moved when it fires, so
+    /// it fires at most once per idle period however busy the stream is.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        loop {
+        while self.timer.as_mut().poll(cx).is_ready() {
             let deadline = self.last + self.idle;
-            if self.timer.deadline() != deadline {
-                if Instant::now() >= deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("idle for {} s", self.idle.as_secs()),
-                    ));
-                }
-                self.timer.as_mut().reset(deadline);
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {} s", self.idle.as_secs_f32()),
+                ));
             }
-            match self.timer.as_mut().poll(cx) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(()) => {
-                    if self.last + self.idle <= Instant::now() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("idle for {} s", self.idle.as_secs()),
-                        ));
-                    }
-                }
-            }
+            self.timer.as_mut().reset(deadline);
         }
+        Ok(())
     }
 
     fn check_budget(&self) -> io::Result<()> {
