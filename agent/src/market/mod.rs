@@ -2,3 +2,4 @@
 //! say what they require of the other, and (with the network) negotiation.
 
 pub mod constraints;
+pub mod offer;
