@@ -5,9 +5,15 @@
 //! chain with the demand; [`ChainVerifier`] builds a path from the chain's leaf to a
 //! keystore root with openssl, checks every certificate's validity at an injectable "now",
 //! and checks the manifest signature with the leaf's public key.
+//!
+//! [`golem`] verifies Golem's JSON certificates and node descriptors, the credentials of
+//! the `partner` outbound rule; the keystore holds both kinds.
 #![forbid(unsafe_code)]
 
 mod chain;
+pub mod golem;
+#[cfg(test)]
+mod golem_tests;
 mod keystore;
 mod parse;
 mod signature;
