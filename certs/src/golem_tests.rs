@@ -410,3 +410,60 @@ fn malformed_documents_name_what_is_wrong() {
         "the id covers the certificate object only"
     );
 }
+
+#[test]
+fn keystore_holds_golem_certificates_beside_x509_and_refuses_corrupt_ones() {
+    use crate::keystore::{Entry, Keystore, KeystoreError};
+    use crate::testpki::{self, KeyKind, Validity};
+    let ca = testpki::root("X Root", KeyKind::EcP256, Validity::current());
+    let ks = Keystore::from_files(vec![
+        (PathBuf::from("ca.pem"), ca.cert.to_pem().unwrap()),
+        (
+            PathBuf::from("root.signed.json"),
+            read("root-certificate.signed.json"),
+        ),
+        (
+            PathBuf::from("partner.signed.json"),
+            read("partner-certificate.signed.json"),
+        ),
+    ])
+    .unwrap();
+    assert_eq!(ks.len(), 3);
+    assert_eq!(
+        ks.certs().count(),
+        1,
+        "golem certificates stay out of the X.509 store"
+    );
+    let root = ks.resolve_golem_prefix("80C84B").unwrap();
+    assert_eq!(root.info.subject, "Example root cert");
+    assert!(root.is_ca);
+    let partner = ks.golem_certs().find(|c| c.info.id != ROOT_ID).unwrap();
+    assert_eq!(partner.info.issuer, "Example root cert");
+    assert!(partner.is_ca, "signNode makes it an issuer of descriptors");
+    assert!(matches!(
+        ks.resolve_any_prefix(ROOT_ID),
+        Ok(Entry::Golem(_))
+    ));
+    let x509_id = crate::cert_id(&ca.cert);
+    assert!(matches!(
+        ks.resolve_any_prefix(&x509_id[..20]),
+        Ok(Entry::X509(_))
+    ));
+    assert!(matches!(
+        ks.resolve_golem_prefix(&x509_id[..20]),
+        Err(KeystoreError::NoMatch(_))
+    ));
+
+    let mut corrupt: Value = serde_json::from_slice(&read("root-certificate.signed.json")).unwrap();
+    corrupt["certificate"]["publicKey"]["key"] = json!("zz");
+    match Keystore::from_files(vec![(PathBuf::from("bad.signed.json"), to_bytes(&corrupt))]) {
+        Err(e @ KeystoreError::Golem { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("bad.signed.json") && text.contains("publicKey.key"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}

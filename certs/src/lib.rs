@@ -23,6 +23,9 @@ pub mod testpki;
 mod tests;
 
 pub use chain::{ChainError, ChainVerifier, VerifiedChain};
-pub use keystore::{file_name_for, normalize_prefix, Keystore, KeystoreError, StoredCert};
+pub use keystore::{
+    file_name_for, golem_file_name_for, normalize_prefix, Entry, Keystore, KeystoreError,
+    StoredCert, StoredGolemCert,
+};
 pub use parse::{cert_id, is_ca, parse_certificates, CertInfo, ParseError};
 pub use signature::{verify_signature, SignatureAlgorithm, SignatureError};
