@@ -68,6 +68,7 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> anyhow::Result<Outcome> {
             signature_algorithm: sig_alg.as_deref(),
             cert_chain_pem: chain.as_deref(),
             node_id: node_id.as_deref(),
+            node_descriptor: None,
         },
         now,
     );
@@ -153,6 +154,14 @@ fn print(ctx: &Ctx, v: &Verdict) -> anyhow::Result<()> {
             mode,
         }) => println!(
             "outbound granted by: audited-payload {} {subject} (mode {mode})",
+            output::short_id(cert_id)
+        ),
+        Some(MatchedRule::Partner {
+            cert_id,
+            subject,
+            mode,
+        }) => println!(
+            "outbound granted by: partner {} {subject} (mode {mode})",
             output::short_id(cert_id)
         ),
         None if v.is_accept() => println!("outbound: not requested"),
