@@ -474,9 +474,11 @@ impl NodeDescriptor {
 /// are base58, where it does.
 fn same_node(a: &str, b: &str) -> bool {
     let hex_addr = |s: &str| {
-        s.len() > 2
-            && s[..2].eq_ignore_ascii_case("0x")
-            && s[2..].bytes().all(|c| c.is_ascii_hexdigit())
+        // Byte-wise, so a multi-byte character near the start cannot split a slice.
+        let b = s.as_bytes();
+        b.len() > 2
+            && b[..2].eq_ignore_ascii_case(b"0x")
+            && b[2..].iter().all(u8::is_ascii_hexdigit)
     };
     if hex_addr(a) && hex_addr(b) {
         a.eq_ignore_ascii_case(b)
