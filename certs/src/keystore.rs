@@ -33,7 +33,11 @@ pub enum KeystoreError {
     #[error("{path}: {source}")]
     Parse { path: PathBuf, source: ParseError },
     #[error("{path}: {source}")]
-    Golem { path: PathBuf, source: GolemError },
+    Golem {
+        path: PathBuf,
+        // Boxed: its chain-check variants are large and this error is returned often.
+        source: Box<GolemError>,
+    },
     #[error("no certificate in the keystore has an id starting with `{0}` (see `provider keystore list`)")]
     NoMatch(String),
     #[error("certificate id prefix `{prefix}` is ambiguous: it matches {}; give more characters", .candidates.join(", "))]
@@ -208,7 +212,7 @@ impl Keystore {
                 let cert = SignedCertificate::from_json(&bytes).map_err(|source| {
                     KeystoreError::Golem {
                         path: path.clone(),
-                        source,
+                        source: Box::new(source),
                     }
                 })?;
                 let stored = StoredGolemCert::new(cert, path);
