@@ -5,9 +5,15 @@
 //! chain with the demand; [`ChainVerifier`] builds a path from the chain's leaf to a
 //! keystore root with openssl, checks every certificate's validity at an injectable "now",
 //! and checks the manifest signature with the leaf's public key.
+//!
+//! [`golem`] verifies Golem's JSON certificates and node descriptors, the credentials of
+//! the `partner` outbound rule; the keystore holds both kinds.
 #![forbid(unsafe_code)]
 
 mod chain;
+pub mod golem;
+#[cfg(test)]
+mod golem_tests;
 mod keystore;
 mod parse;
 mod signature;
@@ -17,6 +23,9 @@ pub mod testpki;
 mod tests;
 
 pub use chain::{ChainError, ChainVerifier, VerifiedChain};
-pub use keystore::{file_name_for, normalize_prefix, Keystore, KeystoreError, StoredCert};
+pub use keystore::{
+    file_name_for, golem_file_name_for, normalize_prefix, Entry, Keystore, KeystoreError,
+    StoredCert, StoredGolemCert,
+};
 pub use parse::{cert_id, is_ca, parse_certificates, CertInfo, ParseError};
 pub use signature::{verify_signature, SignatureAlgorithm, SignatureError};

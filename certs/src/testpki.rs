@@ -161,3 +161,83 @@ pub fn sign(key: &PKey<Private>, digest: MessageDigest, data: &[u8]) -> Vec<u8> 
     let mut s = Signer::new(digest, key).unwrap();
     s.sign_oneshot_to_vec(data).unwrap()
 }
+
+/// Golem JSON certificates and node descriptors signed with Ed25519 keys.
+pub mod golem {
+    use std::path::Path;
+
+    use openssl::pkey::{Id, PKey, Private};
+    use openssl::sign::Signer;
+    use serde_json::{json, Value};
+
+    use crate::golem::canonical_json;
+
+    pub fn key() -> PKey<Private> {
+        PKey::generate_ed25519().unwrap()
+    }
+
+    /// A yagna key file (`{"algorithm":"EdDSA","key":"<hex seed>",…}`) as a private key.
+    pub fn yagna_key(path: &Path) -> PKey<Private> {
+        let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let seed = unhex(v["key"].as_str().unwrap());
+        PKey::private_key_from_raw_bytes(&seed, Id::ED25519).unwrap()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    pub fn public_key(key: &PKey<Private>) -> Value {
+        let raw = key.raw_public_key().unwrap();
+        json!({"algorithm": "EdDSA", "key": crate::parse::hex(&raw), "parameters": {"scheme": "Ed25519"}})
+    }
+
+    /// The `certificate` object of a certificate for `key`.
+    pub fn certificate(
+        name: &str,
+        key: &PKey<Private>,
+        validity: (&str, &str),
+        key_usage: Value,
+        permissions: Value,
+    ) -> Value {
+        json!({
+            "validityPeriod": {"notBefore": validity.0, "notAfter": validity.1},
+            "keyUsage": key_usage,
+            "permissions": permissions,
+            "subject": {"displayName": name, "contact": {"email": "test@example.com"}},
+            "publicKey": public_key(key),
+        })
+    }
+
+    /// The `nodeDescriptor` object.
+    pub fn descriptor(node_id: &str, validity: (&str, &str), permissions: Value) -> Value {
+        json!({
+            "nodeId": node_id,
+            "permissions": permissions,
+            "validityPeriod": {"notBefore": validity.0, "notAfter": validity.1},
+        })
+    }
+
+    /// Signs `body` (a `certificate` or `nodeDescriptor` object, per `kind`) with `key`;
+    /// `signer` is `"self"` or the signer's signed certificate.
+    pub fn sign(kind: &str, body: Value, key: &PKey<Private>, signer: Value) -> Value {
+        let canonical = canonical_json(&body).unwrap();
+        let mut s = Signer::new_without_digest(key).unwrap();
+        let sig = s.sign_oneshot_to_vec(canonical.as_bytes()).unwrap();
+        json!({
+            kind: body,
+            "signature": {
+                "algorithm": {"hash": "sha512", "encryption": "EdDSA"},
+                "value": crate::parse::hex(&sig),
+                "signer": signer,
+            }
+        })
+    }
+
+    pub fn to_bytes(v: &Value) -> Vec<u8> {
+        serde_json::to_vec_pretty(v).unwrap()
+    }
+}

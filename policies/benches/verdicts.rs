@@ -113,6 +113,7 @@ fn main() {
         signature_algorithm: Some("sha256"),
         cert_chain_pem: Some(&chain),
         node_id: Some("12D3KooWHk6JmCpT1YgUp1wYm4yUjJ3yTTsAxE3pJRgE4sS2zCvo"),
+        node_descriptor: None,
     };
     assert!(judge.judge(&demand, now).is_accept());
 

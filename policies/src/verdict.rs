@@ -1,5 +1,5 @@
-//! The decision engine: a demand (manifest, signature, certificate chain, requestor node id)
-//! and the operator's rules in, a verdict with every applicable reason out.
+//! The decision engine: a demand (manifest, signature, certificate chain, requestor node id,
+//! node descriptor) and the operator's rules in, a verdict with every applicable reason out.
 //!
 //! Checks that do not depend on each other all run, so a rejected requestor learns
 //! everything it has to fix in one round trip rather than one problem at a time.
@@ -12,7 +12,9 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use certs::golem::{GolemError, NodeDescriptor, OutboundPermission, Permissions};
 use certs::{ChainError, ChainVerifier, SignatureAlgorithm, SignatureError, VerifiedChain};
+use url::Url;
 
 use crate::manifest::{ManifestError, Outbound, Platform, ReceivedManifest};
 use crate::rules::{Mode, Rules};
@@ -42,6 +44,7 @@ pub enum Code {
     ScriptInvalid,
     ConstraintsUnmet,
     PlatformUnsupported,
+    NodeIdMismatch,
 }
 
 impl Code {
@@ -64,6 +67,7 @@ impl Code {
             Code::ScriptInvalid => "script-invalid",
             Code::ConstraintsUnmet => "constraints-unmet",
             Code::PlatformUnsupported => "platform-unsupported",
+            Code::NodeIdMismatch => "node-id-mismatch",
         }
     }
 }
@@ -108,12 +112,21 @@ pub enum MatchedRule {
         subject: String,
         mode: Mode,
     },
+    /// A partner rule on a Golem certificate of the node descriptor's chain; `subject` is
+    /// that certificate's display name.
+    Partner {
+        cert_id: String,
+        subject: String,
+        mode: Mode,
+    },
 }
 
 impl MatchedRule {
     pub fn mode(&self) -> Mode {
         match self {
-            MatchedRule::Everyone { mode } | MatchedRule::AuditedPayload { mode, .. } => *mode,
+            MatchedRule::Everyone { mode }
+            | MatchedRule::AuditedPayload { mode, .. }
+            | MatchedRule::Partner { mode, .. } => *mode,
         }
     }
 }
@@ -149,6 +162,8 @@ pub struct Demand<'a> {
     pub cert_chain_pem: Option<&'a [u8]>,
     /// The requestor's libp2p peer id.
     pub node_id: Option<&'a str>,
+    /// The requestor's Golem node descriptor (JSON), for the `partner` rule.
+    pub node_descriptor: Option<&'a [u8]>,
 }
 
 /// A manifest parsed once and kept for repeat demands.
@@ -292,7 +307,7 @@ impl Judge {
         if let Some(m) = usable {
             if m.outbound.is_requested() {
                 let sent = demand.signature_base64.is_some() || demand.cert_chain_pem.is_some();
-                match self.judge_outbound(&m.outbound, signed.as_deref(), sent) {
+                match self.judge_outbound(&m.outbound, signed.as_deref(), sent, demand, now) {
                     Ok(rule) => matched_rule = Some(rule),
                     Err(mut rs) => reasons.append(&mut rs),
                 }
@@ -432,6 +447,8 @@ impl Judge {
         outbound: &Outbound,
         signed: Option<&VerifiedChain>,
         signature_sent: bool,
+        demand: &Demand<'_>,
+        now: DateTime<Utc>,
     ) -> Result<MatchedRule, Vec<Reason>> {
         let rules = &self.rules.outbound;
         if !rules.enabled {
@@ -480,6 +497,13 @@ impl Judge {
             }
         }
 
+        if !rules.partner.is_empty() {
+            match self.judge_partner(outbound, demand, now) {
+                Ok(rule) => return Ok(rule),
+                Err(r) => reasons.push(r),
+            }
+        }
+
         match self.mode_allows(rules.everyone, outbound, "everyone rule") {
             Ok(()) => Ok(MatchedRule::Everyone {
                 mode: rules.everyone,
@@ -489,6 +513,64 @@ impl Judge {
                 Err(reasons)
             }
         }
+    }
+
+    /// The partner rule: the node descriptor must verify for the requestor at `now`; the
+    /// first certificate of its signer chain (signer → root) with a partner rule decides by
+    /// its mode, and the descriptor's own permissions must cover every URL wanted.
+    fn judge_partner(
+        &self,
+        outbound: &Outbound,
+        demand: &Demand<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<MatchedRule, Reason> {
+        let Some(bytes) = demand.node_descriptor else {
+            return Err(Reason::new(
+                Code::SignatureMissing,
+                "the partner rule needs a node descriptor signed through a partner certificate; none was sent",
+            ));
+        };
+        let descriptor = NodeDescriptor::from_json(bytes).map_err(partner_reason)?;
+        let Some(node_id) = demand.node_id else {
+            return Err(Reason::new(
+                Code::NodeIdMismatch,
+                format!(
+                    "partner rule: the node descriptor is for node {}, and the requestor's node id is unknown",
+                    descriptor.node_id
+                ),
+            ));
+        };
+        descriptor.verify(node_id, now).map_err(partner_reason)?;
+        let partner = &self.rules.outbound.partner;
+        let Some((cert, rule)) = descriptor
+            .signer
+            .chain()
+            .find_map(|c| partner.get(&c.id).map(|r| (c, r)))
+        else {
+            return Err(Reason::new(
+                Code::OutboundRuleNone,
+                format!(
+                    "no partner rule names a certificate of the node descriptor's chain ({})",
+                    descriptor
+                        .signer
+                        .chain()
+                        .map(|c| c.display_name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" → ")
+                ),
+            ));
+        };
+        self.mode_allows(
+            rule.mode,
+            outbound,
+            &format!("partner rule for `{}`", cert.display_name),
+        )?;
+        descriptor_allows(&descriptor.permissions, outbound)?;
+        Ok(MatchedRule::Partner {
+            cert_id: cert.id.clone(),
+            subject: cert.display_name.clone(),
+            mode: rule.mode,
+        })
     }
 
     fn mode_allows(&self, mode: Mode, outbound: &Outbound, rule: &str) -> Result<(), Reason> {
@@ -522,6 +604,85 @@ impl Judge {
             }
         }
     }
+}
+
+/// The reason a node descriptor (or its chain) was refused for.
+fn partner_reason(e: GolemError) -> Reason {
+    let code = match &e {
+        GolemError::SignatureInvalid { .. } => Code::SignatureInvalid,
+        GolemError::UnsupportedAlgorithm { .. } => Code::UnsupportedAlgorithm,
+        GolemError::Expired { .. } => Code::CertExpired,
+        GolemError::NotYetValid { .. } => Code::CertNotYetValid,
+        GolemError::NodeMismatch { .. } => Code::NodeIdMismatch,
+        // Like an unparseable or broken X.509 chain: the credential does not hold together.
+        GolemError::Malformed { .. }
+        | GolemError::ValidityNotNested { .. }
+        | GolemError::PermissionsExceeded { .. }
+        | GolemError::KeyUsage { .. } => Code::CertChainUntrusted,
+    };
+    Reason::new(code, format!("partner rule: {e}"))
+}
+
+/// The node descriptor's own permissions must cover the manifest's outbound request:
+/// `all` or `unrestricted` cover anything; a URL list covers only listed URLs (see
+/// [`url_covers`]) and never `unrestricted`.
+fn descriptor_allows(permissions: &Permissions, outbound: &Outbound) -> Result<(), Reason> {
+    match (permissions.outbound(), outbound) {
+        (_, Outbound::None) | (Some(OutboundPermission::Unrestricted), _) => Ok(()),
+        (None, _) => Err(Reason::new(
+            Code::OutboundRuleNone,
+            "partner rule: the node descriptor grants no outbound traffic",
+        )),
+        (Some(OutboundPermission::Urls(granted)), Outbound::Unrestricted { .. }) => {
+            Err(Reason::new(
+                Code::UrlNotWhitelisted,
+                format!(
+                    "partner rule: the manifest asks for unrestricted outbound traffic; the node descriptor only grants {}",
+                    granted.iter().map(Url::as_str).collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        }
+        (Some(OutboundPermission::Urls(granted)), Outbound::Urls { urls, .. }) => {
+            let denied: Vec<&str> = urls
+                .iter()
+                .filter(|u| !granted.iter().any(|g| url_covers(g, u)))
+                .map(Url::as_str)
+                .collect();
+            if denied.is_empty() {
+                Ok(())
+            } else {
+                Err(Reason::new(
+                    Code::UrlNotWhitelisted,
+                    format!(
+                        "partner rule: the node descriptor does not grant {} (it grants {})",
+                        denied.join(", "),
+                        granted.iter().map(Url::as_str).collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Whether a descriptor's granted URL covers a manifest URL: the same scheme, host, port
+/// (explicit or the scheme's default) and user info, and the wanted path inside the granted
+/// one on a segment boundary (`/api` covers `/api` and `/api/v1`, not `/apiv1`; `/` covers
+/// every path). A granted URL with a query or fragment covers only itself. Both URLs are
+/// parsed, so host case and default ports do not matter.
+pub fn url_covers(granted: &Url, wanted: &Url) -> bool {
+    if granted.scheme() != wanted.scheme()
+        || granted.host_str() != wanted.host_str()
+        || granted.port_or_known_default() != wanted.port_or_known_default()
+        || granted.username() != wanted.username()
+        || granted.password() != wanted.password()
+    {
+        return false;
+    }
+    if granted.query().is_some() || granted.fragment().is_some() {
+        return granted == wanted;
+    }
+    let (g, w) = (granted.path(), wanted.path());
+    w == g || (w.starts_with(g) && (g.ends_with('/') || w.as_bytes().get(g.len()) == Some(&b'/')))
 }
 
 /// Compiles the manifest's script constraints so a broken regex is refused at negotiation,

@@ -1,5 +1,6 @@
 //! `provider manifest check`: what this provider would answer to a demand carrying this
-//! manifest, signature and certificate chain. A dry run: nothing is written.
+//! manifest, signature, certificate chain and node descriptor. A dry run: nothing is
+//! written.
 
 use std::path::{Path, PathBuf};
 
@@ -28,9 +29,13 @@ pub enum ManifestCmd {
         /// The author's certificate chain (PEM: leaf and intermediates, any order).
         #[arg(long, value_name = "FILE", requires = "sig")]
         cert: Option<PathBuf>,
-        /// The requestor's libp2p peer id (for blacklist and allow-only rules).
+        /// The requestor's libp2p peer id (for blacklist, allow-only and partner rules); a
+        /// Golem `0x…` node id is accepted too, to check yagna's node descriptors.
         #[arg(long, value_name = "PEER-ID")]
         node_id: Option<String>,
+        /// The requestor's Golem node descriptor (`*.signed.json`), for partner rules.
+        #[arg(long, value_name = "FILE")]
+        node_descriptor: Option<PathBuf>,
         /// Judge at this time instead of now (RFC 3339, e.g. 2030-01-01T00:00:00Z).
         #[arg(long, value_name = "RFC3339")]
         now: Option<String>,
@@ -44,6 +49,7 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> anyhow::Result<Outcome> {
         sig_alg,
         cert,
         node_id,
+        node_descriptor,
         now,
     } = cmd;
     let now = match now {
@@ -57,8 +63,14 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> anyhow::Result<Outcome> {
     let manifest_b64 = manifest_base64(&manifest)?;
     let signature = sig.as_deref().map(read_signature).transpose()?;
     let chain = cert.as_deref().map(read_chain).transpose()?;
+    let descriptor = node_descriptor
+        .as_deref()
+        .map(read_descriptor)
+        .transpose()?;
     if let Some(id) = &node_id {
-        super::rule::check_peer_id(id)?;
+        if !is_golem_node_id(id) {
+            super::rule::check_peer_id(id)?;
+        }
     }
     let judge = ctx.data.load_judge()?;
     let verdict = judge.judge(
@@ -68,6 +80,7 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> anyhow::Result<Outcome> {
             signature_algorithm: sig_alg.as_deref(),
             cert_chain_pem: chain.as_deref(),
             node_id: node_id.as_deref(),
+            node_descriptor: descriptor.as_deref(),
         },
         now,
     );
@@ -128,6 +141,22 @@ fn read_chain(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A descriptor that does not even parse is bad input (exit 2); one that parses but fails
+/// verification is a verdict.
+fn read_descriptor(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = read(path)?;
+    certs::golem::NodeDescriptor::from_json(&bytes).with_context(|| path.display().to_string())?;
+    Ok(bytes)
+}
+
+/// yagna's node ids: `0x` and 40 hex digits (an Ethereum-style address).
+fn is_golem_node_id(id: &str) -> bool {
+    id.len() == 42
+        && id.is_ascii()
+        && id[..2].eq_ignore_ascii_case("0x")
+        && id[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -153,6 +182,14 @@ fn print(ctx: &Ctx, v: &Verdict) -> anyhow::Result<()> {
             mode,
         }) => println!(
             "outbound granted by: audited-payload {} {subject} (mode {mode})",
+            output::short_id(cert_id)
+        ),
+        Some(MatchedRule::Partner {
+            cert_id,
+            subject,
+            mode,
+        }) => println!(
+            "outbound granted by: partner {} {subject} (mode {mode})",
             output::short_id(cert_id)
         ),
         None if v.is_accept() => println!("outbound: not requested"),

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use policies::rules::{CertRule, RestrictList};
 use policies::{Mode, Rules};
 
-use super::keystore::{read_cert_files, read_certs, store_certs};
+use super::keystore::{read_cert_files, read_certs, read_golem_file, store_certs, store_golem};
 use super::output::{self, short_id, Table};
 use super::{Ctx, Outcome};
 use crate::store::WriteLock;
@@ -60,6 +60,10 @@ pub enum OutboundSet {
     /// The rule for manifests signed by a chain through this certificate.
     #[command(subcommand)]
     AuditedPayload(CertWithMode),
+    /// The rule for requestors whose node descriptor is signed through this Golem
+    /// certificate (`import-cert` takes a `*.signed.json` file).
+    #[command(subcommand)]
+    Partner(CertWithMode),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +160,12 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> anyhow::Result<Outcome> {
                 }
                 _ => Vec::new(),
             };
+            let imported_golem = match &set {
+                OutboundSet::Partner(CertWithMode::ImportCert { path, .. }) => {
+                    vec![read_golem_file(path)?]
+                }
+                _ => Vec::new(),
+            };
             update(ctx, |rules, lock| {
                 let out = &mut rules.outbound;
                 match set {
@@ -177,6 +187,21 @@ pub fn run(ctx: &Ctx, cmd: RuleCmd) -> anyhow::Result<Outcome> {
                                 },
                             );
                         }
+                    }
+                    OutboundSet::Partner(CertWithMode::CertId { id, mode }) => {
+                        let keystore = ctx.data.load_keystore()?;
+                        let id = keystore.resolve_golem_prefix(&id)?.info.id.clone();
+                        out.partner.insert(id, cert_rule(mode));
+                    }
+                    OutboundSet::Partner(CertWithMode::ImportCert { mode, .. }) => {
+                        // As in yagna: the certificate joins the keystore, and the rule names
+                        // it (not the signers embedded in the file).
+                        let stored = store_golem(ctx, lock, &imported_golem)?;
+                        let (info, _) = stored
+                            .into_iter()
+                            .next()
+                            .expect("import-cert read exactly one certificate");
+                        out.partner.insert(info.id, cert_rule(mode));
                     }
                 }
                 Ok(())
@@ -333,8 +358,11 @@ fn list(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let subject = |id: &str| {
         keystore
             .as_ref()
-            .and_then(|k| k.get(id))
-            .map(|c| c.info.short_name().to_owned())
+            .and_then(|k| {
+                k.get(id)
+                    .map(|c| c.info.short_name().to_owned())
+                    .or_else(|| k.get_golem(id).map(|c| c.info.subject.clone()))
+            })
             .unwrap_or_else(|| "(not in keystore)".into())
     };
     let on = |b: bool| if b { "enabled" } else { "disabled" }.to_string();

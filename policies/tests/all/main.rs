@@ -2,5 +2,6 @@
 
 mod judge;
 mod manifest;
+mod partner;
 mod rules_whitelist;
 mod util;

@@ -96,6 +96,7 @@ impl Signed {
             signature_algorithm: Some(&self.alg),
             cert_chain_pem: Some(&self.chain),
             node_id: node,
+            node_descriptor: None,
         }
     }
 }
