@@ -14,8 +14,14 @@
 //! - rps: 100-byte GETs on 16 keep-alive connections at once for `EGRESS_BENCH_RPS_SECS`
 //!   seconds (default 3); requests/s.
 //!
-//! Run with `cargo bench -p agent --bench egress` (or `scripts/egress-bench.sh`); squid is skipped
-//! with a note when `squid` is not installed.
+//! Paths are interleaved within each of `EGRESS_BENCH_ROUNDS` rounds (default 3), so a
+//! change in background load hits all paths alike; throughput figures are the median over
+//! rounds, latency percentiles are over all requests. Setting a size to 0 skips that
+//! figure; `EGRESS_BENCH_AUDIT=/dev/null` sends the proxy's audit lines nowhere, to see
+//! what writing them costs.
+//!
+//! Run with `cargo bench -p agent --bench egress` (or `scripts/egress-bench.sh`); squid is
+//! skipped with a note when `squid` is not installed.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -231,7 +237,7 @@ fn start_ours(dir: &Path, up: &Upstreams) -> Running {
         .args(["--allow-cidr", "127.0.0.0/8", "--manifest"])
         .arg(&manifest)
         .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
+        .arg(std::env::var_os("EGRESS_BENCH_AUDIT").map_or(dir.join("audit.jsonl"), Into::into))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start provider egress serve");
@@ -324,39 +330,42 @@ shutdown_lifetime 0 seconds
 fn start_relay(up: &Upstreams) -> Via {
     let (tx, rx) = std::sync::mpsc::channel();
     let targets = [up.http, up.tls];
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut addrs = Vec::new();
-            for target in targets {
-                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addrs.push(l.local_addr().unwrap());
-                tokio::spawn(async move {
-                    loop {
-                        let (mut a, _) = l.accept().await.unwrap();
-                        tokio::spawn(async move {
-                            let mut b = TcpStream::connect(target).await.unwrap();
-                            let _ = a.set_nodelay(true);
-                            let _ = b.set_nodelay(true);
-                            let _ = tokio::io::copy_bidirectional_with_sizes(
-                                &mut a, &mut b, 65536, 65536,
-                            )
-                            .await;
-                        });
-                    }
-                });
-            }
-            tx.send(Via::Relay {
-                http: addrs[0],
-                tls: addrs[1],
-            })
-            .unwrap();
-            std::future::pending::<()>().await;
-        });
-    });
+    let builder = std::thread::Builder::new().name("relay".into());
+    builder
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut addrs = Vec::new();
+                for target in targets {
+                    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    addrs.push(l.local_addr().unwrap());
+                    tokio::spawn(async move {
+                        loop {
+                            let (mut a, _) = l.accept().await.unwrap();
+                            tokio::spawn(async move {
+                                let mut b = TcpStream::connect(target).await.unwrap();
+                                let _ = a.set_nodelay(true);
+                                let _ = b.set_nodelay(true);
+                                let _ = tokio::io::copy_bidirectional_with_sizes(
+                                    &mut a, &mut b, 65536, 65536,
+                                )
+                                .await;
+                            });
+                        }
+                    });
+                }
+                tx.send(Via::Relay {
+                    http: addrs[0],
+                    tls: addrs[1],
+                })
+                .unwrap();
+                std::future::pending::<()>().await;
+            });
+        })
+        .unwrap();
     rx.recv().unwrap()
 }
 

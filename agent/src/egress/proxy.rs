@@ -153,7 +153,13 @@ impl Proxy {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         match &dest.host {
             Host::Ip(ip) => addrs.push(SocketAddr::new(*ip, dest.port)),
-            Host::Name(name) => match tokio::net::lookup_host((name.as_str(), dest.port)).await {
+            Host::Name(name) => match tokio::time::timeout(
+                self.policy.limits().connect_timeout,
+                tokio::net::lookup_host((name.as_str(), dest.port)),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("no answer in time")))
+            {
                 Ok(found) => {
                     for a in found {
                         if !addrs.contains(&a) {
