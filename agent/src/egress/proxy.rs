@@ -303,12 +303,15 @@ where
 
 /// Accepts connections and serves each on its own task, forever. Accept errors (out of
 /// file descriptors, …) are logged and retried: they must not end the proxy. Beyond
-/// `max_connections` concurrent clients, a new client gets a 503 and is closed.
+/// `max_connections` concurrent clients, a new client gets a 503 and is closed; beyond
+/// that many again being turned away, it is closed without one.
 pub async fn serve_listener(listener: TcpListener, proxy: Arc<Proxy>) {
     if let Ok(addr) = listener.local_addr() {
         proxy.add_self_addr(addr);
     }
-    let slots = Arc::new(Semaphore::new(proxy.policy.limits().max_connections));
+    let max = proxy.policy.limits().max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let refusals = Arc::new(Semaphore::new(max));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -330,7 +333,12 @@ pub async fn serve_listener(listener: TcpListener, proxy: Arc<Proxy>) {
                 });
             }
             Err(_) => {
-                tokio::spawn(turn_away(stream, proxy));
+                if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        let _refusal = refusal;
+                        turn_away(stream, proxy).await;
+                    });
+                }
             }
         }
     }
