@@ -69,7 +69,6 @@ fn raw_mode(tty: &File) -> io::Result<()> {
     termios::cfmakeraw(&mut t);
     t.control_flags |= termios::ControlFlags::CLOCAL | termios::ControlFlags::CREAD;
     t.control_flags &= !termios::ControlFlags::CRTSCTS;
-    ctx(termios::cfsetspeed(&mut t, termios::BaudRate::B115200), "cfsetspeed")?;
     ctx(termios::tcsetattr(tty, SetArg::TCSANOW, &t), "tcsetattr ttyS1")
 }
 
