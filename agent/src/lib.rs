@@ -4,3 +4,4 @@
 pub mod cli;
 pub mod egress;
 pub mod store;
+pub mod vm;
