@@ -192,13 +192,23 @@ pub fn find_guest_agent(explicit: Option<&Path>) -> Result<PathBuf, VmError> {
             }
         }
     }
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| VmError::NotFound {
+    let mut dynamic = Vec::new();
+    for c in &candidates {
+        if c.is_file() {
+            if is_static_elf(c) {
+                return Ok(c.clone());
+            }
+            dynamic.push(c.display().to_string());
+        }
+    }
+    let note = if dynamic.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} is not a static executable)", dynamic.join(", "))
+    };
+    Err(VmError::NotFound {
             message: format!(
-                "no guest agent (provider-guest) at {}; build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p guest --target x86_64-unknown-linux-gnu --target-dir target/guest, or set PROVIDER_GUEST",
+                "no static guest agent (provider-guest) at {}{note}; build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p guest --target x86_64-unknown-linux-gnu --target-dir target/guest, or set PROVIDER_GUEST",
                 candidates
                     .iter()
                     .map(|p| p.display().to_string())
@@ -206,6 +216,27 @@ pub fn find_guest_agent(explicit: Option<&Path>) -> Result<PathBuf, VmError> {
                     .join(" or ")
             ),
         })
+}
+
+/// A static ELF executable: 64-bit ELF without a `PT_INTERP` program header (the guest has
+/// no dynamic loader; a dynamic `provider-guest` would panic the kernel as init).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        match b.get(o..o + 4) {
+            Some(t) => u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != 3, // PT_INTERP
+            None => false,
+        }
+    })
 }
 
 /// One command for the guest.
