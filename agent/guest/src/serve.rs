@@ -22,6 +22,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub fn serve(tty: File) -> Result<(), ChannelError> {
     reaper::start()?;
     let reader = tty.try_clone()?;
+    let reader = io::BufReader::with_capacity(64 * 1024, reader);
     let mux = Mux::handshake(Side::Guest, Box::new(reader), Box::new(tty))?;
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

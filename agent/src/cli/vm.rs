@@ -202,18 +202,18 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
         .map(PayloadHash::parse)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--hash: {e}"))?;
-    let kernel = vm::find_kernel(args.kernel.as_deref())?;
-    let agent = vm::find_guest_agent(args.guest.as_deref())?;
-    let info = HostInfo::detect();
-    let (backend, why) = backend_for(args.vmm, &info)?;
-    tracing::info!("{why}");
-
     // The image's bytes are verified before anything reads them as a tarball.
     let store = ImageStore::new(&ctx.data);
     let image = store
         .fetch(&args.image, expected.as_ref())
         .with_context(|| format!("image {}", args.image))?;
     t.image = start.elapsed();
+
+    let kernel = vm::find_kernel(args.kernel.as_deref())?;
+    let agent = vm::find_guest_agent(args.guest.as_deref())?;
+    let info = HostInfo::detect();
+    let (backend, why) = backend_for(args.vmm, &info)?;
+    tracing::info!("{why}");
 
     let job = job_dir(ctx)?;
     let initrd = job.join("initramfs.cpio");

@@ -315,6 +315,7 @@ impl Vm {
             Err(e) => return Err(fail(&mut machine, format!("channel socket: {e}"))),
         };
         let read_half = reader.try_clone();
+        let reader = io::BufReader::with_capacity(64 * 1024, reader);
         let mux = match Mux::handshake(Side::Host, Box::new(reader), Box::new(writer)) {
             Ok(m) => m,
             Err(e) => {
