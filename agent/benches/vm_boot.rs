@@ -21,7 +21,10 @@ const ROUNDS: usize = 3;
 const THROUGHPUT_BYTES: u64 = 4 * 1024 * 1024;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn guest_agent() -> PathBuf {
@@ -33,7 +36,16 @@ fn guest_agent() -> PathBuf {
         .current_dir(workspace())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        .args(["build", "-q", "--release", "-p", "guest", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "guest",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+        ])
         .arg(&target)
         .status()
         .expect("run cargo");
@@ -109,7 +121,12 @@ fn main() {
     let hash = policies::manifest::PayloadHash::parse(&format!("sha3:{hex}")).unwrap();
     let floor_cpio = dir.path().join("floor.cpio");
     floor_initramfs(&floor_cpio);
-    println!("vm_boot: {} ({}), kernel {}, {ROUNDS} rounds", choice.reason, q.version, kernel.display());
+    println!(
+        "vm_boot: {} ({}), kernel {}, {ROUNDS} rounds",
+        choice.reason,
+        q.version,
+        kernel.display()
+    );
 
     let mut floors = Vec::new();
     let mut ours = Vec::new();
@@ -158,7 +175,11 @@ fn main() {
         let mark = Instant::now();
         let mut first = FirstByte { at: None, start };
         guest
-            .run(&RunSpec::new(["/bin/echo", "hello"]), &mut first, &mut std::io::sink())
+            .run(
+                &RunSpec::new(["/bin/echo", "hello"]),
+                &mut first,
+                &mut std::io::sink(),
+            )
             .unwrap();
         let t_cmd = mark.elapsed();
         ours.push(Ours {
@@ -173,13 +194,19 @@ fn main() {
             let mark = Instant::now();
             guest
                 .run(
-                    &RunSpec::new(["/bin/head", "-c", &THROUGHPUT_BYTES.to_string(), "/dev/urandom"]),
+                    &RunSpec::new([
+                        "/bin/head",
+                        "-c",
+                        &THROUGHPUT_BYTES.to_string(),
+                        "/dev/urandom",
+                    ]),
                     &mut count,
                     &mut std::io::sink(),
                 )
                 .unwrap();
             assert_eq!(count.0, THROUGHPUT_BYTES);
-            throughput = Some(THROUGHPUT_BYTES as f64 / (1024.0 * 1024.0) / mark.elapsed().as_secs_f64());
+            throughput =
+                Some(THROUGHPUT_BYTES as f64 / (1024.0 * 1024.0) / mark.elapsed().as_secs_f64());
         }
         guest.shutdown(Duration::from_secs(20)).unwrap();
     }
@@ -187,12 +214,32 @@ fn main() {
     let floor = median(floors.clone());
     let fb = median(ours.iter().map(|o| o.first_byte).collect());
     println!("{:<34} {:>10}", "phase (median)", "time");
-    println!("{:<34} {:>10}", "hash check (sha3-256, file)", ms(median(ours.iter().map(|o| o.hash).collect())));
-    println!("{:<34} {:>10}", "initramfs build", ms(median(ours.iter().map(|o| o.initramfs).collect())));
-    println!("{:<34} {:>10}", "launch + boot to agent ready", ms(median(ours.iter().map(|o| o.boot).collect())));
-    println!("{:<34} {:>10}", "command (echo) to its exit", ms(median(ours.iter().map(|o| o.command).collect())));
+    println!(
+        "{:<34} {:>10}",
+        "hash check (sha3-256, file)",
+        ms(median(ours.iter().map(|o| o.hash).collect()))
+    );
+    println!(
+        "{:<34} {:>10}",
+        "initramfs build",
+        ms(median(ours.iter().map(|o| o.initramfs).collect()))
+    );
+    println!(
+        "{:<34} {:>10}",
+        "launch + boot to agent ready",
+        ms(median(ours.iter().map(|o| o.boot).collect()))
+    );
+    println!(
+        "{:<34} {:>10}",
+        "command (echo) to its exit",
+        ms(median(ours.iter().map(|o| o.command).collect()))
+    );
     println!("{:<34} {:>10}", "vm run start → first byte", ms(fb));
-    println!("{:<34} {:>10}", "floor: busybox init → first byte", ms(floor));
+    println!(
+        "{:<34} {:>10}",
+        "floor: busybox init → first byte",
+        ms(floor)
+    );
     println!(
         "overhead above the floor: {:+.1}% (target ≤ 10%); floors {:?}, ours {:?}",
         (fb.as_secs_f64() / floor.as_secs_f64() - 1.0) * 100.0,
@@ -200,7 +247,10 @@ fn main() {
         ours.iter().map(|o| ms(o.first_byte)).collect::<Vec<_>>()
     );
     if let Some(t) = throughput {
-        println!("channel guest→host: {t:.2} MiB/s ({} MiB of /dev/urandom)", THROUGHPUT_BYTES >> 20);
+        println!(
+            "channel guest→host: {t:.2} MiB/s ({} MiB of /dev/urandom)",
+            THROUGHPUT_BYTES >> 20
+        );
     }
 }
 

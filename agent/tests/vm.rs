@@ -19,7 +19,10 @@ use openssl::hash::{hash, MessageDigest};
 const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// `<target>/guest`: the static guest agent's own target dir (its RUSTFLAGS differ).
@@ -42,7 +45,14 @@ fn guest_agent() -> Result<PathBuf, String> {
                 .current_dir(workspace())
                 .env("RUSTFLAGS", "-C target-feature=+crt-static")
                 .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-                .args(["build", "--release", "-p", "guest", "--target", "x86_64-unknown-linux-gnu"])
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "guest",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
                 .arg("--target-dir")
                 .arg(guest_target_dir())
                 .output()
@@ -138,7 +148,11 @@ fn serve(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
-            let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_owned();
+            let line = String::from_utf8_lossy(&req)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
             if line.starts_with("GET /image.tar ") {
                 h.fetch_add(1, Ordering::SeqCst);
                 let _ = write!(
@@ -175,17 +189,41 @@ fn vm_run_streams_output_and_passes_exit_codes() {
     let o = provider(
         data.path(),
         &env.agent,
-        &["vm", "run", "--image", &url, "--hash", &hash, "--", "/bin/echo", "hello"],
+        &[
+            "vm",
+            "run",
+            "--image",
+            &url,
+            "--hash",
+            &hash,
+            "--",
+            "/bin/echo",
+            "hello",
+        ],
     );
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n", "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello\n",
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 
     let o = provider(
         data.path(),
         &env.agent,
         &[
-            "vm", "run", "--image", &url, "--hash", &hash, "--mem", "256M", "--",
-            "/bin/sh", "-c",
+            "vm",
+            "run",
+            "--image",
+            &url,
+            "--hash",
+            &hash,
+            "--mem",
+            "256M",
+            "--",
+            "/bin/sh",
+            "-c",
             "ls /sys/class/net; grep MemTotal /proc/meminfo; echo err >&2; exit 7",
         ],
     );
@@ -201,8 +239,15 @@ fn vm_run_streams_output_and_passes_exit_codes() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{out}"));
-    assert!(kib > 64 * 1024 && kib <= 256 * 1024, "MemTotal {kib} kB with --mem 256M");
-    assert_eq!(hits.load(Ordering::SeqCst), 1, "the second job must not download");
+    assert!(
+        kib > 64 * 1024 && kib <= 256 * 1024,
+        "MemTotal {kib} kB with --mem 256M"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the second job must not download"
+    );
 }
 
 fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
@@ -227,8 +272,16 @@ fn vm_run_kills_a_command_at_its_timeout_and_the_vm_is_gone() {
         data.path(),
         &env.agent,
         &[
-            "vm", "run", "--image", env.image.to_str().unwrap(), "--timeout", "3s", "--",
-            "/bin/sh", "-c", "echo started; sleep 600",
+            "vm",
+            "run",
+            "--image",
+            env.image.to_str().unwrap(),
+            "--timeout",
+            "3s",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo started; sleep 600",
         ],
     );
     assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
@@ -247,23 +300,61 @@ fn bad_images_are_refused_before_boot() {
     let tarball = dir.path().join("t.tar");
     std::fs::write(&tarball, b"not really a tar, but hashed first").unwrap();
     let wrong = format!("sha3:{}", "ab".repeat(32));
-    let o = provider(&data, &agent, &["vm", "run", "--image", tarball.to_str().unwrap(), "--hash", &wrong, "--", "/bin/true"]);
+    let o = provider(
+        &data,
+        &agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            tarball.to_str().unwrap(),
+            "--hash",
+            &wrong,
+            "--",
+            "/bin/true",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("hash mismatch"), "{}", stderr(&o));
-    assert!(!data.join("jobs").exists(), "no job may start on a wrong hash");
+    assert!(
+        !data.join("jobs").exists(),
+        "no job may start on a wrong hash"
+    );
 
     let (base, _) = serve(Vec::new());
-    let o = provider(&data, &agent, &["vm", "run", "--image", &format!("{base}/missing.tar"), "--", "/bin/true"]);
+    let o = provider(
+        &data,
+        &agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            &format!("{base}/missing.tar"),
+            "--",
+            "/bin/true",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("404"), "{}", stderr(&o));
 
     // A port nobody listens on (bound, then released).
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}/image.tar");
-    let o = provider(&data, &agent, &["vm", "run", "--image", &url, "--", "/bin/true"]);
+    let o = provider(
+        &data,
+        &agent,
+        &["vm", "run", "--image", &url, "--", "/bin/true"],
+    );
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(e.contains(&url) && e.to_lowercase().contains("refused"), "{e}");
+    assert!(
+        e.contains(&url) && e.to_lowercase().contains("refused"),
+        "{e}"
+    );
 }
 
 /// A hostile tarball through the CLI: refused with the entry named, no VM started.
@@ -303,9 +394,26 @@ fn unsafe_tarball_is_refused_naming_the_entry() {
         }
         b.finish().unwrap();
         drop(b);
-        let o = provider(&data, &agent, &["vm", "run", "--image", path.to_str().unwrap(), "--kernel", kernel.to_str().unwrap(), "--", "/bin/true"]);
+        let o = provider(
+            &data,
+            &agent,
+            &[
+                "vm",
+                "run",
+                "--image",
+                path.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--",
+                "/bin/true",
+            ],
+        );
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        assert!(stderr(&o).contains(&format!("`{named}` refused")), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("`{named}` refused")),
+            "{}",
+            stderr(&o)
+        );
     }
 }
 
@@ -371,10 +479,17 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
     let mut data = vec![0u8; 10 * 1024 * 1024];
     openssl::rand::rand_bytes(&mut data).unwrap();
     std::fs::write(&up, &data).unwrap();
-    assert_eq!(guest.upload(&up, "/tmp/in/up.bin").unwrap(), data.len() as u64);
+    assert_eq!(
+        guest.upload(&up, "/tmp/in/up.bin").unwrap(),
+        data.len() as u64
+    );
     let mut sum = Vec::new();
     let st = guest
-        .run(&RunSpec::new(["/bin/sha256sum", "/tmp/in/up.bin"]), &mut sum, &mut Vec::new())
+        .run(
+            &RunSpec::new(["/bin/sha256sum", "/tmp/in/up.bin"]),
+            &mut sum,
+            &mut Vec::new(),
+        )
         .unwrap();
     assert_eq!(st.code, Some(0));
     let local_sum: String = hash(MessageDigest::sha256(), &data)
@@ -382,18 +497,30 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    assert!(String::from_utf8_lossy(&sum).starts_with(&local_sum), "guest saw other bytes");
+    assert!(
+        String::from_utf8_lossy(&sum).starts_with(&local_sum),
+        "guest saw other bytes"
+    );
     let down = job.path().join("down.bin");
-    assert_eq!(guest.download("/tmp/in/up.bin", &down).unwrap(), data.len() as u64);
+    assert_eq!(
+        guest.download("/tmp/in/up.bin", &down).unwrap(),
+        data.len() as u64
+    );
     assert!(std::fs::read(&down).unwrap() == data, "download differs");
-    let err = guest.download("/tmp/none", &job.path().join("x")).unwrap_err();
+    let err = guest
+        .download("/tmp/none", &job.path().join("x"))
+        .unwrap_err();
     assert!(err.to_string().contains("/tmp/none"), "{err}");
 
     // The proxy listener exists; with no egress proxy attached the host refuses.
     let mut out = Vec::new();
     let st = guest
         .run(
-            &RunSpec::new(["/bin/sh", "-c", "wget -q -O - http://example.com/ 2>&1; echo rc=$?"]),
+            &RunSpec::new([
+                "/bin/sh",
+                "-c",
+                "wget -q -O - http://example.com/ 2>&1; echo rc=$?",
+            ]),
             &mut out,
             &mut Vec::new(),
         )
@@ -403,7 +530,11 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
     assert!(text.contains("502") && text.contains("rc=1"), "{text}");
 
     let e = guest
-        .run(&RunSpec::new(["/no/such/program"]), &mut Vec::new(), &mut Vec::new())
+        .run(
+            &RunSpec::new(["/no/such/program"]),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("/no/such/program"), "{e}");
 
@@ -414,5 +545,8 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
 
     let pid = guest.pid().unwrap();
     guest.shutdown(Duration::from_secs(20)).unwrap();
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "QEMU {pid} still exists");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still exists"
+    );
 }

@@ -64,7 +64,10 @@ impl Frame {
 /// Encodes a frame into `out` (header then payload). Panics only on a caller bug (payload
 /// over [`MAX_PAYLOAD`]); the mux never builds such frames.
 pub fn encode(kind: Kind, stream: u32, payload: &[u8], out: &mut Vec<u8>) {
-    assert!(payload.len() <= MAX_PAYLOAD, "frame payload over MAX_PAYLOAD");
+    assert!(
+        payload.len() <= MAX_PAYLOAD,
+        "frame payload over MAX_PAYLOAD"
+    );
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.push(kind as u8);
     out.extend_from_slice(&stream.to_le_bytes());

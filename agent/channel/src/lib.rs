@@ -47,8 +47,7 @@ impl Mux {
         timeout: Option<Duration>,
     ) -> Result<T, ChannelError> {
         let bytes = self.recv_control(timeout)?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ChannelError::Message(format!("{e}: {}", String::from_utf8_lossy(&bytes)))
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ChannelError::Message(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
     }
 }

@@ -239,7 +239,9 @@ impl Mux {
     /// The handle of a stream the peer named in a control message (one handle per stream).
     pub fn stream(&self, id: u32) -> Result<Stream, ChannelError> {
         if id == 0 {
-            return Err(ChannelError::Protocol("stream 0 is the control stream".into()));
+            return Err(ChannelError::Protocol(
+                "stream 0 is the control stream".into(),
+            ));
         }
         let mut st = self.inner.lock();
         let n = st.streams.len();
@@ -253,7 +255,9 @@ impl Mux {
             }
         };
         if entry.handles > 0 || entry.dropped {
-            return Err(ChannelError::Protocol(format!("stream {id} is already in use")));
+            return Err(ChannelError::Protocol(format!(
+                "stream {id} is already in use"
+            )));
         }
         entry.handles = 1;
         Ok(Stream {
@@ -297,8 +301,7 @@ impl Mux {
 }
 
 fn check_hello(f: &Frame) -> Result<(), ChannelError> {
-    if f.kind != Kind::Hello || f.stream != 0 || f.payload.len() != 6 || &f.payload[..4] != MAGIC
-    {
+    if f.kind != Kind::Hello || f.stream != 0 || f.payload.len() != 6 || &f.payload[..4] != MAGIC {
         return Err(ChannelError::Protocol(
             "the peer's first frame is not a channel hello".into(),
         ));
@@ -396,10 +399,7 @@ impl Inner {
                         None if self.side.owns(f.stream) => return Ok(()),
                         None if f.stream == 0 => return Err("data on stream 0".into()),
                         None if n >= MAX_STREAMS => return Err("too many streams".into()),
-                        None => st
-                            .streams
-                            .entry(f.stream)
-                            .or_insert_with(StreamState::new),
+                        None => st.streams.entry(f.stream).or_insert_with(StreamState::new),
                     };
                     if s.recv_eof {
                         return Err(format!("frame on stream {} after its eof", f.stream));
@@ -431,7 +431,12 @@ impl Inner {
                     if f.payload.len() != 4 {
                         return Err("a window frame without a 4-byte credit".into());
                     }
-                    let n = u32::from_le_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]]);
+                    let n = u32::from_le_bytes([
+                        f.payload[0],
+                        f.payload[1],
+                        f.payload[2],
+                        f.payload[3],
+                    ]);
                     if let Some(s) = st.streams.get_mut(&f.stream) {
                         s.send_credit = s
                             .send_credit
@@ -445,7 +450,11 @@ impl Inner {
                         s.peer_reset = true;
                         if s.reset.is_none() {
                             let why = String::from_utf8_lossy(&f.payload).into_owned();
-                            s.reset = Some(if why.is_empty() { "reset by peer".into() } else { why });
+                            s.reset = Some(if why.is_empty() {
+                                "reset by peer".into()
+                            } else {
+                                why
+                            });
                         }
                         if !s.recv_eof {
                             s.recv.clear();
@@ -554,9 +563,10 @@ impl Read for Stream {
         let mut st = self.inner.lock();
         let (n, credit) = loop {
             let closed = st.closed.clone();
-            let s = st.streams.get_mut(&self.id).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotConnected, "stream is gone")
-            })?;
+            let s = st
+                .streams
+                .get_mut(&self.id)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "stream is gone"))?;
             if let Some(front) = s.recv.front() {
                 let avail = &front[s.front_off..];
                 let n = avail.len().min(buf.len());
@@ -606,14 +616,18 @@ impl Write for Stream {
         let mut st = self.inner.lock();
         let n = loop {
             let closed = st.closed.clone();
-            let s = st.streams.get_mut(&self.id).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotConnected, "stream is gone")
-            })?;
+            let s = st
+                .streams
+                .get_mut(&self.id)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "stream is gone"))?;
             if let Some(why) = &s.reset {
                 return Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone()));
             }
             if s.sent_eof {
-                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown"));
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "write after shutdown",
+                ));
             }
             if let Some(why) = closed {
                 return Err(Self::io_err(ChannelError::Closed(why)));
@@ -663,7 +677,9 @@ impl Drop for Stream {
             let _ = self.inner.send(Kind::Eof, self.id, &[]);
         }
         if send_reset {
-            let _ = self.inner.send(Kind::Reset, self.id, b"closed by the reader");
+            let _ = self
+                .inner
+                .send(Kind::Reset, self.id, b"closed by the reader");
         }
     }
 }

@@ -28,13 +28,22 @@ fn hello(version: u16) -> Vec<u8> {
 fn control_messages_round_trip_both_ways() {
     let (host, guest) = pair();
     host.send_msg(&HostMsg::Poweroff).unwrap();
-    assert_eq!(guest.recv_msg::<HostMsg>(Some(Duration::from_secs(5))).unwrap(), HostMsg::Poweroff);
+    assert_eq!(
+        guest
+            .recv_msg::<HostMsg>(Some(Duration::from_secs(5)))
+            .unwrap(),
+        HostMsg::Poweroff
+    );
     let ready = GuestMsg::Ready {
         agent: "x".into(),
         kernel: "y".into(),
     };
     guest.send_msg(&ready).unwrap();
-    assert_eq!(host.recv_msg::<GuestMsg>(Some(Duration::from_secs(5))).unwrap(), ready);
+    assert_eq!(
+        host.recv_msg::<GuestMsg>(Some(Duration::from_secs(5)))
+            .unwrap(),
+        ready
+    );
     assert!(matches!(
         host.recv_control(Some(Duration::from_millis(50))),
         Err(ChannelError::Timeout)
@@ -48,7 +57,10 @@ fn version_mismatch_is_named() {
     let err = Mux::handshake(Side::Host, Box::new(a.try_clone().unwrap()), Box::new(a))
         .err()
         .unwrap();
-    assert!(matches!(err, ChannelError::Version { theirs, .. } if theirs == VERSION + 1), "{err}");
+    assert!(
+        matches!(err, ChannelError::Version { theirs, .. } if theirs == VERSION + 1),
+        "{err}"
+    );
 
     let (a, mut b) = UnixStream::pair().unwrap();
     b.write_all(b"login: \r\n garbage").unwrap();
@@ -107,7 +119,10 @@ fn flow_control_bounds_the_receive_buffer() {
         i = i.wrapping_add(1);
     }
     assert!(got == expected, "stream bytes differ");
-    assert!(max_buffered > 0, "the producer never got ahead: the test measured nothing");
+    assert!(
+        max_buffered > 0,
+        "the producer never got ahead: the test measured nothing"
+    );
     assert!(
         max_buffered <= INITIAL_WINDOW as usize,
         "buffered {max_buffered} > window {INITIAL_WINDOW}"
@@ -156,7 +171,7 @@ fn opened_streams_are_accepted_and_resets_carry_the_reason() {
     assert!(err.to_string().contains("no egress proxy"), "{err}");
     let err = loop {
         // The reset may still be in flight for the first writes.
-        match s.write(b"more") {
+        match s.write_all(b"more") {
             Ok(_) => thread::sleep(Duration::from_millis(5)),
             Err(e) => break e,
         }
@@ -175,5 +190,8 @@ fn closing_the_transport_fails_pending_reads_with_the_reason() {
     drop(b);
     let err = reader.join().unwrap().unwrap_err();
     assert!(err.to_string().contains("channel closed"), "{err}");
-    assert!(matches!(host.recv_control(None), Err(ChannelError::Closed(_))));
+    assert!(matches!(
+        host.recv_control(None),
+        Err(ChannelError::Closed(_))
+    ));
 }

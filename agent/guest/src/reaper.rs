@@ -43,16 +43,15 @@ fn reap_loop() {
             Ok(peek) => {
                 let Some(pid) = peek.pid() else { continue };
                 let _spawning = r.spawn_lock.lock().unwrap_or_else(|p| p.into_inner());
-                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
-                        let mut t = r.children.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(slot) = t.get_mut(&pid.as_raw()) {
-                            *slot = Some(status);
-                            r.cond.notify_all();
-                        }
+                // Err / not final: already reaped by std after a failed exec.
+                if let Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) =
+                    waitpid(pid, Some(WaitPidFlag::WNOHANG))
+                {
+                    let mut t = r.children.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(slot) = t.get_mut(&pid.as_raw()) {
+                        *slot = Some(status);
+                        r.cond.notify_all();
                     }
-                    // Already reaped by std after a failed exec, or not final yet.
-                    Ok(_) | Err(_) => {}
                 }
             }
             Err(Errno::ECHILD) => {

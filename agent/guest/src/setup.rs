@@ -30,12 +30,19 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> i
 pub fn setup() -> io::Result<File> {
     let root = Path::new(PAYLOAD_ROOT);
     if !root.is_dir() {
-        return Err(io::Error::other(format!("{PAYLOAD_ROOT} is missing from the initramfs")));
+        return Err(io::Error::other(format!(
+            "{PAYLOAD_ROOT} is missing from the initramfs"
+        )));
     }
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/rootfs/proc", nosuid, None)?;
     mount_fs("sysfs", "/rootfs/sys", nosuid, None)?;
-    mount_fs("devtmpfs", "/rootfs/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs(
+        "devtmpfs",
+        "/rootfs/dev",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     mount_fs(
         "devpts",
         "/rootfs/dev/pts",
@@ -69,7 +76,10 @@ fn raw_mode(tty: &File) -> io::Result<()> {
     termios::cfmakeraw(&mut t);
     t.control_flags |= termios::ControlFlags::CLOCAL | termios::ControlFlags::CREAD;
     t.control_flags &= !termios::ControlFlags::CRTSCTS;
-    ctx(termios::tcsetattr(tty, SetArg::TCSANOW, &t), "tcsetattr ttyS1")
+    ctx(
+        termios::tcsetattr(tty, SetArg::TCSANOW, &t),
+        "tcsetattr ttyS1",
+    )
 }
 
 /// `ip link set lo up`: the kernel then gives it 127.0.0.1/8 and ::1.
@@ -84,14 +94,20 @@ fn loopback_up() -> io::Result<()> {
     // SAFETY: `fd` is an open socket owned by `sock` for the whole call and `req` is a
     // valid, NUL-terminated `ifreq` the kernel reads and writes in place.
     if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } < 0 {
-        return Err(io::Error::other(format!("SIOCGIFFLAGS lo: {}", io::Error::last_os_error())));
+        return Err(io::Error::other(format!(
+            "SIOCGIFFLAGS lo: {}",
+            io::Error::last_os_error()
+        )));
     }
     // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: as above; the kernel only reads `req`.
     if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } < 0 {
-        return Err(io::Error::other(format!("SIOCSIFFLAGS lo: {}", io::Error::last_os_error())));
+        return Err(io::Error::other(format!(
+            "SIOCSIFFLAGS lo: {}",
+            io::Error::last_os_error()
+        )));
     }
     Ok(())
 }

@@ -146,7 +146,7 @@ pub enum CertSel {
 
 pub fn run(ctx: &Ctx, cmd: RuleCmd) -> anyhow::Result<Outcome> {
     match cmd {
-        RuleCmd::List => return list(ctx),
+        RuleCmd::List => list(ctx),
         RuleCmd::Set(SetCmd::Outbound(set)) => {
             // Certificates to import are read and checked before the lock: a bad file must
             // change nothing.

@@ -21,7 +21,7 @@ use crate::vm::{self, initramfs, Backend, MachineSpec, RunSpec, Vm};
 pub enum VmCmd {
     /// Run one command in a fresh VM built from a rootfs tarball; stream its output and
     /// exit with its exit code (124 when it timed out, 128+N when signal N ended it).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what this host offers for VMs (KVM/PVM, QEMU, guest kernel, guest agent) and
     /// which backend `--vmm auto` picks. Exit code 1 when no backend can run a VM.
     Selftest,
@@ -78,7 +78,7 @@ pub struct RunArgs {
 
 pub fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<Outcome> {
     match cmd {
-        VmCmd::Run(args) => run_one(ctx, args),
+        VmCmd::Run(args) => run_one(ctx, *args),
         VmCmd::Selftest => selftest(ctx),
     }
 }
@@ -310,7 +310,10 @@ fn selftest(ctx: &Ctx) -> anyhow::Result<Outcome> {
         t.row(vec!["kvm is pvm".into(), yes(info.kvm.pvm)]);
         match &info.qemu {
             Some(q) => {
-                t.row(vec!["qemu".into(), format!("{} ({})", q.path.display(), q.version)]);
+                t.row(vec![
+                    "qemu".into(),
+                    format!("{} ({})", q.path.display(), q.version),
+                ]);
                 t.row(vec!["qemu sandbox".into(), yes(q.sandbox)]);
             }
             None => t.row(vec!["qemu".into(), "not found".into()]),

@@ -194,9 +194,7 @@ impl ImageStore {
             bytes: 0,
         };
         self.copy_source(source, &mut sink)?;
-        sink.inner
-            .flush()
-            .map_err(io_err("write", tmp.path()))?;
+        sink.inner.flush().map_err(io_err("write", tmp.path()))?;
         let actual = hex(&sink.hasher.finish().map_err(|e| ImageError::Format {
             path: tmp.path().to_owned(),
             message: e.to_string(),
@@ -219,7 +217,9 @@ impl ImageStore {
         let path = self.path_for(&hash);
         let parent = path.parent().unwrap_or(&self.dir).to_owned();
         fs::create_dir_all(&parent).map_err(io_err("create", &parent))?;
-        tmp.as_file().sync_all().map_err(io_err("fsync", tmp.path()))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err("fsync", tmp.path()))?;
         tmp.persist(&path).map_err(|e| ImageError::Io {
             action: "store",
             path: path.clone(),
@@ -365,9 +365,13 @@ pub struct RootfsEntry<'a> {
 pub enum EntryKind {
     File,
     Dir,
-    Symlink { target: String },
+    Symlink {
+        target: String,
+    },
     /// Same content as the earlier regular file `target` (normalised path).
-    HardLink { target: String },
+    HardLink {
+        target: String,
+    },
     Fifo,
 }
 
@@ -412,7 +416,10 @@ pub fn read_rootfs(
         };
         check_parents(&path, &seen).map_err(unsafe_entry)?;
         let header = entry.header();
-        let mode = header.mode().map_err(|e| fmt(format!("{raw}: mode: {e}")))? & 0o7777;
+        let mode = header
+            .mode()
+            .map_err(|e| fmt(format!("{raw}: mode: {e}")))?
+            & 0o7777;
         let uid = header.uid().unwrap_or(0) as u32;
         let gid = header.gid().unwrap_or(0) as u32;
         let mtime = header.mtime().unwrap_or(0);
@@ -564,7 +571,11 @@ mod tests {
             if !link.is_empty() {
                 h.set_link_name(link).unwrap();
             }
-            let data: &[u8] = if *et == tar::EntryType::Regular { b"data" } else { b"" };
+            let data: &[u8] = if *et == tar::EntryType::Regular {
+                b"data"
+            } else {
+                b""
+            };
             h.set_size(data.len() as u64);
             h.set_cksum();
             b.append(&h, data).unwrap();
@@ -603,7 +614,10 @@ mod tests {
     fn refused(entries: &[(&str, tar::EntryType, &str)], entry: &str, reason: &str) {
         let err = walk(&tarball(entries)).unwrap_err();
         match &err {
-            ImageError::UnsafeEntry { entry: e, reason: r } => {
+            ImageError::UnsafeEntry {
+                entry: e,
+                reason: r,
+            } => {
                 assert_eq!(e, entry, "{err}");
                 assert!(r.contains(reason), "{err}");
             }
@@ -617,8 +631,16 @@ mod tests {
         refused(&[("ok", F, ""), ("../x", F, "")], "../x", "`..`");
         refused(&[("a/../../x", F, "")], "a/../../x", "`..`");
         refused(&[("/etc/x", F, "")], "/etc/x", "absolute");
-        refused(&[("link", S, "/"), ("link/x", F, "")], "link/x", "parent `link` is a symlink");
-        refused(&[("d/", D, ""), ("d/up", S, "../../etc")], "d/up", "leaves the root");
+        refused(
+            &[("link", S, "/"), ("link/x", F, "")],
+            "link/x",
+            "parent `link` is a symlink",
+        );
+        refused(
+            &[("d/", D, ""), ("d/up", S, "../../etc")],
+            "d/up",
+            "leaves the root",
+        );
         refused(&[("f", F, ""), ("f/x", F, "")], "f/x", "not a directory");
         refused(&[("h", H, "nowhere")], "h", "not an earlier regular file");
         refused(&[("h", H, "../etc/passwd")], "h", "`..`");
@@ -626,8 +648,16 @@ mod tests {
 
     #[test]
     fn device_nodes_are_refused() {
-        refused(&[("dev/sda", tar::EntryType::Block, "")], "dev/sda", "device");
-        refused(&[("dev/mem", tar::EntryType::Char, "")], "dev/mem", "device");
+        refused(
+            &[("dev/sda", tar::EntryType::Block, "")],
+            "dev/sda",
+            "device",
+        );
+        refused(
+            &[("dev/mem", tar::EntryType::Char, "")],
+            "dev/mem",
+            "device",
+        );
     }
 
     #[test]
@@ -644,7 +674,9 @@ mod tests {
         assert_eq!(fs::read(&first.path).unwrap(), b"some image bytes");
 
         let wrong = PayloadHash::parse(&format!("sha3:{}", "0".repeat(64))).unwrap();
-        let err = store.fetch(src.to_str().unwrap(), Some(&wrong)).unwrap_err();
+        let err = store
+            .fetch(src.to_str().unwrap(), Some(&wrong))
+            .unwrap_err();
         assert!(matches!(err, ImageError::HashMismatch { .. }), "{err}");
         assert!(!store.path_for(&wrong).exists());
 

@@ -296,11 +296,14 @@ fn build_inner(out: &Path, agent: &Path, image: &Path) -> Result<BuildStats, Ini
                 let mut left = e.size;
                 while left > 0 {
                     let want = buf.len().min(left as usize);
-                    let n = e.data.read(&mut buf[..want]).map_err(|source| ImageError::Io {
-                        action: "read the image entry",
-                        path: PathBuf::from(&e.path),
-                        source,
-                    })?;
+                    let n = e
+                        .data
+                        .read(&mut buf[..want])
+                        .map_err(|source| ImageError::Io {
+                            action: "read the image entry",
+                            path: PathBuf::from(&e.path),
+                            source,
+                        })?;
                     if n == 0 {
                         return Err(ImageError::Format {
                             path: image.to_owned(),
@@ -366,13 +369,11 @@ fn build_inner(out: &Path, agent: &Path, image: &Path) -> Result<BuildStats, Ini
         }
     }
     let (bw, stats) = w.finish().map_err(ioe("write", out))?;
-    let f = bw
-        .into_inner()
-        .map_err(|e| InitramfsError::Io {
-            action: "write",
-            path: out.to_owned(),
-            source: e.into_error(),
-        })?;
+    let f = bw.into_inner().map_err(|e| InitramfsError::Io {
+        action: "write",
+        path: out.to_owned(),
+        source: e.into_error(),
+    })?;
     f.sync_all().map_err(ioe("fsync", out))?;
     Ok(stats)
 }
@@ -386,7 +387,8 @@ mod tests {
         let mut out = Vec::new();
         let mut off = 0usize;
         let field = |b: &[u8], i: usize| {
-            u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap()
+            u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).unwrap(), 16)
+                .unwrap()
         };
         loop {
             let h = &bytes[off..off + 110];
@@ -458,7 +460,10 @@ mod tests {
         assert_eq!(entries[0].1, S_IFREG | 0o755);
         assert_eq!(entries[2].1, S_IFCHR | 0o600);
         assert_eq!(entries[5].2, b"hello");
-        assert_eq!((entries[6].1, entries[6].2.as_slice()), (S_IFLNK | 0o777, &b"busybox"[..]));
+        assert_eq!(
+            (entries[6].1, entries[6].2.as_slice()),
+            (S_IFLNK | 0o777, &b"busybox"[..])
+        );
         assert_eq!(entries[8].2, b"hello", "hard link is a copy of its target");
         assert_eq!(stats.entries, 9);
     }

@@ -138,7 +138,10 @@ pub fn find_kernel(explicit: Option<&Path>) -> Result<PathBuf, VmError> {
     } else if let Some(p) = env_path("PROVIDER_KERNEL") {
         vec![p]
     } else {
-        kernel_cache().into_iter().map(|d| d.join("vmlinuz")).collect()
+        kernel_cache()
+            .into_iter()
+            .map(|d| d.join("vmlinuz"))
+            .collect()
     };
     candidates
         .iter()
@@ -320,7 +323,9 @@ impl Vm {
             Ok(m) => m,
             Err(e) => {
                 let why = match machine.wait_timeout(Duration::ZERO) {
-                    Ok(Some(status)) => format!("the VM stopped ({status}) before the guest agent spoke: {e}"),
+                    Ok(Some(status)) => {
+                        format!("the VM stopped ({status}) before the guest agent spoke: {e}")
+                    }
                     _ => format!("no guest agent handshake within {timeout:?}: {e}"),
                 };
                 return Err(fail(&mut machine, why));
@@ -391,7 +396,10 @@ impl Vm {
         self.machine().backend()
     }
 
-    fn request(&self, build: impl FnOnce(u64) -> HostMsg) -> Result<(u64, mpsc::Receiver<GuestMsg>), VmError> {
+    fn request(
+        &self,
+        build: impl FnOnce(u64) -> HostMsg,
+    ) -> Result<(u64, mpsc::Receiver<GuestMsg>), VmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         self.pending
@@ -527,12 +535,11 @@ impl Vm {
             path: guest_path.to_owned(),
             stream: s.id(),
         })?;
-        let copied = std::fs::File::create(local)
-            .and_then(|mut f| {
-                let n = io::copy(&mut s, &mut f)?;
-                f.sync_all()?;
-                Ok(n)
-            });
+        let copied = std::fs::File::create(local).and_then(|mut f| {
+            let n = io::copy(&mut s, &mut f)?;
+            f.sync_all()?;
+            Ok(n)
+        });
         drop(s);
         let answer = rx.recv().map_err(|_| self.gone())?;
         match (answer, copied) {
@@ -645,6 +652,9 @@ pub fn console_tail(path: &Path) -> String {
     format!(
         " (console log {}, last lines: {})",
         path.display(),
-        tail.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" | ")
+        tail.iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(" | ")
     )
 }
