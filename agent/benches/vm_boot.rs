@@ -18,7 +18,7 @@ use agent::vm::qemu::QemuOptions;
 use agent::vm::{self, Backend, MachineSpec, RunSpec, Vm};
 
 const ROUNDS: usize = 3;
-const THROUGHPUT_BYTES: u64 = 4 * 1024 * 1024;
+const THROUGHPUT_BYTES: u64 = 2 * 1024 * 1024;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
