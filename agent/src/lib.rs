@@ -5,3 +5,4 @@ pub mod cli;
 pub mod egress;
 pub mod market;
 pub mod store;
+pub mod vm;

@@ -9,6 +9,7 @@ mod manifest;
 mod output;
 mod rule;
 mod script;
+pub mod vm;
 mod whitelist;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ pub enum Command {
     /// The egress proxy: run one manifest's network policy standalone.
     #[command(subcommand)]
     Egress(egress::EgressCmd),
+    /// Payloads in a VM: run one command in a fresh VM, or check what this host offers.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
 }
 
 /// Outcome of a command that ran to the end.
@@ -59,6 +63,8 @@ pub enum Outcome {
     Done,
     /// `manifest check` rejected the demand, or `script check` denied a command.
     Rejected,
+    /// Exit with this code (`vm run` passes its command's exit code through).
+    Code(u8),
 }
 
 /// Context every command gets.
@@ -77,6 +83,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Rejected) => ExitCode::from(1),
+        Ok(Outcome::Code(c)) => ExitCode::from(c),
         Err(e) => {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::from(2)
@@ -96,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Manifest(cmd) => manifest::run(&ctx, cmd),
         Command::Script(cmd) => script::run(&ctx, cmd),
         Command::Egress(cmd) => egress::run(&ctx, cmd),
+        Command::Vm(cmd) => vm::run(&ctx, cmd),
     }
 }
 

@@ -1,0 +1,373 @@
+//! `provider vm run` (one command in a fresh VM) and `provider vm selftest` (what this
+//! host offers and which backend `auto` picks).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+use policies::manifest::PayloadHash;
+use serde::Serialize;
+
+use super::output::{self, Table};
+use super::{Ctx, Outcome};
+use crate::vm::host::{self, HostInfo};
+use crate::vm::image::ImageStore;
+use crate::vm::qemu::QemuOptions;
+use crate::vm::{self, initramfs, Backend, MachineSpec, RunSpec, Vm};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Run one command in a fresh VM built from a rootfs tarball; stream its output and
+    /// exit with its exit code (124 when it timed out, 128+N when signal N ended it).
+    Run(Box<RunArgs>),
+    /// Show what this host offers for VMs (KVM/PVM, QEMU, guest kernel, guest agent) and
+    /// which backend `--vmm auto` picks. Exit code 1 when no backend can run a VM.
+    Selftest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmmArg {
+    Auto,
+    Qemu,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Rootfs tarball (.tar or .tar.gz): a path, file:// or http(s):// URL.
+    #[arg(long, value_name = "PATH|URL")]
+    image: String,
+    /// Expected hash `sha3:<hex>` (224/256/384/512 by length); checked before the image is
+    /// used. Without it the image is stored under its SHA3-256.
+    #[arg(long, value_name = "sha3:HEX")]
+    hash: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    vmm: VmmArg,
+    /// Guest kernel (bzImage) [default: the cache filled by scripts/fetch-guest-kernel.sh].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// The static guest agent [default: $PROVIDER_GUEST, next to this binary, or the
+    /// cargo build location].
+    #[arg(long, value_name = "PATH")]
+    guest: Option<PathBuf>,
+    /// Guest memory (suffix K, M, G; plain numbers are MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_mem)]
+    mem: u32,
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Kill the command after this long (e.g. 60s, 500ms, 2m; plain numbers are seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Environment for the command (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory inside the image.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    workdir: String,
+    /// Boot deadline: the guest agent must be ready within this long.
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    boot_timeout: Duration,
+    /// Print the phases' timings on stderr when done.
+    #[arg(long)]
+    timings: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<Outcome> {
+    match cmd {
+        VmCmd::Run(args) => run_one(ctx, *args),
+        VmCmd::Selftest => selftest(ctx),
+    }
+}
+
+fn parse_mem(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let unit = &s[i..];
+            let n = s[..i].trim_end_matches(['i', 'I']);
+            let (n, unit) = if unit.eq_ignore_ascii_case("b") && i > 0 {
+                let u = &s[i - 1..i];
+                (&s[..i - 1], u)
+            } else {
+                (n, unit)
+            };
+            let mul: f64 = match unit.to_ascii_uppercase().as_str() {
+                "K" => 1.0 / 1024.0,
+                "M" => 1.0,
+                "G" => 1024.0,
+                _ => return Err(format!("`{s}`: unknown unit (K, M, G)")),
+            };
+            (n.to_owned(), mul)
+        }
+        _ => (s.to_owned(), 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M"))?;
+    let mib = (n * mul).round();
+    if !(16.0..=1_048_576.0).contains(&mib) {
+        return Err(format!("`{s}`: memory must be between 16M and 1024G"));
+    }
+    Ok(mib as u32)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 60s"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit (ms, s, m, h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("`{s}`: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not K=V")),
+    }
+}
+
+/// Where a `vm run` job keeps its files: `<data-dir>/jobs/vm-<ms>-<pid>/`.
+fn job_dir(ctx: &Ctx) -> anyhow::Result<PathBuf> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let dir = ctx
+        .data
+        .root()
+        .join("jobs")
+        .join(format!("vm-{ms}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The backend for `--vmm`, with the reason when `auto` chose.
+pub fn backend_for(vmm: VmmArg, info: &HostInfo) -> anyhow::Result<(Backend, String)> {
+    let Some(qemu) = &info.qemu else {
+        bail!(
+            "no usable QEMU ({} -version failed); install qemu-system-x86 or set PROVIDER_QEMU",
+            host::qemu_binary().display()
+        );
+    };
+    let choice = host::choose(&info.kvm, Some(qemu))
+        .context("no backend can run a Linux guest on this host")?;
+    let why = match vmm {
+        VmmArg::Auto => format!("--vmm auto: {}", choice.reason),
+        VmmArg::Qemu => format!("--vmm qemu: {}", choice.reason),
+    };
+    Ok((
+        Backend::Qemu(QemuOptions {
+            binary: qemu.path.clone(),
+            accel: choice.accel,
+            sandbox: qemu.sandbox,
+        }),
+        why,
+    ))
+}
+
+/// Timings of one `vm run`, for `--timings` and the benchmark.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Timings {
+    pub image: Duration,
+    pub initramfs: Duration,
+    pub launch: Duration,
+    pub boot_to_ready: Duration,
+    pub first_byte: Option<Duration>,
+    pub command: Duration,
+    pub total: Duration,
+}
+
+fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
+    let start = Instant::now();
+    let mut t = Timings::default();
+    let expected = args
+        .hash
+        .as_deref()
+        .map(PayloadHash::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--hash: {e}"))?;
+    // The image's bytes are verified before anything reads them as a tarball.
+    let store = ImageStore::new(&ctx.data);
+    let image = store
+        .fetch(&args.image, expected.as_ref())
+        .with_context(|| format!("image {}", args.image))?;
+    t.image = start.elapsed();
+
+    let kernel = vm::find_kernel(args.kernel.as_deref())?;
+    let agent = vm::find_guest_agent(args.guest.as_deref())?;
+    let info = HostInfo::detect();
+    let (backend, why) = backend_for(args.vmm, &info)?;
+    tracing::info!("{why}");
+
+    let job = job_dir(ctx)?;
+    let initrd = job.join("initramfs.cpio");
+    let mark = Instant::now();
+    initramfs::build(&initrd, &agent, &image.path)?;
+    t.initramfs = mark.elapsed();
+
+    let spec = MachineSpec {
+        kernel,
+        initramfs: initrd.clone(),
+        cmdline: vm::CMDLINE.into(),
+        mem_mib: args.mem,
+        cpus: args.cpus,
+        job_dir: job.clone(),
+        console_log: job.join("console.log"),
+    };
+    let mark = Instant::now();
+    let machine = backend.launch(&spec)?;
+    t.launch = mark.elapsed();
+    let vm = Vm::boot(machine, args.boot_timeout, vm::refuse_streams())?;
+    t.boot_to_ready = vm.boot_time;
+    // The initramfs is in guest memory now.
+    let _ = std::fs::remove_file(&initrd);
+
+    let mut run = RunSpec::new(args.command.clone());
+    run.env = args.env.clone();
+    run.cwd = args.workdir.clone();
+    run.timeout = Some(args.timeout);
+    let first = std::sync::OnceLock::new();
+    let mut stdout = FirstByte {
+        inner: std::io::stdout(),
+        first: &first,
+        start,
+    };
+    let mut stderr = FirstByte {
+        inner: std::io::stderr(),
+        first: &first,
+        start,
+    };
+    let mark = Instant::now();
+    let result = vm.run(&run, &mut stdout, &mut stderr);
+    t.command = mark.elapsed();
+    t.first_byte = first.get().copied();
+    let console = vm.console_log();
+    let shutdown = vm.shutdown(Duration::from_secs(10));
+    t.total = start.elapsed();
+    if args.timings {
+        eprintln!(
+            "timings: image {:?}, initramfs {:?}, launch {:?}, boot to ready {:?}, first byte {:?}, command {:?}, total {:?}",
+            t.image, t.initramfs, t.launch, t.boot_to_ready, t.first_byte, t.command, t.total
+        );
+    }
+    let status = result.with_context(|| format!("console log: {}", console.display()))?;
+    shutdown?;
+    if status.timed_out {
+        eprintln!(
+            "provider: the command timed out after {:?} and was killed",
+            args.timeout
+        );
+        return Ok(Outcome::Code(124));
+    }
+    let code = status.shell_code();
+    Ok(Outcome::Code(code.clamp(0, 255) as u8))
+}
+
+/// Passes output through and remembers when the first byte came (stdout or stderr).
+struct FirstByte<'a, W: std::io::Write> {
+    inner: W,
+    first: &'a std::sync::OnceLock<Duration>,
+    start: Instant,
+}
+
+impl<W: std::io::Write> std::io::Write for FirstByte<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !buf.is_empty() {
+            let _ = self.first.set(self.start.elapsed());
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn selftest(ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let info = HostInfo::detect();
+    if ctx.json {
+        output::json(&info)?;
+    } else {
+        let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+        let mut t = Table::new(&["CHECK", "RESULT"]);
+        t.row(vec!["kvm".into(), yes(info.kvm.present)]);
+        t.row(vec!["kvm accessible".into(), yes(info.kvm.accessible)]);
+        t.row(vec!["kvm is pvm".into(), yes(info.kvm.pvm)]);
+        match &info.qemu {
+            Some(q) => {
+                t.row(vec![
+                    "qemu".into(),
+                    format!("{} ({})", q.path.display(), q.version),
+                ]);
+                t.row(vec!["qemu sandbox".into(), yes(q.sandbox)]);
+            }
+            None => t.row(vec!["qemu".into(), "not found".into()]),
+        }
+        t.row(vec![
+            "kernel".into(),
+            info.kernel
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "not found (scripts/fetch-guest-kernel.sh)".into()),
+        ]);
+        t.row(vec![
+            "guest agent".into(),
+            info.guest_agent
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "not found (see docs/vm.md)".into()),
+        ]);
+        t.row(vec![
+            "auto picks".into(),
+            info.auto
+                .as_ref()
+                .map(|c| c.reason.clone())
+                .unwrap_or_else(|| "nothing: no backend can run a VM here".into()),
+        ]);
+        t.print();
+        std::io::stdout().flush()?;
+    }
+    Ok(if info.auto.is_some() {
+        Outcome::Done
+    } else {
+        Outcome::Rejected
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_mem("512M").unwrap(), 512);
+        assert_eq!(parse_mem("256MiB").unwrap(), 256);
+        assert_eq!(parse_mem("1G").unwrap(), 1024);
+        assert_eq!(parse_mem("300").unwrap(), 300);
+        assert!(parse_mem("8M").is_err());
+        assert!(parse_mem("12X").is_err());
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env("=x").is_err());
+    }
+}

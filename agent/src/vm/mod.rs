@@ -1,0 +1,660 @@
+//! Payloads in a VM: images ([`image`]), the per-job initramfs ([`initramfs`]), the
+//! backends that run a machine ([`qemu`]; the project's own VMM plugs in beside it), host
+//! capability detection ([`host`]), and [`Vm`]: the host side of the channel to the guest
+//! agent (run commands, stream output, transfer files, power off).
+//!
+//! The seam between a backend and the rest (see `docs/vm.md`): a backend turns a
+//! [`MachineSpec`] into a running [`Machine`], which writes the guest console (`ttyS0`) to
+//! `spec.console_log` and hands over the host end of the guest's `ttyS1` as a connected
+//! [`UnixStream`]. Everything above (the channel, [`Vm`]) works on that stream alone.
+
+pub mod host;
+pub mod image;
+pub mod initramfs;
+pub mod qemu;
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use channel::{ChannelError, ExitStatus, GuestMsg, HostMsg, Mux, Side, Stream};
+use serde::Serialize;
+
+pub use host::HostInfo;
+
+/// Which VMM runs the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vmm {
+    Qemu,
+}
+
+/// How QEMU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{message}")]
+    Backend { message: String },
+    #[error("{message}")]
+    NotFound { message: String },
+    #[error("the VM did not come up: {message}{console}")]
+    Boot { message: String, console: String },
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("the guest answered request {id} with {got}")]
+    Unexpected { id: u64, got: String },
+    #[error("{0}")]
+    Guest(String),
+    #[error("the guest did not answer within {0:?} of the command's deadline; the VM was killed")]
+    Unresponsive(Duration),
+}
+
+/// What a backend needs to start a machine.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// The job's directory: sockets and backend files go here.
+    pub job_dir: PathBuf,
+    /// Where the guest console (`ttyS0`) is written.
+    pub console_log: PathBuf,
+}
+
+/// The kernel command line every backend passes: console on `ttyS0`, the agent as init,
+/// power off (never reboot) on panic, quiet boot (serial output is slow under emulation).
+pub const CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3";
+
+/// A running machine, whatever runs it.
+pub trait Machine: Send {
+    /// `qemu`, `kvm`…
+    fn backend(&self) -> &'static str;
+    /// The VMM's process id, when it is a separate process.
+    fn pid(&self) -> Option<u32>;
+    fn console_log(&self) -> &Path;
+    /// The host end of the guest's `ttyS1`, once.
+    fn take_channel(&mut self) -> Option<UnixStream>;
+    /// Waits up to `timeout` for the machine to stop; its exit description if it did.
+    fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<String>>;
+    /// Stops the machine now and releases everything it holds.
+    fn kill(&mut self) -> io::Result<()>;
+}
+
+/// The backend to start and its options.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Qemu(qemu::QemuOptions),
+}
+
+impl Backend {
+    pub fn launch(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, VmError> {
+        match self {
+            Backend::Qemu(opts) => Ok(Box::new(qemu::QemuMachine::launch(
+                spec,
+                opts,
+                Duration::from_secs(10),
+            )?)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Qemu(o) => format!(
+                "qemu ({}, accel {})",
+                o.binary.display(),
+                match o.accel {
+                    Accel::Kvm => "kvm",
+                    Accel::Tcg => "tcg",
+                }
+            ),
+        }
+    }
+}
+
+/// `explicit`, else `$PROVIDER_KERNEL`, else `vmlinuz` in the kernel cache
+/// (`$PROVIDER_KERNEL_CACHE`, `$XDG_CACHE_HOME/provider/kernel`, `~/.cache/provider/kernel`:
+/// where `scripts/fetch-guest-kernel.sh` puts it).
+pub fn find_kernel(explicit: Option<&Path>) -> Result<PathBuf, VmError> {
+    let candidates: Vec<PathBuf> = if let Some(p) = explicit {
+        vec![p.to_owned()]
+    } else if let Some(p) = env_path("PROVIDER_KERNEL") {
+        vec![p]
+    } else {
+        kernel_cache()
+            .into_iter()
+            .map(|d| d.join("vmlinuz"))
+            .collect()
+    };
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| VmError::NotFound {
+            message: format!(
+                "no guest kernel at {}; run scripts/fetch-guest-kernel.sh or pass --kernel PATH",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        })
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn kernel_cache() -> Option<PathBuf> {
+    env_path("PROVIDER_KERNEL_CACHE")
+        .or_else(|| env_path("XDG_CACHE_HOME").map(|c| c.join("provider/kernel")))
+        .or_else(|| env_path("HOME").map(|h| h.join(".cache/provider/kernel")))
+}
+
+/// Where the static guest agent is built (relative to the cargo target dir).
+pub const GUEST_BUILD_PATH: &str = "guest/x86_64-unknown-linux-gnu/release/provider-guest";
+
+/// `explicit`, else `$PROVIDER_GUEST`, else `provider-guest` next to the running binary,
+/// else the cargo build location beside it (`<target>/guest/x86_64-unknown-linux-gnu/
+/// release/provider-guest` when the binary is `<target>/{debug,release}/provider`).
+pub fn find_guest_agent(explicit: Option<&Path>) -> Result<PathBuf, VmError> {
+    let mut candidates = Vec::new();
+    if let Some(p) = explicit {
+        candidates.push(p.to_owned());
+    } else if let Some(p) = env_path("PROVIDER_GUEST") {
+        candidates.push(p);
+    } else if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("provider-guest"));
+            // target/debug/deps/x (tests) or target/debug/provider
+            for up in [dir.parent(), dir.parent().and_then(Path::parent)]
+                .into_iter()
+                .flatten()
+            {
+                candidates.push(up.join(GUEST_BUILD_PATH));
+            }
+        }
+    }
+    let mut dynamic = Vec::new();
+    for c in &candidates {
+        if c.is_file() {
+            if is_static_elf(c) {
+                return Ok(c.clone());
+            }
+            dynamic.push(c.display().to_string());
+        }
+    }
+    let note = if dynamic.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} is not a static executable)", dynamic.join(", "))
+    };
+    Err(VmError::NotFound {
+            message: format!(
+                "no static guest agent (provider-guest) at {}{note}; build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p guest --target x86_64-unknown-linux-gnu --target-dir target/guest, or set PROVIDER_GUEST",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        })
+}
+
+/// A static ELF executable: 64-bit ELF without a `PT_INTERP` program header (the guest has
+/// no dynamic loader; a dynamic `provider-guest` would panic the kernel as init).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        match b.get(o..o + 4) {
+            Some(t) => u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != 3, // PT_INTERP
+            None => false,
+        }
+    })
+}
+
+/// One command for the guest.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub timeout: Option<Duration>,
+}
+
+impl RunSpec {
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(argv: I) -> Self {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: "/".into(),
+            timeout: None,
+        }
+    }
+}
+
+/// Handles streams the guest opens (connections to its proxy listener). Until an egress
+/// proxy is attached to the job, [`refuse_streams`] resets them with a reason.
+pub type StreamHandler = Arc<dyn Fn(Stream, String) + Send + Sync>;
+
+/// The default [`StreamHandler`]: no egress for this job.
+pub fn refuse_streams() -> StreamHandler {
+    Arc::new(|mut s: Stream, purpose: String| {
+        let _ = s.reset(&format!(
+            "no egress proxy is attached to this job (stream purpose `{purpose}`)"
+        ));
+    })
+}
+
+type Pending = Arc<Mutex<HashMap<u64, mpsc::Sender<GuestMsg>>>>;
+
+/// A booted VM with its guest agent ready.
+pub struct Vm {
+    machine: Mutex<Box<dyn Machine>>,
+    mux: Mux,
+    pending: Pending,
+    next_id: AtomicU64,
+    /// From the guest's `Ready`.
+    pub agent: String,
+    pub kernel: String,
+    /// From the start of [`Vm::boot`] to the guest's `Ready`.
+    pub boot_time: Duration,
+}
+
+impl Vm {
+    /// Waits for the guest agent on `machine`'s channel: the handshake and `Ready` within
+    /// `timeout`. On failure the machine is killed and the console's tail is in the error.
+    pub fn boot(
+        mut machine: Box<dyn Machine>,
+        timeout: Duration,
+        handler: StreamHandler,
+    ) -> Result<Vm, VmError> {
+        let start = Instant::now();
+        let fail = |machine: &mut Box<dyn Machine>, message: String| {
+            let _ = machine.kill();
+            VmError::Boot {
+                message,
+                console: console_tail(machine.console_log()),
+            }
+        };
+        let Some(stream) = machine.take_channel() else {
+            return Err(fail(&mut machine, "the backend gave no channel".into()));
+        };
+        let setup = (|| -> io::Result<(UnixStream, UnixStream)> {
+            stream.set_read_timeout(Some(timeout))?;
+            Ok((stream.try_clone()?, stream))
+        })();
+        let (reader, writer) = match setup {
+            Ok(p) => p,
+            Err(e) => return Err(fail(&mut machine, format!("channel socket: {e}"))),
+        };
+        let read_half = reader.try_clone();
+        let reader = io::BufReader::with_capacity(64 * 1024, reader);
+        let mux = match Mux::handshake(Side::Host, Box::new(reader), Box::new(writer)) {
+            Ok(m) => m,
+            Err(e) => {
+                let why = match machine.wait_timeout(Duration::ZERO) {
+                    Ok(Some(status)) => {
+                        format!("the VM stopped ({status}) before the guest agent spoke: {e}")
+                    }
+                    _ => format!("no guest agent handshake within {timeout:?}: {e}"),
+                };
+                return Err(fail(&mut machine, why));
+            }
+        };
+        let remaining = timeout.saturating_sub(start.elapsed());
+        let ready = mux.recv_msg::<GuestMsg>(Some(remaining.max(Duration::from_millis(1))));
+        // From here reads block as long as the VM lives.
+        if let Ok(r) = read_half {
+            let _ = r.set_read_timeout(None);
+        }
+        let (agent, kernel) = match ready {
+            Ok(GuestMsg::Ready { agent, kernel }) => (agent, kernel),
+            Ok(other) => return Err(fail(&mut machine, format!("expected ready, got {other:?}"))),
+            Err(e) => return Err(fail(&mut machine, format!("waiting for ready: {e}"))),
+        };
+        let boot_time = start.elapsed();
+        let pending: Pending = Arc::default();
+        {
+            let mux = mux.clone();
+            let pending = pending.clone();
+            std::thread::Builder::new()
+                .name("vm-control".into())
+                .spawn(move || dispatch(mux, pending))
+                .map_err(|e| VmError::Backend {
+                    message: format!("spawn a thread: {e}"),
+                })?;
+        }
+        {
+            let mux = mux.clone();
+            std::thread::Builder::new()
+                .name("vm-streams".into())
+                .spawn(move || {
+                    while let Ok((s, purpose)) = mux.accept(None) {
+                        handler(s, purpose);
+                    }
+                })
+                .map_err(|e| VmError::Backend {
+                    message: format!("spawn a thread: {e}"),
+                })?;
+        }
+        tracing::info!(%agent, %kernel, ?boot_time, "guest agent ready");
+        Ok(Vm {
+            machine: Mutex::new(machine),
+            mux,
+            pending,
+            next_id: AtomicU64::new(1),
+            agent,
+            kernel,
+            boot_time,
+        })
+    }
+
+    fn machine(&self) -> std::sync::MutexGuard<'_, Box<dyn Machine>> {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The VMM's process id (QEMU's), when it is a separate process.
+    pub fn pid(&self) -> Option<u32> {
+        self.machine().pid()
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.machine().console_log().to_owned()
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.machine().backend()
+    }
+
+    fn request(
+        &self,
+        build: impl FnOnce(u64) -> HostMsg,
+    ) -> Result<(u64, mpsc::Receiver<GuestMsg>), VmError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        self.mux.send_msg(&build(id))?;
+        Ok((id, rx))
+    }
+
+    fn gone(&self) -> VmError {
+        VmError::Channel(ChannelError::Closed(
+            self.mux
+                .closed()
+                .unwrap_or_else(|| "the VM went away".into()),
+        ))
+    }
+
+    /// Runs a command, copying its stdout and stderr to the writers as they arrive.
+    /// The guest kills it at `spec.timeout` (reported as `timed_out`); if the guest itself
+    /// does not answer within a grace period after that, the VM is killed.
+    pub fn run(
+        &self,
+        spec: &RunSpec,
+        stdout: &mut (dyn Write + Send),
+        stderr: &mut (dyn Write + Send),
+    ) -> Result<ExitStatus, VmError> {
+        let mut out = self.mux.open_stream()?;
+        let mut err = self.mux.open_stream()?;
+        let (id, rx) = self.request(|id| HostMsg::Run {
+            id,
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+            timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
+            stdout: out.id(),
+            stderr: err.id(),
+        })?;
+        let grace = Duration::from_secs(15);
+        let (answer, o, e) = std::thread::scope(|s| {
+            let o = s.spawn(|| copy_out(&mut out, stdout));
+            let e = s.spawn(|| copy_out(&mut err, stderr));
+            let answer = match spec.timeout {
+                Some(t) => rx.recv_timeout(t + grace).map_err(|e| match e {
+                    mpsc::RecvTimeoutError::Timeout => true,
+                    mpsc::RecvTimeoutError::Disconnected => false,
+                }),
+                None => rx.recv().map_err(|_| false),
+            };
+            if answer == Err(true) {
+                // The guest is stuck: killing the machine closes the channel, which ends
+                // the output copies.
+                let _ = self.machine().kill();
+            }
+            (answer, o.join(), e.join())
+        });
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let answer = match answer {
+            Ok(a) => a,
+            Err(true) => return Err(VmError::Unresponsive(grace)),
+            Err(false) => return Err(self.gone()),
+        };
+        for r in [o, e] {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(VmError::Guest(format!("output stream: {e}"))),
+                Err(_) => return Err(VmError::Guest("output copy panicked".into())),
+            }
+        }
+        match answer {
+            GuestMsg::Exited { status, .. } => Ok(status),
+            GuestMsg::Failed { error, .. } => Err(VmError::Guest(error)),
+            other => Err(VmError::Unexpected {
+                id,
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Sends a local file to `guest_path` (inside the payload root); returns the bytes sent.
+    pub fn upload(&self, local: &Path, guest_path: &str) -> Result<u64, VmError> {
+        let mut f = std::fs::File::open(local).map_err(|e| VmError::Io {
+            action: "open",
+            path: local.to_owned(),
+            source: e,
+        })?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &f.metadata()
+                .map_err(|e| VmError::Io {
+                    action: "stat",
+                    path: local.to_owned(),
+                    source: e,
+                })?
+                .permissions(),
+        );
+        let mut s = self.mux.open_stream()?;
+        let (id, rx) = self.request(|id| HostMsg::Upload {
+            id,
+            path: guest_path.to_owned(),
+            mode,
+            stream: s.id(),
+        })?;
+        let copied = io::copy(&mut f, &mut s).and_then(|n| {
+            s.shutdown_write().map_err(io::Error::other)?;
+            Ok(n)
+        });
+        drop(s);
+        let answer = rx.recv().map_err(|_| self.gone())?;
+        match (answer, copied) {
+            (GuestMsg::Done { bytes, .. }, Ok(n)) if bytes == n => Ok(n),
+            (GuestMsg::Done { bytes, .. }, Ok(n)) => Err(VmError::Guest(format!(
+                "upload to {guest_path}: sent {n} bytes, the guest wrote {bytes}"
+            ))),
+            (GuestMsg::Failed { error, .. }, _) => {
+                Err(VmError::Guest(format!("upload to {error}")))
+            }
+            (_, Err(e)) => Err(VmError::Guest(format!("upload to {guest_path}: {e}"))),
+            (other, _) => Err(VmError::Unexpected {
+                id,
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Fetches `guest_path` into a local file; returns the bytes received.
+    pub fn download(&self, guest_path: &str, local: &Path) -> Result<u64, VmError> {
+        let mut s = self.mux.open_stream()?;
+        let (id, rx) = self.request(|id| HostMsg::Download {
+            id,
+            path: guest_path.to_owned(),
+            stream: s.id(),
+        })?;
+        let copied = std::fs::File::create(local).and_then(|mut f| {
+            let n = io::copy(&mut s, &mut f)?;
+            f.sync_all()?;
+            Ok(n)
+        });
+        drop(s);
+        let answer = rx.recv().map_err(|_| self.gone())?;
+        match (answer, copied) {
+            (GuestMsg::Done { bytes, .. }, Ok(n)) if bytes == n => Ok(n),
+            (GuestMsg::Failed { error, .. }, _) => {
+                let _ = std::fs::remove_file(local);
+                Err(VmError::Guest(format!("download of {error}")))
+            }
+            (GuestMsg::Done { bytes, .. }, Ok(n)) => Err(VmError::Guest(format!(
+                "download of {guest_path}: guest sent {bytes} bytes, {n} arrived"
+            ))),
+            (_, Err(e)) => Err(VmError::Io {
+                action: "write",
+                path: local.to_owned(),
+                source: e,
+            }),
+            (other, _) => Err(VmError::Unexpected {
+                id,
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Asks the guest to power off and waits up to `grace`; then kills the machine.
+    /// Either way the machine is gone when this returns.
+    pub fn shutdown(mut self, grace: Duration) -> Result<(), VmError> {
+        let _ = self.mux.send_msg(&HostMsg::Poweroff);
+        let machine = self.machine.get_mut().unwrap_or_else(|p| p.into_inner());
+        let stopped = machine.wait_timeout(grace);
+        machine.kill().map_err(|e| VmError::Backend {
+            message: format!("kill the VM: {e}"),
+        })?;
+        match stopped {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
+                tracing::warn!("the guest did not power off within {grace:?}; killed it");
+                Ok(())
+            }
+            Err(e) => Err(VmError::Backend {
+                message: format!("wait for the VM: {e}"),
+            }),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self
+            .machine
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .kill();
+    }
+}
+
+fn copy_out(from: &mut Stream, to: &mut (dyn Write + Send)) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The guest resets the streams of a command that could not start.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return to.flush(),
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
+    }
+}
+
+fn dispatch(mux: Mux, pending: Pending) {
+    loop {
+        match mux.recv_msg::<GuestMsg>(None) {
+            Ok(GuestMsg::Log { message }) => tracing::info!(target: "guest", "{message}"),
+            Ok(msg) => {
+                let id = match &msg {
+                    GuestMsg::Exited { id, .. }
+                    | GuestMsg::Done { id, .. }
+                    | GuestMsg::Failed { id, .. } => *id,
+                    other => {
+                        tracing::warn!("unexpected message from the guest: {other:?}");
+                        continue;
+                    }
+                };
+                let tx = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(tx) = tx {
+                    let _ = tx.send(msg);
+                }
+            }
+            Err(ChannelError::Message(e)) => tracing::warn!("bad message from the guest: {e}"),
+            Err(_) => break,
+        }
+    }
+    // The channel closed: wake every waiter (their senders drop).
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+/// The last lines of the console log, for boot errors.
+pub fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return format!(" (console log {} is empty)", path.display());
+    }
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    format!(
+        " (console log {}, last lines: {})",
+        path.display(),
+        tail.iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    )
+}

@@ -1,0 +1,553 @@
+//! Payloads in a VM, end to end under QEMU (TCG on hosts whose KVM cannot boot Linux).
+//!
+//! Booting takes seconds under TCG, so the boots are few and shared: one CLI job per
+//! behaviour that needs its own VM, and one library session that runs several commands and
+//! transfers. Tests that need QEMU, the guest kernel or busybox skip with a printed reason
+//! when the host genuinely lacks them; `.ci/run` installs and fetches them.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use agent::vm::{self, initramfs, qemu::QemuOptions, Backend, MachineSpec, RunSpec, Vm};
+use openssl::hash::{hash, MessageDigest};
+
+const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// `<target>/guest`: the static guest agent's own target dir (its RUSTFLAGS differ).
+fn guest_target_dir() -> PathBuf {
+    // <target>/debug/provider → <target>
+    Path::new(PROVIDER)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("guest")
+}
+
+/// Builds the static guest agent once per test binary; `Err` when it cannot be built.
+fn guest_agent() -> Result<PathBuf, String> {
+    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .current_dir(workspace())
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "guest",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
+                .arg("--target-dir")
+                .arg(guest_target_dir())
+                .output()
+                .map_err(|e| format!("run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building provider-guest failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let p = guest_target_dir().join("x86_64-unknown-linux-gnu/release/provider-guest");
+            assert!(vm::is_static_elf(&p), "{} must be static", p.display());
+            Ok(p)
+        })
+        .clone()
+}
+
+/// Kernel, QEMU, busybox image and guest agent; `None` (after printing why) if the host
+/// lacks one of the system pieces.
+struct Env {
+    kernel: PathBuf,
+    agent: PathBuf,
+    image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn env() -> Option<Env> {
+    let kernel = match vm::find_kernel(None) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+    };
+    if vm::host::detect_qemu(&vm::host::qemu_binary()).is_none() {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("busybox.tar");
+    let out = Command::new(workspace().join("scripts/make-test-image.sh"))
+        .arg(&image)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: no test image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let agent = guest_agent().unwrap();
+    Some(Env {
+        kernel,
+        agent,
+        image,
+        _dir: dir,
+    })
+}
+
+fn sha3_256(bytes: &[u8]) -> String {
+    hash(MessageDigest::sha3_256(), bytes)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn provider(data: &Path, agent: &Path, args: &[&str]) -> Output {
+    Command::new(PROVIDER)
+        .env("PROVIDER_DATA_DIR", data)
+        .env("PROVIDER_GUEST", agent)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A one-file HTTP server on 127.0.0.1: `/image.tar` is the body, anything else 404.
+/// Counts the requests for the image.
+fn serve(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&req)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            if line.starts_with("GET /image.tar ") {
+                h.fetch_add(1, Ordering::SeqCst);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(&body);
+            } else {
+                let _ = c.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        }
+    });
+    (format!("http://{addr}"), hits)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Two jobs from one URL: `echo hello` (exit 0); then stderr, an exit code, `lo` as the
+/// only interface and the memory limit, with the image served from the store (one fetch).
+#[test]
+fn vm_run_streams_output_and_passes_exit_codes() {
+    let Some(env) = env() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&env.image).unwrap();
+    let hash = format!("sha3:{}", sha3_256(&bytes));
+    let (base, hits) = serve(bytes);
+    let url = format!("{base}/image.tar");
+
+    let o = provider(
+        data.path(),
+        &env.agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            &url,
+            "--hash",
+            &hash,
+            "--",
+            "/bin/echo",
+            "hello",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello\n",
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    let o = provider(
+        data.path(),
+        &env.agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            &url,
+            "--hash",
+            &hash,
+            "--mem",
+            "256M",
+            "--",
+            "/bin/sh",
+            "-c",
+            "ls /sys/class/net; grep MemTotal /proc/meminfo; echo err >&2; exit 7",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "err\n");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("lo"), "only lo may exist: {out}");
+    let mem = lines.next().unwrap_or_default();
+    assert!(mem.starts_with("MemTotal:"), "{out}");
+    let kib: u64 = mem
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        kib > 64 * 1024 && kib <= 256 * 1024,
+        "MemTotal {kib} kB with --mem 256M"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the second job must not download"
+    );
+}
+
+fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn vm_run_kills_a_command_at_its_timeout_and_the_vm_is_gone() {
+    let Some(env) = env() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let o = provider(
+        data.path(),
+        &env.agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            env.image.to_str().unwrap(),
+            "--timeout",
+            "3s",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo started; sleep 600",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "started\n");
+    assert!(stderr(&o).contains("timed out after 3s"), "{}", stderr(&o));
+    let left = qemu_processes_mentioning(data.path());
+    assert!(left.is_empty(), "QEMU still running: {left:?}");
+}
+
+/// Refusals that happen before any VM starts.
+#[test]
+fn bad_images_are_refused_before_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = dir.path().join("no-agent-needed");
+    let tarball = dir.path().join("t.tar");
+    std::fs::write(&tarball, b"not really a tar, but hashed first").unwrap();
+    let wrong = format!("sha3:{}", "ab".repeat(32));
+    let o = provider(
+        &data,
+        &agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            tarball.to_str().unwrap(),
+            "--hash",
+            &wrong,
+            "--",
+            "/bin/true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("hash mismatch"), "{}", stderr(&o));
+    assert!(
+        !data.join("jobs").exists(),
+        "no job may start on a wrong hash"
+    );
+
+    let (base, _) = serve(Vec::new());
+    let o = provider(
+        &data,
+        &agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            &format!("{base}/missing.tar"),
+            "--",
+            "/bin/true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("404"), "{}", stderr(&o));
+
+    // A port nobody listens on (bound, then released).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/image.tar");
+    let o = provider(
+        &data,
+        &agent,
+        &["vm", "run", "--image", &url, "--", "/bin/true"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&url) && e.to_lowercase().contains("refused"),
+        "{e}"
+    );
+}
+
+/// A hostile tarball through the CLI: refused with the entry named, no VM started.
+#[test]
+fn unsafe_tarball_is_refused_naming_the_entry() {
+    let Ok(agent) = guest_agent() else {
+        eprintln!("SKIP: the guest agent cannot be built here");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Never booted: the initramfs is refused first.
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"unused").unwrap();
+    for (entries, named) in [
+        (vec![("../x", false)], "../x"),
+        (vec![("/etc/x", false)], "/etc/x"),
+        (vec![("root", true), ("root/etc/x", false)], "root/etc/x"),
+    ] {
+        let path = dir.path().join("evil.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, is_link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_mode(0o755);
+            if is_link {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_link_name("/").unwrap();
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, &[][..]).unwrap();
+            } else {
+                h.set_size(1);
+                h.set_cksum();
+                b.append(&h, &b"x"[..]).unwrap();
+            }
+        }
+        b.finish().unwrap();
+        drop(b);
+        let o = provider(
+            &data,
+            &agent,
+            &[
+                "vm",
+                "run",
+                "--image",
+                path.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--",
+                "/bin/true",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("`{named}` refused")),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
+struct Counter {
+    n: u64,
+    bad: u64,
+}
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.n += buf.len() as u64;
+        self.bad += buf.iter().filter(|b| **b != 0).count() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One VM, several requests: 50 MiB of stdout through the flow-controlled channel, 10 MiB
+/// each way by transfer (compared by hash), the proxy listener refused cleanly without an
+/// egress proxy, a command that cannot start, and a deadline inside the session.
+#[test]
+fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
+    let Some(env) = env() else { return };
+    let job = tempfile::tempdir().unwrap();
+    let initrd = job.path().join("initramfs.cpio");
+    initramfs::build(&initrd, &env.agent, &env.image).unwrap();
+    let info = vm::HostInfo::detect();
+    let choice = info.auto.clone().expect("a backend");
+    let backend = Backend::Qemu(QemuOptions {
+        binary: info.qemu.as_ref().unwrap().path.clone(),
+        accel: choice.accel,
+        sandbox: info.qemu.as_ref().unwrap().sandbox,
+    });
+    let spec = MachineSpec {
+        kernel: env.kernel.clone(),
+        initramfs: initrd,
+        cmdline: vm::CMDLINE.into(),
+        mem_mib: 512,
+        cpus: 1,
+        job_dir: job.path().to_owned(),
+        console_log: job.path().join("console.log"),
+    };
+    let machine = backend.launch(&spec).unwrap();
+    let guest = Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap();
+
+    // 50 MiB of zeros, in large writes (busybox `yes` writes two bytes per syscall, which
+    // under TCG measures the guest CPU rather than the channel).
+    let mut out = Counter { n: 0, bad: 0 };
+    let mut err = Vec::new();
+    let status = guest
+        .run(
+            &RunSpec::new(["/bin/head", "-c", "52428800", "/dev/zero"]),
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
+    assert_eq!(status.code, Some(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!((out.n, out.bad), (50 * 1024 * 1024, 0));
+
+    // 10 MiB of incompressible bytes up, hashed in the guest, and back down.
+    let up = job.path().join("up.bin");
+    let mut data = vec![0u8; 10 * 1024 * 1024];
+    openssl::rand::rand_bytes(&mut data).unwrap();
+    std::fs::write(&up, &data).unwrap();
+    assert_eq!(
+        guest.upload(&up, "/tmp/in/up.bin").unwrap(),
+        data.len() as u64
+    );
+    let mut sum = Vec::new();
+    let st = guest
+        .run(
+            &RunSpec::new(["/bin/sha256sum", "/tmp/in/up.bin"]),
+            &mut sum,
+            &mut Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(st.code, Some(0));
+    let local_sum: String = hash(MessageDigest::sha256(), &data)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&sum).starts_with(&local_sum),
+        "guest saw other bytes"
+    );
+    let down = job.path().join("down.bin");
+    assert_eq!(
+        guest.download("/tmp/in/up.bin", &down).unwrap(),
+        data.len() as u64
+    );
+    assert!(std::fs::read(&down).unwrap() == data, "download differs");
+    let err = guest
+        .download("/tmp/none", &job.path().join("x"))
+        .unwrap_err();
+    assert!(err.to_string().contains("/tmp/none"), "{err}");
+
+    // The proxy listener exists; with no egress proxy attached the host refuses.
+    let mut out = Vec::new();
+    let st = guest
+        .run(
+            &RunSpec::new([
+                "/bin/sh",
+                "-c",
+                "wget -q -O - http://example.com/ 2>&1; echo rc=$?",
+            ]),
+            &mut out,
+            &mut Vec::new(),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(st.code, Some(0));
+    assert!(text.contains("502") && text.contains("rc=1"), "{text}");
+
+    let e = guest
+        .run(
+            &RunSpec::new(["/no/such/program"]),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("/no/such/program"), "{e}");
+
+    let mut spec = RunSpec::new(["/bin/sleep", "600"]);
+    spec.timeout = Some(Duration::from_secs(2));
+    let st = guest.run(&spec, &mut Vec::new(), &mut Vec::new()).unwrap();
+    assert!(st.timed_out && st.signal == Some(9), "{st:?}");
+
+    let pid = guest.pid().unwrap();
+    guest.shutdown(Duration::from_secs(20)).unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still exists"
+    );
+}
