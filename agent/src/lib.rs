@@ -1,6 +1,12 @@
 //! The provider agent: the operator CLI and the data dir it manages; later the daemon,
 //! network, VM runtime and egress proxy.
+//!
+//! `unsafe` is denied crate-wide and allowed only in the VMM (`vm::kvm`) and the
+//! confinement glue (`confine`), where each block carries a `// SAFETY:` note.
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod confine;
 pub mod egress;
 pub mod store;
+pub mod vm;

@@ -1,0 +1,3 @@
+//! The microVM runtime.
+
+pub mod kvm;
