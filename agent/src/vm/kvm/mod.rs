@@ -403,29 +403,9 @@ impl Vm {
             op: "KVM_CREATE_VM",
             source,
         })?;
-        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(|source| Error::Kvm {
-                op: "KVM_SET_TSS_ADDR",
-                source,
-            })?;
-        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
-            .map_err(|source| Error::Kvm {
-                op: "KVM_SET_IDENTITY_MAP_ADDR",
-                source,
-            })?;
-        vm.create_irq_chip().map_err(|source| Error::Kvm {
-            op: "KVM_CREATE_IRQCHIP",
-            source,
-        })?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(|source| Error::Kvm {
-            op: "KVM_CREATE_PIT2",
-            source,
-        })?;
-
+        // Memory slots go in before the irqchip: measured under PVM, registering them
+        // afterwards costs ~7 ms of RCU grace period per VM at creation instead of at
+        // teardown, which is on the path to the guest's first instruction.
         let ranges: Vec<(GuestAddress, usize)> = layout::memory_ranges(config.mem_bytes)
             .into_iter()
             .map(|(a, s)| (GuestAddress(a), s as usize))
@@ -450,6 +430,29 @@ impl Vm {
                 source,
             })?;
         }
+
+        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(|source| Error::Kvm {
+                op: "KVM_SET_TSS_ADDR",
+                source,
+            })?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(|source| Error::Kvm {
+                op: "KVM_SET_IDENTITY_MAP_ADDR",
+                source,
+            })?;
+        vm.create_irq_chip().map_err(|source| Error::Kvm {
+            op: "KVM_CREATE_IRQCHIP",
+            source,
+        })?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(|source| Error::Kvm {
+            op: "KVM_CREATE_PIT2",
+            source,
+        })?;
 
         let entry = match &config.kernel {
             KernelImage::BzImage(path) => boot::load_linux(
