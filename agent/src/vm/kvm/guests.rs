@@ -248,10 +248,11 @@ pub fn i8042_reset() -> Vec<u8> {
     a.finish()
 }
 
-/// Writes to every byte from 64 KiB to 640 KiB (so that memory is really allocated
-/// on the host), then says `done\n` on COM2 and resets through the i8042 (the quickest
+/// Writes to every byte of `segments` 64 KiB segments from 64 KiB up (so that memory is
+/// really allocated on the host; at most 9, up to 640 KiB), then says `done\n` on COM2 and resets through the i8042 (the quickest
 /// shutdown). Used to show that teardown gives guest memory back.
-pub fn touch_memory() -> Vec<u8> {
+pub fn touch_memory(segments: u8) -> Vec<u8> {
+    let end = 0x1000 * (1 + u16::from(segments.clamp(1, 9)));
     let mut a = Asm::default();
     a.emit(&[0xb8, 0x00, 0x10]) // mov ax, 0x1000
         .label("seg")
@@ -260,7 +261,8 @@ pub fn touch_memory() -> Vec<u8> {
         .emit(&[0xb9, 0x00, 0x80]) // mov cx, 0x8000 (words)
         .emit(&[0xf3, 0xab]) // rep stosw
         .emit(&[0x05, 0x00, 0x10]) // add ax, 0x1000
-        .emit(&[0x3d, 0x00, 0xa0]) // cmp ax, 0xa000
+        .emit(&[0x3d])
+        .emit(&end.to_le_bytes()) // cmp ax, end
         .jb("seg");
     a.print(COM2, "done")
         .mov_al(0xfe)
