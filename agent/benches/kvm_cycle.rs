@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent::confine::OnViolation;
 use agent::vm::kvm::{guests, KernelImage, Vm, VmConfig, VmExit};
 
 const RUNS: usize = 200;
@@ -37,6 +38,7 @@ fn cycle(console: &std::path::Path) -> Sample {
         cmdline: String::new(),
         console_log: console.to_owned(),
         time_limit: Duration::from_secs(10),
+        seccomp: Some(OnViolation::KillProcess),
     };
     let t0 = Instant::now();
     let vm = Vm::start(config, guest).expect("VM start");

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use agent::confine::OnViolation;
 use agent::vm::kvm::{
     guests, host_is_pvm, Error, KernelImage, ShutdownCause, Vm, VmConfig, VmExit,
 };
@@ -23,6 +24,7 @@ fn config(dir: &tempfile::TempDir, program: Vec<u8>, limit: Duration) -> VmConfi
         cmdline: String::new(),
         console_log: dir.path().join("console.log"),
         time_limit: limit,
+        seccomp: Some(OnViolation::KillProcess),
     }
 }
 
@@ -55,7 +57,10 @@ fn guest_line_reaches_the_host_and_console_reaches_the_log() {
         VmExit::Shutdown(ShutdownCause::HaltedInterruptsOff)
     );
     let log = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
-    assert!(log.starts_with("console says hi\n"), "{log:?}");
+    assert!(
+        log.starts_with("[provider: seccomp filters on the vCPU and VMM threads (a forbidden syscall kills the process)]\nconsole says hi\n"),
+        "{log:?}"
+    );
     assert!(
         log.contains("[provider: VM stopped: guest shut down (HaltedInterruptsOff)]"),
         "{log:?}"

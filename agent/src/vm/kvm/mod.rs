@@ -43,6 +43,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::confine::{self, OnViolation};
 use devices::{ChannelWriter, ConsoleLog, PortBus};
 use vcpu::Shared;
 
@@ -97,6 +98,9 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// Wall-clock limit from the vCPUs' start; the VM is stopped when it passes.
     pub time_limit: Duration,
+    /// Per-thread seccomp filters for the vCPU and VMM threads ([`crate::confine`]), and
+    /// what a forbidden syscall does; `None` runs them unfiltered.
+    pub seccomp: Option<OnViolation>,
 }
 
 /// Why the guest stopped by itself.
@@ -269,6 +273,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The seccomp filters could not be built or installed.
+    #[error("seccomp: {0}")]
+    Confine(#[from] confine::ConfineError),
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -385,6 +392,13 @@ struct Machine {
     channel: Arc<OwnedFd>,
     drained: Arc<EventFd>,
     time_limit: Duration,
+    filters: Option<Arc<Filters>>,
+}
+
+/// The compiled seccomp programs for a VM's threads.
+struct Filters {
+    vcpu: seccompiler::BpfProgram,
+    vmm: seccompiler::BpfProgram,
 }
 
 impl Vm {
@@ -476,7 +490,14 @@ impl Vm {
             KernelImage::RealMode(program) => boot::load_real_mode(&mem, program)?,
         };
 
-        let console = OpenOptions::new()
+        let filters = match config.seccomp {
+            Some(on) => Some(Arc::new(Filters {
+                vcpu: confine::vcpu_filter(on)?,
+                vmm: confine::vmm_filter(on)?,
+            })),
+            None => None,
+        };
+        let mut console = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&config.console_log)
@@ -484,6 +505,16 @@ impl Vm {
                 path: config.console_log.clone(),
                 source,
             })?;
+        // The job log states what confined this VMM's threads.
+        let note = match config.seccomp {
+            Some(OnViolation::KillProcess) => "seccomp filters on the vCPU and VMM threads (a forbidden syscall kills the process)",
+            Some(OnViolation::Errno) => "seccomp filters on the vCPU and VMM threads (a forbidden syscall fails with EPERM)",
+            None => "no seccomp filters on the VMM threads",
+        };
+        writeln!(console, "[provider: {note}]").map_err(|source| Error::ConsoleLog {
+            path: config.console_log.clone(),
+            source,
+        })?;
         let eventfd =
             || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd);
         let (com1_irq, com2_irq) = (eventfd()?, eventfd()?);
@@ -542,6 +573,7 @@ impl Vm {
             channel,
             drained,
             time_limit: config.time_limit,
+            filters,
         };
         let (started_tx, started_rx) = mpsc::sync_channel(1);
         let vmm = std::thread::Builder::new()
@@ -654,13 +686,17 @@ fn vmm_main(mut machine: Machine, started: mpsc::SyncSender<Result<(), Error>>) 
         machine.drained.clone(),
     );
     let time_limit = machine.time_limit;
+    let filters = machine.filters.clone();
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
     for (index, fd) in vcpus.into_iter().enumerate() {
         let shared_vcpu = shared.clone();
+        let filters = filters.clone();
         match std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu::run(fd, index, shared_vcpu))
-        {
+            .spawn(move || {
+                let filter = filters.as_ref().map(|f| &f.vcpu);
+                vcpu::run(fd, index, shared_vcpu, filter)
+            }) {
             Ok(t) => threads.push(t),
             Err(source) => {
                 stop_vcpus(&shared, &channel, threads);
@@ -670,6 +706,14 @@ fn vmm_main(mut machine: Machine, started: mpsc::SyncSender<Result<(), Error>>) 
                 }));
                 return VmExit::Failed("could not start every vCPU".into());
             }
+        }
+    }
+    // From here on this thread only polls, reads, kicks and tears down.
+    if let Some(f) = &filters {
+        if let Err(e) = confine::apply_to_this_thread(&f.vmm) {
+            stop_vcpus(&shared, &channel, threads);
+            let _ = started.send(Err(e.into()));
+            return VmExit::Failed("could not confine the VMM thread".into());
         }
     }
     let _ = started.send(Ok(()));
@@ -838,6 +882,7 @@ mod tests {
             cmdline: String::new(),
             console_log: "/dev/null".into(),
             time_limit: Duration::from_secs(1),
+            seccomp: None,
         };
         assert!(validate(&ok).is_ok());
         for bad in [

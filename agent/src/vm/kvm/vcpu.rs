@@ -13,6 +13,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::devices::{PortAction, PortBus};
@@ -83,7 +84,13 @@ impl Shared {
 }
 
 /// The vCPU loop. Returns when the VM stops; the `VcpuFd` is dropped with it.
-pub fn run(mut vcpu: VcpuFd, index: usize, shared: Arc<Shared>) {
+pub fn run(mut vcpu: VcpuFd, index: usize, shared: Arc<Shared>, filter: Option<&BpfProgram>) {
+    if let Some(filter) = filter {
+        if let Err(e) = crate::confine::apply_to_this_thread(filter) {
+            shared.finish(VmExit::Failed(format!("vCPU {index}: {e}")));
+            return;
+        }
+    }
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
