@@ -1,7 +1,13 @@
 //! The provider agent: the operator CLI and the data dir it manages; later the daemon,
 //! network, VM runtime and egress proxy.
+//!
+//! `unsafe` is denied crate-wide and allowed only in the VMM (`vm::kvm`), the
+//! confinement glue (`confine`) and the QEMU child's `pre_exec` hook, where each block
+//! carries a `// SAFETY:` note.
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod confine;
 pub mod egress;
 pub mod market;
 pub mod store;

@@ -11,6 +11,7 @@
 pub mod host;
 pub mod image;
 pub mod initramfs;
+pub mod kvm;
 pub mod qemu;
 
 use std::collections::HashMap;

@@ -123,6 +123,7 @@ impl QemuMachine {
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and only calls prctl and
         // getppid, which are async-signal-safe; it touches no memory shared with the parent.
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
