@@ -17,7 +17,7 @@ use agent::vm::initramfs::{self, Header, NewcWriter};
 use agent::vm::qemu::QemuOptions;
 use agent::vm::{self, Backend, MachineSpec, RunSpec, Vm};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const THROUGHPUT_BYTES: u64 = 2 * 1024 * 1024;
 
 fn workspace() -> PathBuf {

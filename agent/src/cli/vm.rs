@@ -84,33 +84,27 @@ pub fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<Outcome> {
 }
 
 fn parse_mem(s: &str) -> Result<u32, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let unit = &s[i..];
-            let n = s[..i].trim_end_matches(['i', 'I']);
-            let (n, unit) = if unit.eq_ignore_ascii_case("b") && i > 0 {
-                let u = &s[i - 1..i];
-                (&s[..i - 1], u)
-            } else {
-                (n, unit)
-            };
-            let mul: f64 = match unit.to_ascii_uppercase().as_str() {
-                "K" => 1.0 / 1024.0,
-                "M" => 1.0,
-                "G" => 1024.0,
-                _ => return Err(format!("`{s}`: unknown unit (K, M, G)")),
-            };
-            (n.to_owned(), mul)
-        }
-        _ => (s.to_owned(), 1.0),
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    // `512M`, `512MB`, `512MiB`, `1G`, `300` (MiB).
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (num, mul) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 1.0 / 1024.0),
+        Some('m') => (&body[..body.len() - 1], 1.0),
+        Some('g') => (&body[..body.len() - 1], 1024.0),
+        Some(c) if c.is_ascii_digit() && body.len() == lower.len() => (body, 1.0),
+        _ => return Err(format!("`{t}`: unknown unit (K, M, G)")),
     };
     let n: f64 = num
+        .trim()
         .parse()
-        .map_err(|_| format!("`{s}` is not a size like 512M"))?;
+        .map_err(|_| format!("`{t}` is not a size like 512M"))?;
     let mib = (n * mul).round();
     if !(16.0..=1_048_576.0).contains(&mib) {
-        return Err(format!("`{s}`: memory must be between 16M and 1024G"));
+        return Err(format!("`{t}`: memory must be between 16M and 1024G"));
     }
     Ok(mib as u32)
 }
