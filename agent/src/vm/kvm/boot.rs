@@ -601,7 +601,7 @@ mod tests {
             m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ p.hdr.version }, { hdr.version });
         assert_eq!({ p.hdr.init_size }, { hdr.init_size });
-        let rd = u64::from({ p.hdr.ramdisk_image });
+        let rd = u64::from(p.hdr.ramdisk_image);
         assert!(rd >= layout::HIMEM_START + u64::from(hdr.init_size));
         assert!(rd + 4096 <= u64::from(hdr.initrd_addr_max) + 1);
         // The protected-mode code starts where the file's setup sectors end.
