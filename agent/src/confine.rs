@@ -290,8 +290,9 @@ pub fn confine_command(
             }
             let taken = ruleset.lock().ok().and_then(|mut r| r.take());
             if let Some(r) = taken {
+                // No allocation after fork: report the syscall's errno as it is.
                 r.restrict_self()
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    .map_err(|_| std::io::Error::last_os_error())?;
             }
             Ok(())
         });

@@ -570,6 +570,57 @@ mod tests {
         assert!(err.to_string().contains("HdrS"), "{err}");
     }
 
+    /// With `PROVIDER_TEST_KERNEL` naming a real bzImage (e.g. Debian's
+    /// `vmlinuz-*-cloud-amd64`), load it as a VM start would and check what the kernel will
+    /// find. Without it there is no real kernel on a CI machine, and the test says so.
+    #[test]
+    fn real_bzimage_loads_when_provided() {
+        let Some(path) = std::env::var_os("PROVIDER_TEST_KERNEL") else {
+            eprintln!("SKIP: set PROVIDER_TEST_KERNEL to a bzImage to load a real kernel");
+            return;
+        };
+        let path = std::path::PathBuf::from(path);
+        let mut f = File::open(&path).unwrap();
+        let hdr = read_setup_header(&path, &mut f).unwrap();
+        let mem_bytes = 256 << 20;
+        let m = mem(mem_bytes);
+        let mut initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.write_all(&[0x07; 4096]).unwrap();
+        let entry = load_linux(
+            &m,
+            mem_bytes,
+            2,
+            &path,
+            false,
+            Some(initrd.path()),
+            crate::vm::kvm::DEFAULT_CMDLINE,
+        )
+        .unwrap();
+        assert_eq!(entry, Entry::Linux64(layout::HIMEM_START + 0x200));
+        let p: linux_loader::loader::bootparam::boot_params =
+            m.read_obj(GuestAddress(layout::ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ p.hdr.version }, { hdr.version });
+        assert_eq!({ p.hdr.init_size }, { hdr.init_size });
+        let rd = u64::from(p.hdr.ramdisk_image);
+        assert!(rd >= layout::HIMEM_START + u64::from(hdr.init_size));
+        assert!(rd + 4096 <= u64::from(hdr.initrd_addr_max) + 1);
+        // The protected-mode code starts where the file's setup sectors end.
+        let setup = (usize::from(hdr.setup_sects) + 1) * 512;
+        let file = std::fs::read(&path).unwrap();
+        let mut first = [0u8; 64];
+        m.read_slice(&mut first, GuestAddress(layout::HIMEM_START))
+            .unwrap();
+        assert_eq!(&first[..], &file[setup..setup + 64]);
+        eprintln!(
+            "{}: boot protocol {}.{:02}, init_size {:#x}, setup {} sectors, initrd at {rd:#x}",
+            path.display(),
+            { hdr.version } >> 8,
+            { hdr.version } & 0xff,
+            { hdr.init_size },
+            hdr.setup_sects
+        );
+    }
+
     #[test]
     fn old_or_32bit_only_headers_are_refused() {
         let ok = setup_header {
