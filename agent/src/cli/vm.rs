@@ -29,8 +29,11 @@ pub enum VmCmd {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum VmmArg {
+    /// QEMU (with KVM where it boots Linux, else TCG).
     Auto,
     Qemu,
+    /// The project's own VMM; refused at once where KVM is PVM.
+    Kvm,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +156,17 @@ fn job_dir(ctx: &Ctx) -> anyhow::Result<PathBuf> {
 
 /// The backend for `--vmm`, with the reason when `auto` chose.
 pub fn backend_for(vmm: VmmArg, info: &HostInfo) -> anyhow::Result<(Backend, String)> {
+    if vmm == VmmArg::Kvm {
+        if !info.kvm.accessible {
+            bail!("--vmm kvm: /dev/kvm is missing or not accessible; use --vmm qemu");
+        }
+        // A stock kernel hangs under PVM instead of failing: refuse before any work.
+        crate::vm::kvm::check_bootable(
+            &crate::vm::kvm::KernelImage::BzImage(PathBuf::new()),
+            info.kvm.pvm,
+        )?;
+        return Ok((Backend::Kvm, "--vmm kvm: the project's own VMM".into()));
+    }
     let Some(qemu) = &info.qemu else {
         bail!(
             "no usable QEMU ({} -version failed); install qemu-system-x86 or set PROVIDER_QEMU",
@@ -164,6 +178,7 @@ pub fn backend_for(vmm: VmmArg, info: &HostInfo) -> anyhow::Result<(Backend, Str
     let why = match vmm {
         VmmArg::Auto => format!("--vmm auto: {}", choice.reason),
         VmmArg::Qemu => format!("--vmm qemu: {}", choice.reason),
+        VmmArg::Kvm => unreachable!("handled above"),
     };
     Ok((
         Backend::Qemu(QemuOptions {
@@ -196,6 +211,10 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
         .map(PayloadHash::parse)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--hash: {e}"))?;
+    // The backend is settled first, so a host that cannot run this VM says so at once.
+    let info = HostInfo::detect();
+    let (backend, why) = backend_for(args.vmm, &info)?;
+    tracing::info!("{why}");
     // The image's bytes are verified before anything reads them as a tarball.
     let store = ImageStore::new(&ctx.data);
     let image = store
@@ -205,9 +224,6 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
 
     let kernel = vm::find_kernel(args.kernel.as_deref())?;
     let agent = vm::find_guest_agent(args.guest.as_deref())?;
-    let info = HostInfo::detect();
-    let (backend, why) = backend_for(args.vmm, &info)?;
-    tracing::info!("{why}");
 
     let job = job_dir(ctx)?;
     let initrd = job.join("initramfs.cpio");

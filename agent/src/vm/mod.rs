@@ -12,6 +12,7 @@ pub mod host;
 pub mod image;
 pub mod initramfs;
 pub mod kvm;
+pub mod kvm_backend;
 pub mod qemu;
 
 use std::collections::HashMap;
@@ -103,6 +104,8 @@ pub trait Machine: Send {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Qemu(qemu::QemuOptions),
+    /// The project's own VMM on `/dev/kvm` (see `docs/kvm.md`).
+    Kvm,
 }
 
 impl Backend {
@@ -113,6 +116,7 @@ impl Backend {
                 opts,
                 Duration::from_secs(10),
             )?)),
+            Backend::Kvm => Ok(Box::new(kvm_backend::KvmMachine::launch(spec)?)),
         }
     }
 
@@ -126,6 +130,7 @@ impl Backend {
                     Accel::Tcg => "tcg",
                 }
             ),
+            Backend::Kvm => "kvm (the project's own VMM)".into(),
         }
     }
 }
