@@ -256,16 +256,24 @@ fn proxy_conn(mux: &Mux, tcp: TcpStream) -> io::Result<()> {
     let mut down = up.try_clone().map_err(io::Error::other)?;
     let mut tcp_read = tcp.try_clone()?;
     let mut tcp_write = tcp;
-    // Guest → host: the client's bytes.
+    // Guest → host: the client's bytes. Once the host side is gone the rest is read and
+    // dropped: closing a socket with unread input sends a reset, and the client would lose
+    // the answer (the 502 below) to it.
     let to_host = thread::spawn(move || -> io::Result<()> {
         let mut buf = vec![0u8; 32 * 1024];
+        let mut forwarding = true;
         loop {
             let n = tcp_read.read(&mut buf)?;
             if n == 0 {
-                return up.shutdown_write().map_err(io::Error::other);
-            }
-            if up.write_all(&buf[..n]).is_err() {
+                if forwarding {
+                    let _ = up.shutdown_write();
+                }
                 return Ok(());
+            }
+            if forwarding && up.write_all(&buf[..n]).is_err() {
+                forwarding = false;
+                // Draining is bounded: a client that never closes is dropped after this.
+                tcp_read.set_read_timeout(Some(Duration::from_secs(10)))?;
             }
         }
     });
@@ -287,7 +295,10 @@ fn proxy_conn(mux: &Mux, tcp: TcpStream) -> io::Result<()> {
                     body.len()
                 );
                 let _ = tcp_write.write_all(resp.as_bytes());
-                break;
+                let _ = tcp_write.shutdown(Shutdown::Write);
+                // The socket closes once `to_host` has drained the client's input (it
+                // holds the other handle), so the client reads the answer, not a reset.
+                return Ok(());
             }
             Err(_) => break,
         }
