@@ -120,6 +120,27 @@ impl QemuMachine {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        // Landlock (read the emulator, its libraries, the kernel and the initramfs; write
+        // only the job dir), no_new_privs and rlimits, applied between fork and exec.
+        let policy = crate::confine::FsPolicy::for_qemu_job(
+            &opts.binary,
+            &spec.kernel,
+            Some(&spec.initramfs),
+            &spec.job_dir,
+        );
+        let limits = crate::confine::Rlimits {
+            // Guest RAM plus the emulator's own mappings (TCG's code buffer alone reserves
+            // up to 1 GiB of address space).
+            address_space: (u64::from(spec.mem_mib) << 20) + (8 << 30),
+            open_files: 1024,
+        };
+        let report = crate::confine::confine_command(&mut cmd, &policy, limits).map_err(|e| {
+            VmError::Backend {
+                message: format!("cannot confine QEMU: {e}"),
+            }
+        })?;
+        tracing::info!("qemu confinement: {report}");
+        let _ = std::fs::write(spec.job_dir.join("confinement.txt"), format!("{report}\n"));
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and only calls prctl and
         // getppid, which are async-signal-safe; it touches no memory shared with the parent.
