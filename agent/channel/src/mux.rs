@@ -78,6 +78,8 @@ struct StreamState {
     /// Bytes consumed and not yet credited back.
     unacked: u32,
     recv_eof: bool,
+    /// The peer's `Eof` came before any reset: reads end cleanly after the data.
+    clean_eof: bool,
     /// Set by a reset from either side: reads and writes fail from then on.
     reset: Option<String>,
     /// The peer reset the stream (it will send nothing more on it).
@@ -97,6 +99,7 @@ impl StreamState {
             recv_window: INITIAL_WINDOW,
             unacked: 0,
             recv_eof: false,
+            clean_eof: false,
             reset: None,
             peer_reset: false,
             send_credit: INITIAL_WINDOW,
@@ -406,6 +409,7 @@ impl Inner {
                     }
                     if f.kind == Kind::Eof {
                         s.recv_eof = true;
+                        s.clean_eof = s.reset.is_none();
                     } else {
                         let len = f.payload.len() as u32;
                         if len > s.recv_window {
@@ -587,11 +591,15 @@ impl Read for Stream {
                 };
                 break (n, credit);
             }
-            if s.recv_eof {
+            // A reset wins over an `Eof` that followed it (a dropped handle sends one).
+            if s.clean_eof {
                 return Ok(0);
             }
             if let Some(why) = &s.reset {
                 return Err(io::Error::new(io::ErrorKind::ConnectionReset, why.clone()));
+            }
+            if s.recv_eof {
+                return Ok(0);
             }
             if let Some(why) = closed {
                 return Err(Self::io_err(ChannelError::Closed(why)));

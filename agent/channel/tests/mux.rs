@@ -167,6 +167,9 @@ fn opened_streams_are_accepted_and_resets_carry_the_reason() {
     let n = h.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
     h.reset("no egress proxy for this job").unwrap();
+    // Dropping the reset handle also sends `Eof`: the reader must still see the reset.
+    drop(h);
+    thread::sleep(Duration::from_millis(50));
     let err = s.read(&mut buf).unwrap_err();
     assert!(err.to_string().contains("no egress proxy"), "{err}");
     let err = loop {
