@@ -364,12 +364,17 @@ async fn turn_away(mut stream: TcpStream, proxy: Arc<Proxy>) {
         d.code,
         body.len()
     );
-    let write = async {
+    let answer = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Closing with the client's request still unread would send a reset, which can
+        // destroy the 503 before the client reads it: read until the client closes.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
 }
 
 /// State of one client connection: its proxy and the upstream connection its last plain
