@@ -483,24 +483,30 @@ async fn websocket_upgrade_is_relayed_for_a_ws_url() {
         Limits::default(),
     )
     .await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    let req = format!(
-        "GET http://localhost:{port}/socket HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-    );
-    let echoed = bounded(async {
-        s.write_all(req.as_bytes()).await.unwrap();
-        let head = read_head(&mut s).await;
-        assert_eq!(status_of(&head), 101, "{head}");
-        s.write_all(b"ping through the proxy").await.unwrap();
-        let mut buf = [0u8; 22];
-        s.read_exact(&mut buf).await.unwrap();
-        buf
-    })
-    .await;
-    assert_eq!(&echoed, b"ping through the proxy");
-    drop(s);
-    let r = p.audited(|r| r.decision == "allow").await;
-    assert_eq!((r.bytes_up, r.bytes_down), (22, 22));
+    // Both spellings a client may use for the request target.
+    for scheme in ["http", "ws"] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let req = format!(
+            "GET {scheme}://localhost:{port}/socket HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        );
+        let echoed = bounded(async {
+            s.write_all(req.as_bytes()).await.unwrap();
+            let head = read_head(&mut s).await;
+            assert_eq!(status_of(&head), 101, "{head}");
+            s.write_all(b"ping through the proxy").await.unwrap();
+            let mut buf = [0u8; 22];
+            s.read_exact(&mut buf).await.unwrap();
+            buf
+        })
+        .await;
+        assert_eq!(&echoed, b"ping through the proxy");
+        drop(s);
+        let destination = format!("{scheme}://localhost:{port}/socket");
+        let r = p
+            .audited(|r| r.decision == "allow" && r.destination == destination)
+            .await;
+        assert_eq!((r.bytes_up, r.bytes_down), (22, 22));
+    }
     // A plain GET of the same URL is not what a ws:// URL allows.
     let (status, code, _) = get(p.addr, &format!("http://localhost:{port}/socket")).await;
     assert_eq!(
