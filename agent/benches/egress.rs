@@ -18,7 +18,7 @@
 //! change in background load hits all paths alike; throughput figures are the median over
 //! rounds, latency percentiles are over all requests. Setting a size to 0 skips that
 //! figure; `EGRESS_BENCH_AUDIT=/dev/null` sends the proxy's audit lines nowhere, to see
-//! what writing them costs.
+//! what writing them costs; `EGRESS_BENCH_THREADS` sets the proxy's `--threads` (default 1).
 //!
 //! Run with `cargo bench -p agent --bench egress` (or `scripts/egress-bench.sh`); squid is
 //! skipped with a note when `squid` is not installed.
@@ -236,6 +236,8 @@ fn start_ours(dir: &Path, up: &Upstreams) -> Running {
         ])
         .args(["--allow-cidr", "127.0.0.0/8", "--manifest"])
         .arg(&manifest)
+        .arg("--threads")
+        .arg(env_u64("EGRESS_BENCH_THREADS", 1).to_string())
         .arg("--audit")
         .arg(std::env::var_os("EGRESS_BENCH_AUDIT").map_or(dir.join("audit.jsonl"), Into::into))
         .stdout(Stdio::piped())
