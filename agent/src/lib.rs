@@ -10,5 +10,7 @@ pub mod cli;
 pub mod confine;
 pub mod egress;
 pub mod market;
+pub mod net;
+pub mod receipt;
 pub mod store;
 pub mod vm;
