@@ -107,9 +107,7 @@ pub enum ReceiptError {
     Format(String),
     #[error("the receipt's public key is unreadable: {0}")]
     PublicKey(String),
-    #[error(
-        "the receipt's public key belongs to peer {actual}, but it claims provider {claimed}"
-    )]
+    #[error("the receipt's public key belongs to peer {actual}, but it claims provider {claimed}")]
     WrongProvider { claimed: String, actual: String },
     #[error("the signature does not match the receipt: it was altered or signed by another key")]
     BadSignature,

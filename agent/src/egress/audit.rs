@@ -10,7 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,8 +60,15 @@ pub struct AuditLog {
 
 #[derive(Debug)]
 enum Sink {
-    File { path: PathBuf, file: Mutex<File> },
-    Memory(Mutex<Vec<AuditRecord>>),
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+    },
+    Memory {
+        records: Mutex<Vec<AuditRecord>>,
+        /// Where every line goes as well (the daemon's `audit.jsonl`).
+        parent: Option<Arc<AuditLog>>,
+    },
 }
 
 impl AuditLog {
@@ -90,14 +97,30 @@ impl AuditLog {
     /// Keeps records in memory, for embedding and tests.
     pub fn memory() -> Self {
         Self {
-            sink: Sink::Memory(Mutex::new(Vec::new())),
+            sink: Sink::Memory {
+                records: Mutex::new(Vec::new()),
+                parent: None,
+            },
+        }
+    }
+
+    /// Keeps one job's records in memory (for its receipt) and passes every line on to
+    /// `parent` too.
+    pub fn tee(parent: Arc<AuditLog>) -> Self {
+        Self {
+            sink: Sink::Memory {
+                records: Mutex::new(Vec::new()),
+                parent: Some(parent),
+            },
         }
     }
 
     /// The records kept by [`AuditLog::memory`] (empty for a file log).
     pub fn records(&self) -> Vec<AuditRecord> {
         match &self.sink {
-            Sink::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Sink::Memory { records, .. } => {
+                records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }
             Sink::File { .. } => Vec::new(),
         }
     }
@@ -106,15 +129,45 @@ impl AuditLog {
     /// it must not go unnoticed either: it is logged as an error.
     pub fn write(&self, record: AuditRecord) {
         match &self.sink {
-            Sink::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).push(record),
-            Sink::File { path, file } => {
-                let mut line = serde_json::to_vec(&record).expect("audit record serializes");
-                line.push(b'\n');
-                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = f.write_all(&line) {
-                    tracing::error!(path = %path.display(), error = %e, "cannot write audit line");
+            Sink::Memory { records, parent } => {
+                if let Some(p) = parent {
+                    p.write(record.clone());
+                }
+                records
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(record);
+            }
+            Sink::File { .. } => {
+                let line = serde_json::to_vec(&record).expect("audit record serializes");
+                self.append(line);
+            }
+        }
+    }
+
+    /// Writes any other event (a verdict, a command decision) as one line. Memory logs
+    /// without a parent drop it: they keep egress records only.
+    pub fn write_event(&self, event: &serde_json::Value) {
+        match &self.sink {
+            Sink::Memory { parent, .. } => {
+                if let Some(p) = parent {
+                    p.write_event(event);
                 }
             }
+            Sink::File { .. } => self.append(serde_json::to_vec(event).expect("JSON serializes")),
+        }
+    }
+
+    fn append(&self, mut line: Vec<u8>) {
+        let Sink::File { path, file } = &self.sink else {
+            return;
+        };
+        line.push(b'\n');
+        // One write_all of the whole line on an O_APPEND file: lines from concurrent
+        // writers never interleave.
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(&line) {
+            tracing::error!(path = %path.display(), error = %e, "cannot write audit line");
         }
     }
 }
