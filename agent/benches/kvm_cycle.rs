@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::confine::OnViolation;
+use agent::confine::{FsPolicy, OnViolation};
 use agent::vm::kvm::{guests, KernelImage, Vm, VmConfig, VmExit};
 
 const RUNS: usize = 200;
