@@ -1,9 +1,12 @@
 //! Host-side confinement of a job's VMM: what it may touch if a guest escapes into it.
 //!
 //! - **Landlock** (filesystem): read the kernel, the initramfs and the binary itself;
-//!   read and write the job directory and `/dev/kvm`; nothing else. Best effort over the
-//!   kernel's Landlock ABI, and the [`LandlockReport`] says what was really enforced
-//!   (fully, partially, or not, and why) so each job's log can state it.
+//!   read and write the job directory (and, for the QEMU child, which opens it itself,
+//!   `/dev/kvm`); nothing else. Best effort over the kernel's Landlock ABI, and the
+//!   [`LandlockReport`] says what was really enforced (fully, partially, or not, and why)
+//!   so each job's log can state it. The own VMM applies it per thread: on its VMM
+//!   thread, before that thread starts the vCPU threads (which inherit it), with a
+//!   ruleset built beforehand by [`FsPolicy::prepare`].
 //! - **seccomp** (syscalls, per thread, with `seccompiler`): the vCPU threads may only
 //!   make the syscalls their loop needs, with `ioctl` limited to the three KVM requests it
 //!   uses; the VMM thread gets its own list (no `ioctl` at all).

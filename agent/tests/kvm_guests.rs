@@ -291,6 +291,7 @@ fn confined_vmm_thread_opens_only_the_job_dir_and_its_inputs() {
         );
         let _ = tx.send(got);
     }));
+    let privs_before = thread_privs();
     let (host, guest) = UnixStream::pair().unwrap();
     host.set_read_timeout(Some(IO_BOUND)).unwrap();
     let cfg = VmConfig {
@@ -327,6 +328,18 @@ fn confined_vmm_thread_opens_only_the_job_dir_and_its_inputs() {
     assert!(std::fs::File::open(dir.path().join("outside")).is_ok());
     assert!(std::fs::File::open("/etc/passwd").is_ok());
     assert!(std::fs::File::create(dir.path().join("after")).is_ok());
+    // Nor did no_new_privs or seccomp (both per thread too).
+    assert_eq!(thread_privs(), privs_before);
+}
+
+/// This thread's `NoNewPrivs` and `Seccomp` lines from `/proc`.
+fn thread_privs() -> Vec<String> {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("NoNewPrivs:") || l.starts_with("Seccomp:"))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
