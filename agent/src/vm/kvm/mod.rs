@@ -147,14 +147,16 @@ impl fmt::Display for Confinement {
     /// One line per mechanism, the Landlock line in the QEMU backend's words.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.landlock {
-            Some(report) => writeln!(f, "{report}")?,
+            Some(report) => {
+                writeln!(f, "{report}")?;
+                writeln!(
+                    f,
+                    "landlock applies to: the VMM thread and its {} vCPU thread(s), not the agent's other threads",
+                    self.vcpus
+                )?;
+            }
             None => writeln!(f, "landlock: not enforced (no policy given to this VM)")?,
         }
-        writeln!(
-            f,
-            "landlock applies to: the VMM thread and its {} vCPU thread(s), not the agent's other threads",
-            self.vcpus
-        )?;
         let seccomp = match self.seccomp {
             Some(OnViolation::KillProcess) => {
                 "filter installed (a forbidden syscall kills the process)"
@@ -337,7 +339,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The seccomp filters could not be built or installed.
+    /// The Landlock ruleset or the seccomp filters could not be built or applied.
     #[error("confining the VM's threads: {0}")]
     Confine(#[from] confine::ConfineError),
     /// The vCPU kick signal handler could not be installed.
@@ -998,6 +1000,39 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(cpuid_signature(&[e]).as_deref(), Some("KVMKVMKVM"));
+    }
+
+    #[test]
+    fn confinement_says_what_each_mechanism_enforces() {
+        let none = Confinement {
+            landlock: None,
+            seccomp: None,
+            vcpus: 1,
+        };
+        assert_eq!(
+            none.to_string(),
+            "landlock: not enforced (no policy given to this VM)\n\
+             seccomp (vCPU threads): no filter installed\n\
+             seccomp (VMM thread): no filter installed"
+        );
+        let job = Confinement {
+            landlock: Some(LandlockReport {
+                enforcement: confine::Enforcement::Partially,
+                kernel_abi: 3,
+                no_new_privs: true,
+                reason: Some("kernel ABI 3 lacks rights of ABI 5".into()),
+            }),
+            seccomp: Some(OnViolation::KillProcess),
+            vcpus: 2,
+        };
+        assert_eq!(
+            job.to_string(),
+            "landlock: partially enforced (kernel ABI 3; kernel ABI 3 lacks rights of ABI 5), \
+             no_new_privs: yes\n\
+             landlock applies to: the VMM thread and its 2 vCPU thread(s), not the agent's other threads\n\
+             seccomp (vCPU threads): filter installed (a forbidden syscall kills the process)\n\
+             seccomp (VMM thread): filter installed (a forbidden syscall kills the process)"
+        );
     }
 
     #[test]
