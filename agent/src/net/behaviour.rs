@@ -2,11 +2,12 @@
 //! behaviour per protocol, over TCP + noise + yamux.
 
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, json, ProtocolSupport};
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, mdns, noise, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
+use super::codec::JsonCodec;
 use super::wire::{
     ActivityRequest, ActivityResponse, MarketRequest, MarketResponse, ACTIVITY_PROTOCOL,
     MARKET_PROTOCOL, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
@@ -17,8 +18,10 @@ use super::{NetConfig, NetError};
 /// served, it is informational.
 const IDENTIFY_PROTOCOL: &str = "/provider/id/1";
 
-pub(crate) type MarketBehaviour = json::Behaviour<MarketRequest, MarketResponse>;
-pub(crate) type ActivityBehaviour = json::Behaviour<ActivityRequest, ActivityResponse>;
+pub(crate) type MarketBehaviour =
+    request_response::Behaviour<JsonCodec<MarketRequest, MarketResponse>>;
+pub(crate) type ActivityBehaviour =
+    request_response::Behaviour<JsonCodec<ActivityRequest, ActivityResponse>>;
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -31,10 +34,8 @@ pub(crate) struct Behaviour {
 /// The JSON codec with the wire limits: a peer reads at most `MAX_REQUEST_BYTES` of a
 /// request and `MAX_RESPONSE_BYTES` of a response, so a hostile peer cannot make it
 /// buffer without bound.
-fn codec<Req, Resp>() -> json::codec::Codec<Req, Resp> {
-    json::codec::Codec::default()
-        .set_request_size_maximum(MAX_REQUEST_BYTES)
-        .set_response_size_maximum(MAX_RESPONSE_BYTES)
+fn codec<Req, Resp>() -> JsonCodec<Req, Resp> {
+    JsonCodec::new(MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES)
 }
 
 pub(crate) fn build_swarm(
@@ -56,12 +57,12 @@ pub(crate) fn build_swarm(
                 .with_agent_version(format!("provider/{}", env!("CARGO_PKG_VERSION"))),
         ),
         mdns: Toggle::from(mdns),
-        market: json::Behaviour::with_codec(
+        market: request_response::Behaviour::with_codec(
             codec(),
             [(StreamProtocol::new(MARKET_PROTOCOL), ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(config.market_timeout),
         ),
-        activity: json::Behaviour::with_codec(
+        activity: request_response::Behaviour::with_codec(
             codec(),
             [(
                 StreamProtocol::new(ACTIVITY_PROTOCOL),

@@ -11,6 +11,7 @@
 
 mod behaviour;
 mod client;
+mod codec;
 mod event_loop;
 mod identity;
 mod inbound;
