@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agent::net::wire::{
     ActivityRequest, ActivityResponse, MarketRequest, MarketResponse, Offer, ACTIVITY_PROTOCOL,
-    MARKET_PROTOCOL, MAX_REQUEST_BYTES,
+    MARKET_PROTOCOL, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
 };
 use agent::net::{
     self, load_or_create_identity, Client, Inbound, InboundRequest, Keypair, NetConfig, NetError,
@@ -270,7 +270,7 @@ async fn a_full_inbound_queue_answers_busy() {
         async move { client.market(peer, MarketRequest::GetOffer).await }
     });
     within("first request queued", async {
-        while inbound.len() < 1 {
+        while inbound.is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -330,6 +330,112 @@ async fn an_oversized_request_is_refused_before_sending() {
         .await
         .unwrap_err();
     assert!(matches!(err, NetError::RequestTooLarge { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn the_loop_ends_when_no_client_and_no_receiver_are_left() {
+    let (client, inbound, event_loop) =
+        net::new(Keypair::generate_ed25519(), loopback_config()).unwrap();
+    let running = tokio::spawn(event_loop.run());
+    let other = client.clone();
+    drop(client);
+    drop(inbound);
+    // One client left: the loop still runs and answers it.
+    assert!(other.listen_addrs().await.unwrap().is_empty());
+    drop(other);
+    within("event loop end", running).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_serving_loop_outlives_its_clients() {
+    let (server, inbound, server_addr) = start(loopback_config()).await;
+    let server_id = server.local_peer_id();
+    serve(server_id, inbound);
+    drop(server);
+    let (client, _inbound, _) = start(loopback_config()).await;
+    client.dial(server_addr).await.unwrap();
+    assert!(matches!(
+        get_offer(&client, server_id).await,
+        MarketResponse::Offer { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_response_too_large_for_the_requestor_becomes_an_error() {
+    let (_server, mut inbound, server_addr) = start(loopback_config()).await;
+    let (client, _inbound, _) = start(loopback_config()).await;
+    let peer = client.dial(server_addr).await.unwrap();
+    let answered = tokio::spawn(async move {
+        let request = inbound.recv().await.unwrap();
+        let now = chrono::Utc::now();
+        let huge = agent::net::wire::CommandResult {
+            index: 0,
+            command: "run".into(),
+            outcome: agent::net::wire::Outcome::Ok,
+            exit_code: Some(0),
+            stdout: "x".repeat(MAX_RESPONSE_BYTES as usize),
+            stderr: String::new(),
+            truncated: false,
+            reason: None,
+            started_at: now,
+            ended_at: now,
+        };
+        request.responder.respond(ActivityResponse::Results {
+            results: vec![huge],
+            done: true,
+        })
+    });
+    let response = within(
+        "huge response",
+        client.activity(
+            peer,
+            ActivityRequest::GetResults {
+                activity_id: "a".into(),
+                batch_id: "b".into(),
+                from: 0,
+                wait_ms: 0,
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&response, ActivityResponse::Error { reason } if reason.code == net::REASON_RESPONSE_TOO_LARGE),
+        "{response:?}"
+    );
+    let err = answered.await.unwrap().unwrap_err();
+    assert!(matches!(err, NetError::ResponseTooLarge { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn an_unanswered_request_times_out_instead_of_hanging() {
+    // The server would wait longer than the requestor: the requestor's own timeout ends it.
+    let (_server, mut inbound, server_addr) = start(loopback_config()).await;
+    let (client, _inbound, _) = start(NetConfig {
+        market_timeout: Duration::from_secs(1),
+        ..loopback_config()
+    })
+    .await;
+    let peer = client.dial(server_addr).await.unwrap();
+    // The application takes the request and sits on the responder.
+    let held = tokio::spawn(async move { inbound.recv().await });
+    let err = within(
+        "held responder",
+        client.market(peer, MarketRequest::GetOffer),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetError::Request {
+                failure: OutboundFailure::Timeout,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(held);
 }
 
 // --- raw bytes on the wire -------------------------------------------------------------

@@ -126,3 +126,32 @@ where
         write_json(io, serde_json::to_vec(&response).map_err(Into::into)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_limit_is_inclusive_and_oversize_is_named() {
+        let exact = br#"{"a":"12"}"#; // 10 bytes
+        let mut io = futures::io::Cursor::new(exact.to_vec());
+        let v: serde_json::Value = read_json("request", 10, &mut io).await.unwrap();
+        assert_eq!(v["a"], "12");
+
+        let mut io = futures::io::Cursor::new(br#"{"a":"123"}"#.to_vec());
+        let err = read_json::<_, serde_json::Value>("request", 10, &mut io)
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "request exceeds 10 bytes");
+
+        let mut io = futures::io::Cursor::new(b"{".to_vec());
+        let err = read_json::<_, serde_json::Value>("response", 10, &mut io)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("response is not a valid message"),
+            "{err}"
+        );
+    }
+}

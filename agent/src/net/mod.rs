@@ -76,9 +76,9 @@ pub enum NetError {
         source: std::io::Error,
     },
     #[error(
-        "identity key {path} has mode {mode:03o}: group or others may read it, and whoever \
-         holds it can impersonate this provider; run `chmod 600 {path}` if no one else \
-         could have copied it, otherwise move it away so a new identity is created"
+        "identity key {path} has mode {mode:03o}: group or others have access to it, and \
+         whoever holds it can impersonate this provider; run `chmod 600 {path}` if no one \
+         else could have copied it, otherwise move it away so a new identity is created"
     )]
     IdentityPermissions { path: PathBuf, mode: u32 },
     #[error(
