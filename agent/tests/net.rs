@@ -707,6 +707,27 @@ fn identity_is_created_0600_and_reused() {
 }
 
 #[test]
+fn concurrent_first_runs_agree_on_one_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("identity.key");
+    let ids: Vec<PeerId> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    load_or_create_identity(&path)
+                        .unwrap()
+                        .public()
+                        .to_peer_id()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
 fn a_readable_identity_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("identity.key");

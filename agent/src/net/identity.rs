@@ -85,7 +85,13 @@ fn create(path: &Path) -> Result<Keypair, NetError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // The new peer id makes the name unique even between threads of one process, so
+    // `create_new` never trips over another writer's temp file.
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        keypair.public().to_peer_id()
+    ));
     let io = |action: &'static str, p: PathBuf| {
         move |source| NetError::IdentityIo {
             action,
@@ -93,8 +99,6 @@ fn create(path: &Path) -> Result<Keypair, NetError> {
             source,
         }
     };
-    // A stale temp file from a crashed run of the same pid would make create_new fail.
-    let _ = fs::remove_file(&tmp);
     let written = (|| {
         // 0600 at creation: a chmod afterwards would leave a window where the secret key
         // sits in a file others may open.
