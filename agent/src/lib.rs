@@ -6,6 +6,7 @@
 //! carries a `// SAFETY:` note.
 #![deny(unsafe_code)]
 
+pub mod activity;
 pub mod cli;
 pub mod confine;
 pub mod egress;

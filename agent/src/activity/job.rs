@@ -1,0 +1,634 @@
+//! [`Job`]: one agreement's VM from boot to receipt.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use exescript::{Command, Gate};
+use serde_json::{json, Value};
+use tokio::runtime::Handle;
+
+use super::bridge::EgressBridge;
+use super::capture::{sha256_hex, Capture};
+use super::{transfer, ActivityError, JobConfig, JobSpec};
+use crate::egress::{AuditLog, EgressPolicy, Proxy};
+use crate::net::wire::{CommandResult, Outcome, Reason};
+use crate::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
+use crate::store::DataDir;
+use crate::vm::image::{self, ImageStore};
+use crate::vm::{self, initramfs, MachineSpec, RunSpec, Vm};
+
+/// How long the guest gets to power off before its VM is killed.
+const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+/// How long teardown waits for the egress connections' final audit lines.
+const EGRESS_DRAIN: Duration = Duration::from_secs(3);
+
+/// A running job: its VM, its egress proxy and gate, and what it has done so far.
+pub struct Job {
+    spec: JobSpec,
+    vm: Option<Vm>,
+    gate: Gate,
+    proxy: Arc<Proxy>,
+    bridge: EgressBridge,
+    /// The job's own audit log: keeps its egress records, forwards to `audit`.
+    tee: Arc<AuditLog>,
+    audit: Arc<AuditLog>,
+    rt: Handle,
+    dir: PathBuf,
+    initramfs: PathBuf,
+    manifest_sha256: String,
+    image_hash: String,
+    backend: &'static str,
+    mem_mib: u32,
+    cpus: u32,
+    command_timeout: Duration,
+    max_output_bytes: usize,
+    max_transfer_bytes: u64,
+    started_at: DateTime<Utc>,
+    /// When the VM was launched (for `wall_ms`).
+    launched: Instant,
+    boot_ms: u64,
+    /// One batch at a time: the commands of a job run in the order they were sent.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    records: Vec<CommandRecord>,
+    commands_run: u32,
+    /// Set once the VM has failed under a command; later batches are refused.
+    vm_lost: Option<String>,
+}
+
+/// Whether a batch goes on after a command.
+enum Next {
+    Continue,
+    /// Skip the rest with this reason.
+    Stop(Reason),
+}
+
+impl Job {
+    /// Starts the job: manifest, payload, image (verified), initramfs, VM, egress.
+    ///
+    /// Fails closed: an expired or unparsable manifest, a script that does not compile, a
+    /// payload for another platform, an image whose hash differs, or a VM that does not come
+    /// up within `boot_timeout` each stop the job before any command can run.
+    pub fn start(
+        spec: JobSpec,
+        config: &JobConfig,
+        data: &DataDir,
+        audit: Arc<AuditLog>,
+        rt: Handle,
+    ) -> Result<Job, ActivityError> {
+        let started_at = Utc::now();
+        check_activity_id(&spec.activity_id)?;
+        let manifest = policies::ReceivedManifest::from_base64(&spec.manifest_base64)?;
+        // The verdict checked this at negotiation; the manifest may have expired since.
+        manifest.check_time(started_at)?;
+        let gate = match manifest.script() {
+            Some(script) => exescript::compile(&script.commands, script.match_)?,
+            None => Gate::allow_all(),
+        };
+        let payload = image::select_payload(&manifest, &policies::Platform::host())?;
+        let mut store = ImageStore::new(data);
+        store.progress = false;
+        let image = store.fetch_payload(payload)?;
+
+        let jobs = data.root().join("jobs");
+        let dir = jobs.join(&spec.activity_id);
+        std::fs::create_dir_all(&jobs).map_err(|source| ActivityError::JobDir {
+            path: jobs.clone(),
+            source,
+        })?;
+        // `create_dir`, not `_all`: two jobs must never share a directory.
+        std::fs::create_dir(&dir).map_err(|source| ActivityError::JobDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let initrd = dir.join("initramfs.cpio");
+        if let Err(e) = initramfs::build(&initrd, &config.guest_agent, &image.path) {
+            let _ = std::fs::remove_file(&initrd);
+            return Err(e.into());
+        }
+
+        let tee = Arc::new(AuditLog::tee(audit.clone()));
+        let policy = EgressPolicy::new(
+            spec.activity_id.clone(),
+            &manifest.outbound,
+            spec.mode,
+            &spec.whitelist,
+            config.addresses.clone(),
+            config.limits.clone(),
+        );
+        let proxy = Proxy::new(policy, tee.clone());
+        let bridge = EgressBridge::new(proxy.clone(), rt.clone());
+
+        let machine_spec = MachineSpec {
+            kernel: config.kernel.clone(),
+            initramfs: initrd.clone(),
+            cmdline: vm::CMDLINE.into(),
+            mem_mib: config.mem_mib,
+            cpus: config.cpus,
+            job_dir: dir.clone(),
+            console_log: dir.join("console.log"),
+        };
+        let launched = Instant::now();
+        let booted = config
+            .backend
+            .launch(&machine_spec)
+            .and_then(|m| Vm::boot(m, config.boot_timeout, bridge.handler()));
+        // Once booted the initramfs lives in guest memory; on failure it is of no use.
+        let _ = std::fs::remove_file(&initrd);
+        let vm = match booted {
+            Ok(vm) => vm,
+            Err(e) => {
+                bridge.close();
+                return Err(e.into());
+            }
+        };
+        let job = Job {
+            manifest_sha256: sha256_hex(&manifest.json),
+            image_hash: payload.hash.clone(),
+            backend: vm.backend(),
+            boot_ms: vm.boot_time.as_millis() as u64,
+            vm: Some(vm),
+            gate,
+            proxy,
+            bridge,
+            tee,
+            audit,
+            rt,
+            dir,
+            initramfs: initrd,
+            mem_mib: config.mem_mib,
+            cpus: config.cpus,
+            command_timeout: config.command_timeout,
+            max_output_bytes: config.max_output_bytes,
+            max_transfer_bytes: config.max_transfer_bytes,
+            started_at,
+            launched,
+            state: Mutex::new(State::default()),
+            spec,
+        };
+        job.audit.write_event(&json!({
+            "time": crate::egress::audit::now(),
+            "event": "job",
+            "phase": "started",
+            "activity_id": job.spec.activity_id,
+            "agreement_id": job.spec.agreement_id,
+            "requestor_id": job.spec.requestor_id,
+            "manifest_sha256": job.manifest_sha256,
+            "image_hash": job.image_hash,
+            "backend": job.backend,
+            "boot_ms": job.boot_ms,
+            "egress": job.proxy.policy().describe(),
+        }));
+        Ok(job)
+    }
+
+    pub fn activity_id(&self) -> &str {
+        &self.spec.activity_id
+    }
+
+    /// The job's directory (`<data>/jobs/<activity id>/`; the guest console is
+    /// `console.log` in it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The job's egress bridge (for watching its live connections).
+    pub fn egress(&self) -> &EgressBridge {
+        &self.bridge
+    }
+
+    /// Runs a batch (a JSON array of ExeScript commands), reporting each command's result
+    /// through `on_result` as soon as it ends. A batch that does not parse is refused whole.
+    /// Otherwise every command passes the gate first; the first one denied, failed or
+    /// `terminate` ends the batch, and each later command is reported `skipped`.
+    /// Batches of one job run one after the other.
+    pub fn exec(
+        &self,
+        batch_id: &str,
+        batch: &Value,
+        on_result: &mut dyn FnMut(CommandResult),
+    ) -> Result<(), ActivityError> {
+        let commands = exescript::parse_batch(&batch.to_string())?;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &state.vm_lost {
+            return Err(ActivityError::VmGone(why.clone()));
+        }
+        if Utc::now() >= self.spec.expires_at {
+            return Err(ActivityError::Expired(self.spec.expires_at));
+        }
+        let mut stop: Option<Reason> = None;
+        for (index, command) in commands.iter().enumerate() {
+            let started_at = Utc::now();
+            let (result, hashes) = match &stop {
+                Some(why) => (
+                    self.skipped(index, command, why.clone(), started_at),
+                    Hashes::empty(),
+                ),
+                None => {
+                    let (result, hashes, next) =
+                        self.one(&mut state, batch_id, index, command, started_at);
+                    if let Next::Stop(why) = next {
+                        stop = Some(why);
+                    }
+                    (result, hashes)
+                }
+            };
+            self.record(&mut state, batch_id, &result, hashes);
+            on_result(result);
+        }
+        Ok(())
+    }
+
+    /// Judges and runs one command.
+    fn one(
+        &self,
+        state: &mut State,
+        batch_id: &str,
+        index: usize,
+        command: &Command,
+        started_at: DateTime<Utc>,
+    ) -> (CommandResult, Hashes, Next) {
+        let rendering = command.render();
+        let base = CommandResult {
+            index,
+            command: rendering.clone(),
+            outcome: Outcome::Ok,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            reason: None,
+            started_at,
+            ended_at: started_at,
+        };
+        let fail = |outcome: Outcome, reason: Reason, skip_code: &str| {
+            let skip = Reason::new(
+                skip_code,
+                format!(
+                    "not run: command {index} (`{rendering}`) {}",
+                    reason.message
+                ),
+            );
+            let result = CommandResult {
+                outcome,
+                reason: Some(reason),
+                ended_at: Utc::now(),
+                ..base.clone()
+            };
+            (result, Hashes::empty(), Next::Stop(skip))
+        };
+        if let Err(denial) = self.gate.check(command) {
+            let reason = Reason::new(
+                denial.reason.code(),
+                format!("`{}` is denied: {}", denial.command, denial.reason),
+            );
+            return fail(Outcome::Denied, reason, "after-denied");
+        }
+        if Utc::now() >= self.spec.expires_at {
+            let reason = Reason::new(
+                "agreement-expired",
+                format!("the agreement expired at {}", self.spec.expires_at),
+            );
+            return fail(Outcome::Denied, reason, "after-denied");
+        }
+        let Some(vm) = &self.vm else {
+            // Unreachable while `exec` borrows a live job; kept as a refusal, not a panic.
+            let reason = Reason::new("vm-error", "the job's VM is gone");
+            return fail(Outcome::Failed, reason, "after-failed");
+        };
+        match command {
+            Command::Deploy(d) => {
+                if !d.net.is_empty() || !d.hosts.is_empty() {
+                    let reason = Reason::new(
+                        "deploy-unsupported",
+                        "deploy with `net` or `hosts` (virtual networks) is not supported: the VM has no network device, only the egress proxy",
+                    );
+                    return fail(Outcome::Failed, reason, "after-failed");
+                }
+                // The VM was deployed and started by `Job::start`.
+                self.ok(base)
+            }
+            Command::Start(_) | Command::Sign(_) => self.ok(base),
+            Command::Terminate(_) => {
+                let (r, h, _) = self.ok(base);
+                let skip = Reason::new(
+                    "after-terminate",
+                    format!("not run: command {index} (`terminate`) ended the batch"),
+                );
+                (r, h, Next::Stop(skip))
+            }
+            Command::Run(run) => {
+                state.commands_run += 1;
+                let mut spec = RunSpec::new(
+                    std::iter::once(run.entry_point.clone()).chain(run.args.iter().cloned()),
+                );
+                spec.env = run
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let until_expiry = (self.spec.expires_at - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                spec.timeout = Some(
+                    self.command_timeout
+                        .min(until_expiry)
+                        .max(Duration::from_millis(1)),
+                );
+                let mut out = Capture::new(self.max_output_bytes);
+                let mut err = Capture::new(self.max_output_bytes);
+                let status = vm.run(&spec, &mut out, &mut err);
+                let (stdout, t_out, stdout_sha256) = out.finish();
+                let (stderr, t_err, stderr_sha256) = err.finish();
+                let hashes = Hashes {
+                    stdout_sha256,
+                    stderr_sha256,
+                };
+                let mut result = CommandResult {
+                    stdout,
+                    stderr,
+                    truncated: t_out || t_err,
+                    ended_at: Utc::now(),
+                    ..base
+                };
+                let failure = match status {
+                    Ok(st) if st.timed_out => Some(Reason::new(
+                        "timeout",
+                        format!(
+                            "killed after {:?} (the job's command timeout or the agreement's end)",
+                            spec.timeout.unwrap_or_default()
+                        ),
+                    )),
+                    Ok(st) => {
+                        result.exit_code = Some(st.shell_code());
+                        match (st.code, st.signal) {
+                            (Some(0), _) => None,
+                            (Some(c), _) => {
+                                Some(Reason::new("exit-code", format!("exited with code {c}")))
+                            }
+                            (None, Some(s)) => {
+                                Some(Reason::new("signal", format!("killed by signal {s}")))
+                            }
+                            (None, None) => Some(Reason::new(
+                                "exit-code",
+                                "ended without an exit code or signal",
+                            )),
+                        }
+                    }
+                    Err(e) => {
+                        if matches!(e, vm::VmError::Unresponsive(_) | vm::VmError::Channel(_)) {
+                            state.vm_lost = Some(e.to_string());
+                        }
+                        Some(Reason::new("vm-error", e.to_string()))
+                    }
+                };
+                match failure {
+                    None => (result, hashes, Next::Continue),
+                    Some(reason) => {
+                        let skip = Reason::new(
+                            "after-failed",
+                            format!(
+                                "not run: command {index} (`{}`) failed: {}",
+                                result.command, reason.message
+                            ),
+                        );
+                        result.outcome = Outcome::Failed;
+                        result.reason = Some(reason);
+                        (result, hashes, Next::Stop(skip))
+                    }
+                }
+            }
+            Command::Transfer(t) => {
+                let plan = match transfer::plan(t) {
+                    Ok(p) => p,
+                    Err(reason) => return fail(Outcome::Failed, reason, "after-failed"),
+                };
+                state.commands_run += 1;
+                let tmp = self.dir.join(format!("transfer-{batch_id}-{index}.part"));
+                let moved = transfer::fetch(
+                    &self.rt,
+                    self.proxy.clone(),
+                    &plan.url,
+                    &tmp,
+                    self.max_transfer_bytes,
+                )
+                .and_then(|_| {
+                    vm.upload(&tmp, &plan.guest_path)
+                        .map_err(|e| Reason::new("transfer-failed", e.to_string()))
+                });
+                let _ = std::fs::remove_file(&tmp);
+                match moved {
+                    Ok(bytes) => {
+                        let (mut r, h, n) = self.ok(base);
+                        r.stdout = format!("{bytes} bytes to {}\n", plan.guest_path);
+                        (r, h, n)
+                    }
+                    Err(reason) => fail(Outcome::Failed, reason, "after-failed"),
+                }
+            }
+        }
+    }
+
+    fn ok(&self, base: CommandResult) -> (CommandResult, Hashes, Next) {
+        (
+            CommandResult {
+                ended_at: Utc::now(),
+                ..base
+            },
+            Hashes::empty(),
+            Next::Continue,
+        )
+    }
+
+    fn skipped(
+        &self,
+        index: usize,
+        command: &Command,
+        why: Reason,
+        at: DateTime<Utc>,
+    ) -> CommandResult {
+        CommandResult {
+            index,
+            command: command.render(),
+            outcome: Outcome::Skipped,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            reason: Some(why),
+            started_at: at,
+            ended_at: at,
+        }
+    }
+
+    /// Keeps the command for the receipt and writes its audit line.
+    fn record(&self, state: &mut State, batch_id: &str, r: &CommandResult, h: Hashes) {
+        let mut line = json!({
+            "time": crate::egress::audit::now(),
+            "event": "command",
+            "activity_id": self.spec.activity_id,
+            "batch_id": batch_id,
+            "index": r.index,
+            "command": r.command,
+            "outcome": r.outcome,
+        });
+        if let Some(reason) = &r.reason {
+            line["code"] = json!(reason.code);
+        }
+        if let Some(c) = r.exit_code {
+            line["exit_code"] = json!(c);
+        }
+        self.audit.write_event(&line);
+        state.records.push(CommandRecord {
+            batch_id: batch_id.to_owned(),
+            index: r.index,
+            command: r.command.clone(),
+            outcome: r.outcome,
+            exit_code: r.exit_code,
+            reason: r.reason.clone(),
+            started_at: r.started_at,
+            ended_at: r.ended_at,
+            stdout_sha256: h.stdout_sha256,
+            stderr_sha256: h.stderr_sha256,
+        });
+    }
+
+    /// Ends the job: the VM is powered off (killed if it does not stop within a few
+    /// seconds), its egress connections are closed, the initramfs is removed, and the
+    /// receipt of everything it did is returned, unsigned (the caller signs it).
+    pub fn terminate(mut self, why: &str) -> Receipt {
+        self.teardown();
+        let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        let ended_at = Utc::now();
+        let egress: Vec<EgressRecord> = self
+            .tee
+            .records()
+            .into_iter()
+            .map(|r| EgressRecord {
+                time: r.time,
+                method: r.method,
+                destination: r.destination,
+                decision: r.decision,
+                rule: r.rule,
+                reason: r.reason,
+                bytes_up: r.bytes_up,
+                bytes_down: r.bytes_down,
+            })
+            .collect();
+        let receipt = Receipt {
+            version: RECEIPT_VERSION,
+            agreement_id: self.spec.agreement_id.clone(),
+            activity_id: self.spec.activity_id.clone(),
+            provider_id: self.spec.provider_id.clone(),
+            requestor_id: self.spec.requestor_id.clone(),
+            manifest_sha256: self.manifest_sha256.clone(),
+            image_hash: self.image_hash.clone(),
+            backend: self.backend.to_owned(),
+            started_at: self.started_at,
+            ended_at,
+            termination: why.to_owned(),
+            commands: state.records,
+            egress,
+            usage: Usage {
+                mem_mib: self.mem_mib,
+                cpus: self.cpus,
+                wall_ms: self.launched.elapsed().as_millis() as u64,
+                boot_ms: self.boot_ms,
+                egress_bytes: self.proxy.bytes_used(),
+                commands_run: state.commands_run,
+            },
+        };
+        self.audit.write_event(&json!({
+            "time": crate::egress::audit::now(),
+            "event": "job",
+            "phase": "ended",
+            "activity_id": self.spec.activity_id,
+            "termination": why,
+            "commands": receipt.commands.len(),
+            "egress_decisions": receipt.egress.len(),
+            "wall_ms": receipt.usage.wall_ms,
+        }));
+        receipt
+    }
+
+    /// Stops the VM and the egress bridge and removes the job's temporary files. Safe to
+    /// call twice.
+    fn teardown(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            if let Err(e) = vm.shutdown(POWEROFF_GRACE) {
+                tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+            }
+        }
+        // The channel is closed now, so every pump thread ends; closing the bridge ends
+        // the proxy tasks still waiting on an upstream.
+        self.bridge.close();
+        let deadline = Instant::now() + EGRESS_DRAIN;
+        while self.bridge.active_connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&self.initramfs);
+    }
+}
+
+impl Drop for Job {
+    /// A job dropped without [`Job::terminate`] (a daemon error path) still leaves no VM
+    /// behind.
+    fn drop(&mut self) {
+        if self.vm.is_some() {
+            tracing::warn!(activity = %self.spec.activity_id, "job dropped without terminate; tearing its VM down");
+            self.teardown();
+        }
+    }
+}
+
+/// Output hashes for the receipt.
+struct Hashes {
+    stdout_sha256: String,
+    stderr_sha256: String,
+}
+
+impl Hashes {
+    fn empty() -> Self {
+        let e = sha256_hex(b"");
+        Self {
+            stdout_sha256: e.clone(),
+            stderr_sha256: e,
+        }
+    }
+}
+
+/// The activity id names a directory: nothing that could climb out of `jobs/`.
+fn check_activity_id(id: &str) -> Result<(), ActivityError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ActivityError::BadActivityId(id.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_ids_cannot_leave_the_jobs_dir() {
+        for good in ["a1", "act-2026.11_23", &"x".repeat(128)] {
+            check_activity_id(good).unwrap();
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(129), "é"] {
+            assert!(check_activity_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

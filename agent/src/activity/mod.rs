@@ -1,0 +1,108 @@
+//! Activities: an agreement becomes a job, a job runs ExeScript batches, and its end
+//! leaves a receipt.
+//!
+//! A [`Job`] owns one payload VM from boot to teardown:
+//!
+//! - [`Job::start`] reads the agreement's manifest, picks the payload for this host, fetches
+//!   and verifies its image, builds the job's initramfs in `<data>/jobs/<activity id>/`,
+//!   boots the VM and attaches the job's egress proxy to the guest's proxy listener (the
+//!   [`bridge`]);
+//! - [`Job::exec`] runs a batch command by command: every command passes the manifest's
+//!   ExeScript gate before it reaches the guest; a denial or a failure ends the batch;
+//! - [`Job::terminate`] tears the VM down and returns the unsigned [`Receipt`] of
+//!   everything the job did (commands, egress decisions, usage); the caller signs it.
+//!
+//! The API is blocking: the daemon calls it from its own threads. Egress is served on the
+//! tokio runtime handed to [`Job::start`]. The lifecycle, the command semantics, the limits
+//! and the audit lines are described in `docs/activity.md`.
+
+pub mod bridge;
+mod capture;
+mod job;
+mod transfer;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+pub use bridge::EgressBridge;
+pub use job::Job;
+
+use crate::egress::{AddressPolicy, Limits};
+#[cfg(doc)]
+use crate::receipt::Receipt;
+use crate::vm::Backend;
+
+/// The operator's settings for every job (the daemon's configuration).
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub backend: Backend,
+    /// Guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// The static guest agent (`provider-guest`).
+    pub guest_agent: PathBuf,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// The guest agent must be ready within this long of the VM's launch.
+    pub boot_timeout: Duration,
+    /// A `run` is killed after this long (or at the agreement's expiry, if sooner).
+    pub command_timeout: Duration,
+    /// Output kept per stream and command in its result; the receipt's hashes cover all of
+    /// it.
+    pub max_output_bytes: usize,
+    /// Largest file one `transfer` may bring into the VM.
+    pub max_transfer_bytes: u64,
+    /// Address ranges the operator opens to payloads (`--allow-cidr`).
+    pub addresses: AddressPolicy,
+    /// Bounds on the job's egress proxy.
+    pub limits: Limits,
+}
+
+/// One agreement's job, as the market hands it over.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Names the job's directory, so only `[A-Za-z0-9._-]` (not `.` or `..`), at most 128.
+    pub activity_id: String,
+    pub agreement_id: String,
+    /// This provider's peer id.
+    pub provider_id: String,
+    /// The requestor's peer id.
+    pub requestor_id: String,
+    /// The demand's `golem.srv.comp.payload`: base64 of the manifest JSON.
+    pub manifest_base64: String,
+    /// The outbound mode of the operator rule that accepted the demand.
+    pub mode: policies::Mode,
+    /// The operator's domain whitelist (consulted for mode `whitelist`).
+    pub whitelist: policies::WhitelistMatcher,
+    /// The agreement's end: no command runs past it.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Why a job could not start or a batch could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivityError {
+    #[error("activity id `{0}` is not usable as a job directory name (use [A-Za-z0-9._-], at most 128 characters)")]
+    BadActivityId(String),
+    #[error("the agreement's manifest: {0}")]
+    Manifest(#[from] policies::ManifestError),
+    #[error("the manifest's compManifest.script does not compile: {0}")]
+    Script(#[from] exescript::CompileError),
+    #[error("the payload image: {0}")]
+    Image(#[from] crate::vm::image::ImageError),
+    #[error("the job directory {path}: {source}")]
+    JobDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the job's initramfs: {0}")]
+    Initramfs(#[from] crate::vm::initramfs::InitramfsError),
+    #[error("the job's VM: {0}")]
+    Vm(#[from] crate::vm::VmError),
+    #[error("the batch is invalid and nothing of it ran: {0}")]
+    Batch(#[from] exescript::BatchError),
+    #[error("the agreement expired at {0}; no more commands run")]
+    Expired(DateTime<Utc>),
+    #[error("the job's VM is gone ({0}); terminate the activity for its receipt")]
+    VmGone(String),
+}

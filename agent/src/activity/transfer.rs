@@ -1,0 +1,268 @@
+//! `transfer` into the VM from the network, through the job's own egress proxy.
+//!
+//! The host fetches `from` by speaking HTTP to the job's [`Proxy`] over an in-memory
+//! pipe, exactly as a payload process would through the guest's proxy listener: the same
+//! allowlist, address checks, byte budget and audit lines apply, so a transfer can never
+//! reach what the payload itself could not. The body lands in a temporary file in the job
+//! directory (at most the job's `max_transfer_bytes`) and is then uploaded into the guest.
+//!
+//! Supported: `from` an `http://` URL, `to` a `container:/absolute/path`. Everything else
+//! (`https://` sources, downloads out of the VM, archive `format`/`depth`/`fileset`) is
+//! refused with a reason rather than approximated; see `docs/activity.md`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HOST, USER_AGENT};
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use url::Url;
+
+use crate::egress::{serve_connection, Proxy};
+use crate::net::wire::Reason;
+
+/// A transfer this job can carry out.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub url: Url,
+    /// Absolute path inside the payload root.
+    pub guest_path: String,
+}
+
+/// Checks what the transfer asks for before anything moves.
+pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
+    let unsupported = |m: String| Reason::new("transfer-unsupported", m);
+    if t.format.is_some() || t.depth.is_some() || !t.fileset.is_empty() {
+        return Err(unsupported(
+            "archive transfers (`format`, `depth`, `fileset`) are not supported; transfer one file"
+                .into(),
+        ));
+    }
+    let Some(guest_path) = t.to.strip_prefix("container:") else {
+        return Err(unsupported(format!(
+            "`to` must be `container:/path` (a file in the VM); `{}` is not supported",
+            t.to
+        )));
+    };
+    if !guest_path.starts_with('/') || guest_path.split('/').any(|c| c == "..") {
+        return Err(Reason::new(
+            "transfer-invalid",
+            format!("`to` must name an absolute path without `..`; got `{guest_path}`"),
+        ));
+    }
+    let url = Url::parse(&t.from).map_err(|e| {
+        Reason::new(
+            "transfer-invalid",
+            format!("`from` is not a URL ({e}): `{}`", t.from),
+        )
+    })?;
+    if url.scheme() != "http" {
+        return Err(unsupported(format!(
+            "`from` must be an http:// URL (fetched through the job's egress proxy); `{}` sources are not supported",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none() {
+        return Err(Reason::new(
+            "transfer-invalid",
+            format!("`from` has no host: `{}`", t.from),
+        ));
+    }
+    Ok(Plan {
+        url,
+        guest_path: guest_path.to_owned(),
+    })
+}
+
+enum Msg {
+    Chunk(Bytes),
+    /// The proxy or the upstream refused: status, the proxy's refusal code, body text.
+    Refused(u16, Option<String>, String),
+    Error(String),
+}
+
+/// Fetches `url` through `proxy` into `dest` (created), at most `max` bytes; returns the
+/// size. Blocks the calling thread, which must not be one of the runtime's.
+pub(crate) fn fetch(
+    rt: &Handle,
+    proxy: Arc<Proxy>,
+    url: &Url,
+    dest: &Path,
+    max: u64,
+) -> Result<u64, Reason> {
+    let (tx, mut rx) = mpsc::channel::<Msg>(8);
+    let task = rt.spawn(request(proxy, url.clone(), tx));
+    let mut file = std::fs::File::create(dest).map_err(|e| {
+        task.abort();
+        Reason::new("transfer-failed", format!("create {}: {e}", dest.display()))
+    })?;
+    let mut total = 0u64;
+    let result = loop {
+        match rx.blocking_recv() {
+            None => break Ok(total),
+            Some(Msg::Chunk(b)) => {
+                total += b.len() as u64;
+                if total > max {
+                    break Err(Reason::new(
+                        "transfer-too-large",
+                        format!("{url} is larger than the job's transfer limit of {max} bytes"),
+                    ));
+                }
+                if let Err(e) = file.write_all(&b) {
+                    break Err(Reason::new(
+                        "transfer-failed",
+                        format!("write {}: {e}", dest.display()),
+                    ));
+                }
+            }
+            Some(Msg::Refused(status, Some(code), text)) => {
+                break Err(Reason::new(
+                    "egress-denied",
+                    format!("the egress proxy refused {url} ({status}, {code}): {text}"),
+                ))
+            }
+            Some(Msg::Refused(status, None, _)) => {
+                break Err(Reason::new(
+                    "transfer-failed",
+                    format!("{url} answered {status}"),
+                ))
+            }
+            Some(Msg::Error(e)) => {
+                break Err(Reason::new("transfer-failed", format!("{url}: {e}")))
+            }
+        }
+    };
+    // Dropping the receiver stops a download that went over the limit.
+    drop(rx);
+    if result.is_err() {
+        task.abort();
+        return result;
+    }
+    file.sync_all()
+        .map_err(|e| Reason::new("transfer-failed", format!("write {}: {e}", dest.display())))?;
+    result
+}
+
+async fn request(proxy: Arc<Proxy>, url: Url, tx: mpsc::Sender<Msg>) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        if let Err(e) = serve_connection(server, proxy).await {
+            tracing::debug!(error = %e, "transfer: proxy connection ended with an error");
+        }
+    });
+    if let Err(e) = exchange(client, &url, &tx).await {
+        let _ = tx.send(Msg::Error(e)).await;
+    }
+}
+
+async fn exchange(
+    client: tokio::io::DuplexStream,
+    url: &Url,
+    tx: &mpsc::Sender<Msg>,
+) -> Result<(), String> {
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client))
+            .await
+            .map_err(|e| format!("talk to the egress proxy: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let host = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => return Err("the URL has no host".into()),
+    };
+    // Absolute-form, as a client of a forward proxy sends it.
+    let req = Request::get(url.as_str())
+        .header(HOST, host)
+        .header(
+            USER_AGENT,
+            concat!("provider-transfer/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::new())
+        .map_err(|e| format!("build the request: {e}"))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let deny = resp
+            .headers()
+            .get("x-egress-deny")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        while text.len() < 1024 {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        text.extend_from_slice(d);
+                    }
+                }
+                _ => break,
+            }
+        }
+        text.truncate(1024);
+        let text = String::from_utf8_lossy(&text).trim().to_owned();
+        let _ = tx.send(Msg::Refused(status.as_u16(), deny, text)).await;
+        return Ok(());
+    }
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            if tx.send(Msg::Chunk(data)).await.is_err() {
+                // The receiver gave up (over the limit): stop reading.
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(from: &str, to: &str) -> exescript::Transfer {
+        exescript::Transfer {
+            from: from.into(),
+            to: to.into(),
+            format: None,
+            depth: None,
+            fileset: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_http_into_the_container_is_planned() {
+        let p = plan(&t("http://example.com/a.bin", "container:/tmp/a.bin")).unwrap();
+        assert_eq!(p.guest_path, "/tmp/a.bin");
+        assert_eq!(p.url.as_str(), "http://example.com/a.bin");
+        let code = |from: &str, to: &str| plan(&t(from, to)).unwrap_err().code;
+        assert_eq!(
+            code("https://example.com/a", "container:/a"),
+            "transfer-unsupported"
+        );
+        assert_eq!(
+            code("container:/a", "http://example.com/a"),
+            "transfer-unsupported"
+        );
+        assert_eq!(
+            code("http://example.com/a", "container:tmp/a"),
+            "transfer-invalid"
+        );
+        assert_eq!(
+            code("http://example.com/a", "container:/tmp/../a"),
+            "transfer-invalid"
+        );
+        assert_eq!(code("not a url", "container:/a"), "transfer-invalid");
+    }
+}

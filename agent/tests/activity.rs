@@ -1,0 +1,581 @@
+//! `agent::activity` end to end: a manifest becomes a job in a real VM (QEMU, TCG where
+//! KVM cannot boot Linux), batches pass the ExeScript gate, the payload's traffic goes
+//! through the job's egress proxy to real sockets, and the receipt records it all.
+//!
+//! Booting takes seconds under TCG, so one job carries most assertions. Tests that need
+//! QEMU, the guest kernel or busybox skip with a printed reason when the host lacks them
+//! (`.ci/run` installs and fetches them), as `tests/vm.rs` does.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use agent::activity::{ActivityError, Job, JobConfig, JobSpec};
+use agent::egress::{AddressPolicy, AuditLog, Limits};
+use agent::net::wire::{CommandResult, Outcome};
+use agent::store::DataDir;
+use agent::vm::{self, qemu::QemuOptions, Backend};
+use base64::Engine as _;
+use openssl::hash::{hash, MessageDigest};
+use serde_json::{json, Value};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// `<target>/guest`: the static guest agent's own target dir (its RUSTFLAGS differ).
+fn guest_target_dir() -> PathBuf {
+    // <target>/debug/deps/activity-… → <target>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap()
+        .join("guest")
+}
+
+/// Builds the static guest agent once per test binary (as `tests/vm.rs` does).
+fn guest_agent() -> Result<PathBuf, String> {
+    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .current_dir(workspace())
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "guest",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
+                .arg("--target-dir")
+                .arg(guest_target_dir())
+                .output()
+                .map_err(|e| format!("run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building provider-guest failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let p = guest_target_dir().join("x86_64-unknown-linux-gnu/release/provider-guest");
+            assert!(vm::is_static_elf(&p), "{} must be static", p.display());
+            Ok(p)
+        })
+        .clone()
+}
+
+/// Kernel, QEMU, busybox image and guest agent; `None` (after printing why) if the host
+/// lacks one of the system pieces.
+struct Env {
+    kernel: PathBuf,
+    agent: PathBuf,
+    image: PathBuf,
+    backend: Backend,
+    _dir: tempfile::TempDir,
+}
+
+fn env() -> Option<Env> {
+    let kernel = match vm::find_kernel(None) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+    };
+    let info = vm::HostInfo::detect();
+    let (Some(qemu), Some(choice)) = (info.qemu.as_ref(), info.auto.as_ref()) else {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return None;
+    };
+    let backend = Backend::Qemu(QemuOptions {
+        binary: qemu.path.clone(),
+        accel: choice.accel,
+        sandbox: qemu.sandbox,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("busybox.tar");
+    let out = Command::new(workspace().join("scripts/make-test-image.sh"))
+        .arg(&image)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: no test image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let agent = guest_agent().unwrap();
+    Some(Env {
+        kernel,
+        agent,
+        image,
+        backend,
+        _dir: dir,
+    })
+}
+
+fn hex_digest(md: MessageDigest, bytes: &[u8]) -> String {
+    hash(md, bytes)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A small HTTP server on 127.0.0.1 answering every path under `/allowed` with `body` (and
+/// `/allowed/file.bin` with `file`); counts the requests it got.
+fn upstream(body: &'static str, file: Arc<Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            h.fetch_add(1, Ordering::SeqCst);
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let content: &[u8] = if line.starts_with("GET /allowed/file.bin ") {
+                    &file
+                } else {
+                    body.as_bytes()
+                };
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    content.len()
+                );
+                let _ = c.write_all(content);
+            });
+        }
+    });
+    (port, hits)
+}
+
+fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+fn run(entry: &str, args: &[&str]) -> Value {
+    json!({"run": {"entry_point": entry, "args": args}})
+}
+
+/// Runs a batch and collects its results.
+fn exec(job: &Job, batch_id: &str, batch: Value) -> Vec<CommandResult> {
+    let mut results = Vec::new();
+    job.exec(batch_id, &batch, &mut |r| results.push(r))
+        .unwrap_or_else(|e| panic!("batch {batch_id}: {e}"));
+    results
+}
+
+fn summary(r: &CommandResult) -> String {
+    format!(
+        "{} → {:?} exit {:?} reason {:?}\nstdout: {}\nstderr: {}",
+        r.command, r.outcome, r.exit_code, r.reason, r.stdout, r.stderr
+    )
+}
+
+/// One job: allowed and denied commands, a failure, truncated output, egress allowed and
+/// refused from inside the VM, transfers through the proxy, and the receipt at the end.
+#[test]
+fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
+    let Some(env) = env() else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(data_dir.path());
+    let audit_path = data_dir.path().join("audit.jsonl");
+    let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
+
+    let file: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
+    let (allowed_port, allowed_hits) = upstream("hello from the allowed upstream\n", file.clone());
+    let (other_port, other_hits) = upstream("you must not see this\n", file.clone());
+
+    let image = std::fs::read(&env.image).unwrap();
+    let now = chrono::Utc::now();
+    let manifest = json!({
+        "version": "0.1.0",
+        "createdAt": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+        "expiresAt": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "metadata": {"name": "activity test", "version": "1.0.0"},
+        "payload": [{
+            "platform": {"arch": "x86_64", "os": "linux"},
+            "urls": [format!("file://{}", env.image.display())],
+            "hash": format!("sha3:{}", hex_digest(MessageDigest::sha3_256(), &image)),
+        }],
+        "compManifest": {
+            "version": "0.1.0",
+            "script": {
+                "commands": [
+                    "run /bin/echo .*",
+                    "run /bin/sh -c .*",
+                    "run /bin/wget .*",
+                    "run /bin/touch /tmp/.*",
+                    "run /bin/cat /tmp/.*",
+                    "transfer http://127\\.0\\.0\\.1:[0-9]+/.* container:/tmp/.*",
+                ],
+                "match": "regex",
+            },
+            "net": {"inet": {"out": {
+                "protocols": ["http"],
+                "urls": [format!("http://127.0.0.1:{allowed_port}/allowed")],
+            }}},
+        },
+    });
+    let manifest_json = serde_json::to_vec(&manifest).unwrap();
+    let spec = JobSpec {
+        activity_id: "act-1".into(),
+        agreement_id: "agr-1".into(),
+        provider_id: "provider-peer".into(),
+        requestor_id: "requestor-peer".into(),
+        manifest_base64: base64::engine::general_purpose::STANDARD.encode(&manifest_json),
+        mode: policies::Mode::All,
+        whitelist: policies::WhitelistMatcher::new(&[]).unwrap(),
+        expires_at: now + chrono::Duration::hours(1),
+    };
+    let config = JobConfig {
+        backend: env.backend.clone(),
+        kernel: env.kernel.clone(),
+        guest_agent: env.agent.clone(),
+        mem_mib: 256,
+        cpus: 1,
+        boot_timeout: Duration::from_secs(180),
+        command_timeout: Duration::from_secs(60),
+        max_output_bytes: 4096,
+        max_transfer_bytes: 1 << 20,
+        // The upstreams are on the host's loopback: the operator opens it for this test.
+        addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        limits: Limits::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let job = Job::start(spec, &config, &data, audit.clone(), rt.handle().clone())
+        .unwrap_or_else(|e| panic!("job start: {e}"));
+    let job_dir = data_dir.path().join("jobs/act-1");
+    assert_eq!(job.dir(), job_dir);
+    assert!(
+        !job_dir.join("initramfs.cpio").exists(),
+        "the initramfs is removed once the guest has it"
+    );
+
+    // An allowed run.
+    let r = exec(
+        &job,
+        "b1",
+        json!([{"deploy": {}}, {"start": {}}, run("/bin/echo", &["hello"])]),
+    );
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(|r| r.outcome == Outcome::Ok), "{r:#?}");
+    assert_eq!(r[2].exit_code, Some(0));
+    assert_eq!(r[2].stdout, "hello\n");
+    assert_eq!(r[2].command, "run /bin/echo hello");
+
+    // Allowed, denied, allowed: the third is skipped and does not run.
+    let r = exec(
+        &job,
+        "b2",
+        json!([
+            run("/bin/echo", &["first"]),
+            run("/bin/date", &["-R"]),
+            run("/bin/touch", &["/tmp/third-ran"]),
+        ]),
+    );
+    let outcomes: Vec<Outcome> = r.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Ok, Outcome::Denied, Outcome::Skipped],
+        "{r:#?}"
+    );
+    let denied = r[1].reason.as_ref().unwrap();
+    assert_eq!(denied.code, "script-no-match", "{denied:?}");
+    assert!(denied.message.contains("run /bin/date -R"), "{denied:?}");
+    assert_eq!(r[2].reason.as_ref().unwrap().code, "after-denied");
+    let r = exec(
+        &job,
+        "b3",
+        json!([run(
+            "/bin/sh",
+            &[
+                "-c",
+                "test -e /tmp/third-ran && echo present || echo absent"
+            ]
+        )]),
+    );
+    assert_eq!(r[0].stdout, "absent\n", "{}", summary(&r[0]));
+
+    // A failure stops the batch too; output beyond the limit is cut but hashed whole.
+    let r = exec(
+        &job,
+        "b4",
+        json!([
+            run(
+                "/bin/sh",
+                &[
+                    "-c",
+                    "head -c 10000 /dev/zero | tr '\\0' a; echo oops >&2; exit 3"
+                ]
+            ),
+            run("/bin/echo", &["after"]),
+        ]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    assert_eq!(r[0].exit_code, Some(3));
+    assert_eq!(r[0].reason.as_ref().unwrap().code, "exit-code");
+    assert_eq!(r[0].stdout, "a".repeat(4096));
+    assert!(r[0].truncated);
+    assert_eq!(r[0].stderr, "oops\n");
+    assert_eq!(r[1].outcome, Outcome::Skipped);
+    assert_eq!(r[1].reason.as_ref().unwrap().code, "after-failed");
+
+    // A batch that does not parse: refused whole, nothing recorded.
+    let mut called = false;
+    let err = job
+        .exec(
+            "bad",
+            &json!([{"run": {"entry_point": "/bin/echo", "argz": []}}]),
+            &mut |_| called = true,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ActivityError::Batch(_)), "{err}");
+    assert!(err.to_string().contains("argz"), "{err}");
+    assert!(!called);
+
+    // Egress from inside the VM: busybox wget uses the http_proxy the guest agent sets.
+    let allowed = format!("http://127.0.0.1:{allowed_port}/allowed");
+    let r = exec(
+        &job,
+        "e1",
+        json!([run("/bin/wget", &["-q", "-O", "-", &allowed])]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Ok, "{}", summary(&r[0]));
+    assert_eq!(r[0].stdout, "hello from the allowed upstream\n");
+    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
+
+    // Another port, another host name: refused by the proxy, never reached.
+    for (batch, url) in [
+        ("e2", format!("http://127.0.0.1:{other_port}/allowed")),
+        ("e3", format!("http://localhost:{allowed_port}/allowed")),
+    ] {
+        let r = exec(
+            &job,
+            batch,
+            json!([run("/bin/wget", &["-q", "-O", "-", &url])]),
+        );
+        assert_eq!(r[0].outcome, Outcome::Failed, "{url}: {}", summary(&r[0]));
+        assert!(!r[0].stdout.contains("hello"), "{}", summary(&r[0]));
+    }
+    assert_eq!(
+        other_hits.load(Ordering::SeqCst),
+        0,
+        "the other port was reached"
+    );
+    assert_eq!(
+        allowed_hits.load(Ordering::SeqCst),
+        1,
+        "localhost was let through"
+    );
+
+    // Without the proxy there is no way out: the guest's loopback has no upstream, and
+    // there is no network device for anything else.
+    for (batch, url) in [
+        ("e4", allowed.clone()),
+        ("e5", format!("http://10.0.2.2:{allowed_port}/allowed")),
+    ] {
+        let r = exec(
+            &job,
+            batch,
+            json!([run(
+                "/bin/wget",
+                &["-Y", "off", "-T", "5", "-q", "-O", "-", &url]
+            )]),
+        );
+        assert_eq!(r[0].outcome, Outcome::Failed, "{url}: {}", summary(&r[0]));
+    }
+    assert_eq!(
+        allowed_hits.load(Ordering::SeqCst),
+        1,
+        "a direct connection got out"
+    );
+
+    // Transfers: fetched through the same proxy, so the allowlist holds for them too.
+    let r = exec(
+        &job,
+        "t1",
+        json!([
+            {"transfer": {"from": format!("{allowed}/file.bin"), "to": "container:/tmp/file.bin"}},
+            run("/bin/sh", &["-c", "sha256sum /tmp/file.bin | cut -d' ' -f1"]),
+        ]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Ok, "{}", summary(&r[0]));
+    assert_eq!(
+        r[1].stdout.trim(),
+        hex_digest(MessageDigest::sha256(), &file),
+        "{}",
+        summary(&r[1])
+    );
+    let r = exec(
+        &job,
+        "t2",
+        json!([{"transfer": {
+            "from": format!("http://127.0.0.1:{other_port}/allowed/file.bin"),
+            "to": "container:/tmp/other.bin"
+        }}]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    assert_eq!(
+        r[0].reason.as_ref().unwrap().code,
+        "egress-denied",
+        "{r:#?}"
+    );
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+
+    // Every guest connection's threads and proxy task end with the connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job.egress().active_connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        job.egress().active_connections(),
+        0,
+        "connections left open"
+    );
+
+    let receipt = job.terminate("terminated by requestor");
+    let left = qemu_processes_mentioning(data_dir.path());
+    assert!(left.is_empty(), "QEMU still running: {left:?}");
+    assert!(!job_dir.join("initramfs.cpio").exists());
+
+    assert_eq!(receipt.activity_id, "act-1");
+    assert_eq!(receipt.agreement_id, "agr-1");
+    assert_eq!(receipt.termination, "terminated by requestor");
+    assert_eq!(receipt.backend, "qemu");
+    assert_eq!(
+        receipt.manifest_sha256,
+        hex_digest(MessageDigest::sha256(), &manifest_json)
+    );
+    assert_eq!(
+        receipt.image_hash,
+        format!("sha3:{}", hex_digest(MessageDigest::sha3_256(), &image))
+    );
+    let cmds: Vec<(&str, usize, Outcome)> = receipt
+        .commands
+        .iter()
+        .map(|c| (c.batch_id.as_str(), c.index, c.outcome))
+        .collect();
+    assert_eq!(
+        &cmds[..9],
+        [
+            ("b1", 0, Outcome::Ok),
+            ("b1", 1, Outcome::Ok),
+            ("b1", 2, Outcome::Ok),
+            ("b2", 0, Outcome::Ok),
+            ("b2", 1, Outcome::Denied),
+            ("b2", 2, Outcome::Skipped),
+            ("b3", 0, Outcome::Ok),
+            ("b4", 0, Outcome::Failed),
+            ("b4", 1, Outcome::Skipped),
+        ]
+    );
+    assert!(!receipt.commands.iter().any(|c| c.batch_id == "bad"));
+    // The hash covers the whole stdout, not the 4096 bytes the result kept.
+    let b4 = &receipt.commands[7];
+    assert_eq!(
+        b4.stdout_sha256,
+        hex_digest(MessageDigest::sha256(), "a".repeat(10000).as_bytes())
+    );
+    assert_eq!(b4.exit_code, Some(3));
+    let allow: Vec<_> = receipt
+        .egress
+        .iter()
+        .filter(|e| e.decision == "allow")
+        .collect();
+    let deny: Vec<_> = receipt
+        .egress
+        .iter()
+        .filter(|e| e.decision == "deny")
+        .collect();
+    assert_eq!(
+        allow.len(),
+        2,
+        "wget and the transfer: {:#?}",
+        receipt.egress
+    );
+    assert!(allow.iter().all(|e| e
+        .destination
+        .contains(&format!("127.0.0.1:{allowed_port}/allowed"))));
+    assert!(allow.iter().any(|e| e.bytes_down >= file.len() as u64));
+    assert_eq!(deny.len(), 3, "{:#?}", receipt.egress);
+    for e in &deny {
+        let want = if e.destination.contains("localhost") {
+            "not-listed"
+        } else {
+            assert!(e.destination.contains(&format!(":{other_port}/")), "{e:?}");
+            "wrong-port"
+        };
+        assert_eq!(e.rule, want, "{e:?}");
+    }
+    assert!(deny.iter().any(|e| e.destination.contains("localhost")));
+    assert!(receipt.usage.egress_bytes >= file.len() as u64);
+    assert!(receipt.usage.boot_ms > 0);
+    assert_eq!(receipt.usage.mem_mib, 256);
+
+    // The daemon's audit log has every command decision and every egress decision.
+    let lines: Vec<Value> = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denied_line = lines
+        .iter()
+        .find(|l| l["event"] == "command" && l["outcome"] == "denied")
+        .expect("a denied command line");
+    assert_eq!(denied_line["activity_id"], "act-1");
+    assert_eq!(denied_line["batch_id"], "b2");
+    assert_eq!(denied_line["index"], 1);
+    assert_eq!(denied_line["code"], "script-no-match");
+    assert_eq!(
+        lines.iter().filter(|l| l["event"] == "egress").count(),
+        receipt.egress.len()
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l["event"] == "job" && l["phase"] == "ended"));
+}
