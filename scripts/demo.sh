@@ -77,7 +77,7 @@ cat > manifest.json <<JSON
                  "urls": [ "http://127.0.0.1:$port/image.tar" ],
                  "hash": "sha3:$hash" } ],
   "compManifest": { "version": "0.1.0",
-    "script": { "commands": [ "deploy .*", "start .*", "run /bin/wget -q -O - http://.*", "run /bin/echo .*" ], "match": "regex" },
+    "script": { "commands": [ "run /bin/wget -q -O - http://.*", "run /bin/echo .*" ], "match": "regex" },
     "net": { "inet": { "out": { "protocols": [ "http" ], "urls": [ "http://127.0.0.1:$port/allowed" ] } } } }
 }
 JSON

@@ -322,6 +322,11 @@ impl Market {
         let proposal_expires = (now + ttl(self.cfg.proposal_ttl)).min(expires_at);
         let id = new_id();
         let mut proposals = self.proposals.lock().unwrap_or_else(|p| p.into_inner());
+        // Unanswered proposals are dropped as they expire (checked every 256 inserts, so a
+        // burst of demands does not pay a full scan each), not only when the map is full.
+        if proposals.len() % 256 == 255 {
+            proposals.retain(|_, p| p.proposal_expires > now);
+        }
         if proposals.len() >= self.cfg.max_proposals {
             proposals.retain(|_, p| p.proposal_expires > now);
             if proposals.len() >= self.cfg.max_proposals {
