@@ -37,6 +37,9 @@ pub struct Shared {
     pub market: Market,
     pub audit: Arc<AuditLog>,
     jobs: Jobs,
+    /// Judging is CPU-bound (openssl); more threads than cores only add threads, memory
+    /// arenas and context switches, so a burst of demands queues here instead.
+    judging: tokio::sync::Semaphore,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `announce` gets each address it listens on
@@ -133,6 +136,9 @@ pub async fn run(
 
     let shared = Arc::new(Shared {
         jobs: Jobs::new(runtime),
+        judging: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ),
         data,
         cfg,
         identity,
@@ -180,6 +186,7 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
     let peer = request.peer.to_string();
     match request.request {
         InboundRequest::Market(req) => {
+            let _permit = shared.judging.acquire().await;
             let s = shared.clone();
             let response = tokio::task::spawn_blocking(move || {
                 s.market.handle(&peer, req, chrono::Utc::now())
