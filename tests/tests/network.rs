@@ -350,3 +350,50 @@ fn fifty_requestors_with_twenty_concurrent_demands_each_are_all_answered() {
         .count();
     assert_eq!(verdicts, 5000, "every demand leaves one verdict line");
 }
+
+#[test]
+fn requestor_signs_a_manifest_the_provider_accepts() {
+    let s = setup();
+    s.p.write_input(
+        "author.key",
+        s.author.key.private_key_to_pem_pkcs8().unwrap(),
+    );
+    let m =
+        s.p.write_input("m.json", serde_json::to_vec_pretty(&manifest(&[])).unwrap());
+    let cert = s.p.write_input("author.pem", &s.chain);
+    // Relative paths, as a person types them (the requestor runs in the inputs dir).
+    for alg in ["sha256", "sha384", "sha512"] {
+        let r = s.p.requestor([
+            "manifest",
+            "sign",
+            "--manifest",
+            "m.json",
+            "--key",
+            "author.key",
+            "--alg",
+            alg,
+            "--out",
+            "m.sig",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let sig = s.p.input("m.sig");
+        let v = s.p.check(&m, Some((&sig, alg, &cert)), &[]);
+        assert_eq!(v.code, 0, "{alg}: {v:?}");
+        assert_eq!(v.json()["verdict"], "accept");
+    }
+    // A key that is not a key changes nothing and says so.
+    s.p.write_input("bad.key", "not a key");
+    let r = s.p.requestor([
+        "manifest",
+        "sign",
+        "--manifest",
+        "m.json",
+        "--key",
+        "bad.key",
+        "--out",
+        "other.sig",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("bad.key"), "{r:?}");
+    assert!(!s.p.input("other.sig").exists());
+}
