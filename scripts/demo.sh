@@ -43,8 +43,10 @@ echo "this must not leave the host" > www/secret.txt
 step "A local upstream on 127.0.0.1 (serves the payload image and the allowed URL)"
 python3 - "$work/www" > upstream.port <<'PY' &
 import functools, http.server, sys
-handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
-handler.log_message = lambda *a: None
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 print(srv.server_address[1], flush=True)
 srv.serve_forever()

@@ -584,6 +584,39 @@ async fn bad_input_fails_that_request_and_the_server_keeps_serving() {
     let (server, inbound, server_addr) = start(loopback_config()).await;
     let server_id = server.local_peer_id();
     serve(server_id, inbound);
+    refuses_bad_input_and_keeps_serving(server_id, server_addr).await;
+}
+
+/// The same bad input against the whole daemon (`agent::daemon::run`, with its market and
+/// jobs behind the network layer): each bad request fails, the daemon answers the next.
+#[tokio::test]
+async fn the_daemon_refuses_bad_input_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = agent::store::DataDir::new(dir.path());
+    let (tx, rx) = std::sync::mpsc::channel::<Multiaddr>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cfg = agent::daemon::DaemonConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            mdns: false,
+            ..Default::default()
+        };
+        let _ = rt.block_on(agent::daemon::run(data, cfg, move |a| {
+            let _ = tx.send(a.clone());
+        }));
+    });
+    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the daemon listens");
+    let Some(Protocol::P2p(server_id)) = addr.iter().last() else {
+        panic!("no peer id in {addr}");
+    };
+    refuses_bad_input_and_keeps_serving(server_id, addr).await;
+    drop(dir);
+}
+
+async fn refuses_bad_input_and_keeps_serving(server_id: PeerId, server_addr: Multiaddr) {
     let (client, _inbound, _) = start(loopback_config()).await;
     let mut raw = raw_swarm();
     raw.add_peer_address(server_id, server_addr.clone());

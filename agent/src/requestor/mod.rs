@@ -311,6 +311,16 @@ fn offers(wait: Duration, json: bool) -> anyhow::Result<u8> {
     })
 }
 
+/// `matched_rule` as a person reads it: ` (rule audited-payload "CN=…", outbound mode all)`.
+fn describe_rule(rule: &Value) -> String {
+    let name = rule["rule"].as_str().unwrap_or("?");
+    let mode = rule["mode"].as_str().unwrap_or("?");
+    match rule["subject"].as_str() {
+        Some(subject) => format!(" (rule {name} \"{subject}\", outbound mode {mode})"),
+        None => format!(" (rule {name}, outbound mode {mode})"),
+    }
+}
+
 /// What `submit` prints: text for people, one JSON object per line with `--json`.
 struct Printer {
     json: bool,
@@ -507,10 +517,7 @@ async fn session(
                 "proposal",
                 format!(
                     "demand accepted by {peer}{}",
-                    matched_rule
-                        .as_ref()
-                        .map(|r| format!(" (rule: {r})"))
-                        .unwrap_or_default()
+                    matched_rule.as_ref().map(describe_rule).unwrap_or_default()
                 ),
                 json!({"proposal_id": proposal_id, "matched_rule": matched_rule}),
             );
