@@ -133,6 +133,26 @@ run "$requestor" receipt verify "$receipt"
 step "The provider's audit log (last lines)"
 tail -n 8 "$PROVIDER_DATA_DIR/audit.jsonl"
 
+# The job benchmark (DEMO_BENCH_RUNS=N scripts/demo.sh): N more jobs of batch 1, each a
+# new agreement and VM; the requestor's --timings give agreement → first command output.
+if [[ "${DEMO_BENCH_RUNS:-0}" -gt 0 ]]; then
+  step "Benchmark: ${DEMO_BENCH_RUNS} jobs, agreement → first command output"
+  for _ in $(seq "$DEMO_BENCH_RUNS"); do
+    "$requestor" --json submit --provider "$addr" --manifest manifest.json --sig manifest.sig \
+      --cert author.pem --script 1-allowed.json --out-dir receipts --timings 2>&1 >/dev/null \
+      | sed -n 's/^timings: //p' | tee -a timings.txt
+  done
+  python3 - timings.txt <<'PY'
+import re, statistics, sys
+rows = [l for l in open(sys.argv[1]) if l.strip()]
+def col(name):
+    return sorted(float(re.search(name + r" (\d+) ms", l).group(1)) for l in rows)
+for name in ["connect\\+negotiate", "agreement → VM ready", "agreement → first command output", "total"]:
+    v = col(name)
+    print(f"{name.replace(chr(92), ''):35s} median {statistics.median(v):7.0f} ms   min {v[0]:7.0f}   max {v[-1]:7.0f}   (n={len(v)})")
+PY
+fi
+
 step "Stop the provider (SIGTERM)"
 kill -TERM "$daemon"
 wait "$daemon" && echo "provider stopped cleanly"

@@ -135,6 +135,9 @@ pub struct SubmitArgs {
     /// Give up on the whole job after this long.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::cli::vm::parse_duration)]
     timeout: Duration,
+    /// Print how long negotiation, VM start and the first command output took (stderr).
+    #[arg(long)]
+    timings: bool,
 }
 
 /// Why `submit` stopped early, with its exit code.
@@ -478,6 +481,7 @@ async fn session(
     batches: Vec<Value>,
     out: &Printer,
 ) -> Result<u8, Stop> {
+    let started = std::time::Instant::now();
     let (client, _inbound, event_loop) = net::new(
         identity,
         NetConfig {
@@ -545,6 +549,8 @@ async fn session(
             )))
         }
     };
+    let agreed = std::time::Instant::now();
+    let negotiated = started.elapsed();
     let agreement_id = match client
         .market(peer, MarketRequest::Agree { proposal_id })
         .await
@@ -588,6 +594,7 @@ async fn session(
             }
         }
     };
+    let mut first_output = None;
     let activity_id = match activity(ActivityRequest::Create { agreement_id }).await? {
         ActivityResponse::Created { activity_id } => activity_id,
         other => {
@@ -596,6 +603,7 @@ async fn session(
             )))
         }
     };
+    let vm_ready = agreed.elapsed();
     out.event(
         "activity",
         format!("job {activity_id} started: the payload's VM is up"),
@@ -640,6 +648,9 @@ async fn session(
             };
             for result in &results {
                 all_ok &= result.outcome == CmdOutcome::Ok;
+                if first_output.is_none() && result.command.starts_with("run ") {
+                    first_output = Some(agreed.elapsed());
+                }
                 out.result(result);
             }
             from += results.len();
@@ -692,6 +703,16 @@ async fn session(
         return Err(Stop::Unreachable(anyhow::anyhow!(
             "the receipt's signature does not verify"
         )));
+    }
+    if args.timings {
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+        eprintln!(
+            "timings: connect+negotiate {}, agreement → VM ready {}, agreement → first command output {}, total {}",
+            ms(negotiated),
+            ms(vm_ready),
+            first_output.map_or("-".into(), ms),
+            ms(started.elapsed())
+        );
     }
     Ok(if all_ok { 0 } else { 1 })
 }
