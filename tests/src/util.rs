@@ -295,6 +295,13 @@ impl Provider {
     /// Starts `provider run` on 127.0.0.1 (no mDNS) with `extra` flags and waits for the
     /// address it listens on.
     pub fn daemon(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
+        args.extend_from_slice(extra);
+        self.daemon_with(&args)
+    }
+
+    /// Starts `provider run <args>` and waits for the address it listens on.
+    pub fn daemon_with(&self, args: &[&str]) -> Daemon {
         use std::io::BufRead as _;
         let stderr = self.home.path().join(format!(
             "daemon-{}.log",
@@ -306,8 +313,8 @@ impl Provider {
         let mut child = Command::new(bin("provider"))
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
-            .args(extra)
+            .arg("run")
+            .args(args)
             .env_remove("PROVIDER_DATA_DIR")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
@@ -492,4 +499,48 @@ pub fn http_server(
         }
     });
     (format!("http://{addr}"), seen)
+}
+
+/// Runs the test `name` of the current test binary again inside a private network
+/// namespace with one veth pair, so multicast (mDNS) never touches the host's network.
+/// Returns false in that re-run (do the work); true where the re-run happened (it passed,
+/// or was skipped with the reason printed).
+pub fn rerun_in_private_netns(name: &str) -> bool {
+    const MARK: &str = "PROVIDER_TEST_IN_NETNS";
+    if std::env::var_os(MARK).is_some() {
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "ip link set lo up && ip link add v0 type veth peer name v1 && \
+         ip addr add 10.77.0.1/24 dev v0 && ip link set v0 multicast on up && ip link set v1 up && \
+         ip route add 224.0.0.0/4 dev v0 && exec '{}' --exact {name} --nocapture --test-threads 1",
+        exe.display()
+    );
+    match Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .env(MARK, "1")
+        .output()
+    {
+        // `--exact` with a misspelt name runs nothing and succeeds: insist on the one test.
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 1 passed") => {
+            true
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("unshare failed") => {
+            eprintln!(
+                "SKIPPED {name}: no private network namespace here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            true
+        }
+        Ok(o) => panic!(
+            "{name} failed in its network namespace:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            eprintln!("SKIPPED {name}: cannot run unshare: {e}");
+            true
+        }
+    }
 }

@@ -397,3 +397,29 @@ fn requestor_signs_a_manifest_the_provider_accepts() {
     assert!(r.stderr.contains("bad.key"), "{r:?}");
     assert!(!s.p.input("other.sig").exists());
 }
+
+#[test]
+fn requestor_offers_lists_a_provider_found_by_mdns() {
+    if tests::util::rerun_in_private_netns("requestor_offers_lists_a_provider_found_by_mdns") {
+        return;
+    }
+    let s = setup();
+    let d = s.p.daemon_with(&["--listen", "/ip4/0.0.0.0/tcp/0"]);
+    let r = s.p.requestor(["--json", "offers", "--wait", "3s"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let list = r.json();
+    let found = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["provider_id"] == d.peer_id())
+        .unwrap_or_else(|| panic!("the provider was not found: {list}\n{}", d.logs()));
+    assert_eq!(found["properties"]["golem.runtime.name"], "vm");
+    assert!(
+        found["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("/ip4/10.77.0.1/"),
+        "{found}"
+    );
+}
