@@ -285,30 +285,7 @@ fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = j.p.daemon(&args);
     let data = j.p.data_dir().display().to_string();
-    let submitter = {
-        let batch = j.p.write_input(
-            "long.json",
-            json!([run("/bin/sleep", &["600"])]).to_string(),
-        );
-        std::process::Command::new(tests::util::bin("requestor"))
-            .args(["submit", "--provider", &d.addr, "--manifest"])
-            .arg(&j.manifest)
-            .arg("--sig")
-            .arg(&j.sig)
-            .arg("--cert")
-            .arg(&j.cert)
-            .arg("--script")
-            .arg(&batch)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while qemu_with(&data).is_empty() {
-        assert!(Instant::now() < deadline, "no VM started: {}", d.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let submitter = start_long_job(&j, &d);
     tests::util::signal(d.pid(), "KILL");
     let _ = d.child.wait();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -329,4 +306,94 @@ fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
     assert_eq!(r.code, 0, "{r:?}\n{}", d2.logs());
     let out = events.iter().find(|e| e["event"] == "result").unwrap();
     assert_eq!(out["stdout"], "again\n");
+}
+
+/// Starts `requestor submit` of one long `sleep` in the background and waits until its VM
+/// runs; returns the requestor process.
+fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
+    let batch = j.p.write_input("long.json", json!([run("/bin/sleep", &["600"])]).to_string());
+    let child = std::process::Command::new(tests::util::bin("requestor"))
+        .args(["submit", "--provider", &d.addr, "--manifest"])
+        .arg(&j.manifest)
+        .arg("--sig")
+        .arg(&j.sig)
+        .arg("--cert")
+        .arg(&j.cert)
+        .arg("--script")
+        .arg(&batch)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The VM process appearing means the job started.
+    let data = j.p.data_dir().display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while qemu_with(&data).is_empty() {
+        assert!(Instant::now() < deadline, "no VM started: {}", d.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Give the guest time to boot and start the command.
+    std::thread::sleep(Duration::from_secs(8));
+    child
+}
+
+/// The receipts the daemon stored.
+fn stored_receipts(j: &Job) -> Vec<Value> {
+    let dir = j.p.data_dir().join("receipts");
+    std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigterm_ends_running_jobs_with_stored_receipts_and_no_vm_left() {
+    let Some(j) = job() else { return };
+    let args = daemon_args(&j);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = j.p.daemon(&args);
+    let mut submitter = start_long_job(&j, &d);
+    let t = Instant::now();
+    assert_eq!(d.stop(Duration::from_secs(60)), Some(0), "{}", d.logs());
+    assert!(t.elapsed() < Duration::from_secs(30), "SIGTERM waited out the command");
+    assert!(qemu_with(&j.p.data_dir().display().to_string()).is_empty());
+    let receipts = stored_receipts(&j);
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+    let r = &receipts[0]["receipt"];
+    assert_eq!(r["termination"], "the provider was shut down", "{r}");
+    assert_eq!(r["commands"][0]["outcome"], "failed", "{r}");
+    let path = j.p.data_dir().join("receipts");
+    let file = std::fs::read_dir(path).unwrap().next().unwrap().unwrap().path();
+    assert_eq!(j.p.requestor(["receipt", "verify", file.to_str().unwrap()]).code, 0);
+    let _ = submitter.kill();
+    let _ = submitter.wait();
+}
+
+#[test]
+fn an_expired_agreement_ends_its_job() {
+    let Some(j) = job() else { return };
+    let cfg = j.p.write_input("short.json", r#"{"agreement_ttl": "20s"}"#);
+    let mut args = daemon_args(&j);
+    args.extend(["--config".to_string(), cfg.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = j.p.daemon(&args);
+    let mut submitter = start_long_job(&j, &d);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_receipts(&j).is_empty() {
+        assert!(Instant::now() < deadline, "the job outlived its agreement: {}", d.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let receipts = stored_receipts(&j);
+    assert_eq!(receipts[0]["receipt"]["termination"], "the agreement expired");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemu_with(&j.p.data_dir().display().to_string()).is_empty() {
+        assert!(Instant::now() < deadline, "the VM outlived its agreement");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The requestor learns it: its job ends with an error, not a hang.
+    let status = submitter.wait().unwrap();
+    assert_ne!(status.code(), Some(0));
 }
