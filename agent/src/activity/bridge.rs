@@ -435,7 +435,11 @@ mod tests {
         let _ = read_all(&mut s);
         assert!(settles(&r.bridge), "the proxy did not see the half-close");
         // Well before the proxy's 60 s idle timeout could have ended it instead.
-        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     /// A guest reset ends the proxy's side at once, not at its idle timeout.

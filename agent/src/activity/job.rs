@@ -83,6 +83,9 @@ impl Job {
     ) -> Result<Job, ActivityError> {
         let started_at = Utc::now();
         check_activity_id(&spec.activity_id)?;
+        if started_at >= spec.expires_at {
+            return Err(ActivityError::Expired(spec.expires_at));
+        }
         let manifest = policies::ReceivedManifest::from_base64(&spec.manifest_base64)?;
         // The verdict checked this at negotiation; the manifest may have expired since.
         manifest.check_time(started_at)?;
@@ -230,8 +233,7 @@ impl Job {
                     Hashes::empty(),
                 ),
                 None => {
-                    let (result, hashes, next) =
-                        self.one(&mut state, batch_id, index, command, started_at);
+                    let (result, hashes, next) = self.one(&mut state, index, command, started_at);
                     if let Next::Stop(why) = next {
                         stop = Some(why);
                     }
@@ -248,7 +250,6 @@ impl Job {
     fn one(
         &self,
         state: &mut State,
-        batch_id: &str,
         index: usize,
         command: &Command,
         started_at: DateTime<Utc>,
@@ -409,19 +410,27 @@ impl Job {
                     Err(reason) => return fail(Outcome::Failed, reason, "after-failed"),
                 };
                 state.commands_run += 1;
-                let tmp = self.dir.join(format!("transfer-{batch_id}-{index}.part"));
-                let moved = transfer::fetch(
-                    &self.rt,
-                    self.proxy.clone(),
-                    &plan.url,
-                    &tmp,
-                    self.max_transfer_bytes,
-                )
-                .and_then(|_| {
-                    vm.upload(&tmp, &plan.guest_path)
-                        .map_err(|e| Reason::new("transfer-failed", e.to_string()))
-                });
-                let _ = std::fs::remove_file(&tmp);
+                // Removed when dropped, whatever happens to the transfer.
+                let moved = tempfile::Builder::new()
+                    .prefix(".transfer-")
+                    .tempfile_in(&self.dir)
+                    .map_err(|e| {
+                        Reason::new(
+                            "transfer-failed",
+                            format!("a temporary file in {}: {e}", self.dir.display()),
+                        )
+                    })
+                    .and_then(|tmp| {
+                        transfer::fetch(
+                            &self.rt,
+                            self.proxy.clone(),
+                            &plan.url,
+                            tmp.path(),
+                            self.max_transfer_bytes,
+                        )?;
+                        vm.upload(tmp.path(), &plan.guest_path)
+                            .map_err(|e| Reason::new("transfer-failed", e.to_string()))
+                    });
                 match moved {
                     Ok(bytes) => {
                         let (mut r, h, n) = self.ok(base);

@@ -55,7 +55,7 @@ pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
             format!("`to` must name an absolute path without `..`; got `{guest_path}`"),
         ));
     }
-    let url = Url::parse(&t.from).map_err(|e| {
+    let mut url = Url::parse(&t.from).map_err(|e| {
         Reason::new(
             "transfer-invalid",
             format!("`from` is not a URL ({e}): `{}`", t.from),
@@ -67,6 +67,8 @@ pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
             url.scheme()
         )));
     }
+    // A fragment is the client's business; it is never sent.
+    url.set_fragment(None);
     if url.host_str().is_none() {
         return Err(Reason::new(
             "transfer-invalid",
