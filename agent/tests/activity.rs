@@ -579,3 +579,193 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         .iter()
         .any(|l| l["event"] == "job" && l["phase"] == "ended"));
 }
+
+/// A manifest for `image` (its bytes) with `script` commands and no outbound.
+fn manifest_for(image_url: &str, image: &[u8], script: Value) -> Value {
+    let now = chrono::Utc::now();
+    json!({
+        "version": "0.1.0",
+        "createdAt": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+        "expiresAt": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "payload": [{
+            "platform": {"arch": "x86_64", "os": "linux"},
+            "urls": [image_url],
+            "hash": format!("sha3:{}", hex_digest(MessageDigest::sha3_256(), image)),
+        }],
+        "compManifest": {"version": "0.1.0", "script": script},
+    })
+}
+
+fn spec_for(id: &str, manifest: &Value, expires_in: chrono::Duration) -> JobSpec {
+    JobSpec {
+        activity_id: id.into(),
+        agreement_id: format!("agr-{id}"),
+        provider_id: "provider-peer".into(),
+        requestor_id: "requestor-peer".into(),
+        manifest_base64: base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(manifest).unwrap()),
+        mode: policies::Mode::None,
+        whitelist: policies::WhitelistMatcher::new(&[]).unwrap(),
+        expires_at: chrono::Utc::now() + expires_in,
+    }
+}
+
+fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Duration) -> JobConfig {
+    JobConfig {
+        backend,
+        kernel,
+        guest_agent: agent,
+        mem_mib: 256,
+        cpus: 1,
+        boot_timeout: Duration::from_secs(180),
+        command_timeout: timeout,
+        max_output_bytes: 4096,
+        max_transfer_bytes: 1 << 20,
+        addresses: AddressPolicy::new(Vec::new()),
+        limits: Limits::default(),
+    }
+}
+
+/// Everything refused before a VM could start: no VMM is ever launched (the backend here
+/// is a binary that does not exist) and no job directory is left.
+#[test]
+fn a_job_is_refused_before_boot_for_what_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path().join("data"));
+    let image = dir.path().join("image.tar");
+    std::fs::write(&image, b"an image that is never unpacked").unwrap();
+    let bytes = std::fs::read(&image).unwrap();
+    let url = format!("file://{}", image.display());
+    let config = config_for(
+        Backend::Qemu(QemuOptions {
+            binary: dir.path().join("no-qemu"),
+            accel: vm::Accel::Tcg,
+            sandbox: false,
+        }),
+        dir.path().join("no-kernel"),
+        dir.path().join("no-agent"),
+        Duration::from_secs(5),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let audit = Arc::new(AuditLog::memory());
+    let start = |spec: JobSpec| {
+        Job::start(spec, &config, &data, audit.clone(), rt.handle().clone())
+            .err()
+            .expect("the job must not start")
+    };
+    let good = manifest_for(&url, &bytes, json!({"commands": ["run /bin/echo hi"]}));
+    let hour = chrono::Duration::hours(1);
+
+    let e = start(spec_for("../escape", &good, hour));
+    assert!(matches!(e, ActivityError::BadActivityId(_)), "{e}");
+
+    let e = start(spec_for("expired-agreement", &good, -hour));
+    assert!(matches!(e, ActivityError::Expired(_)), "{e}");
+
+    let mut s = spec_for("not-base64", &good, hour);
+    s.manifest_base64 = "%%%".into();
+    let e = start(s);
+    assert!(matches!(e, ActivityError::Manifest(_)), "{e}");
+
+    let mut old = good.clone();
+    old["expiresAt"] = json!("2020-01-01T00:00:00Z");
+    old["createdAt"] = json!("2019-01-01T00:00:00Z");
+    let e = start(spec_for("expired-manifest", &old, hour));
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    let bad_regex = manifest_for(
+        &url,
+        &bytes,
+        json!({"commands": ["run /bin/(echo"], "match": "regex"}),
+    );
+    let e = start(spec_for("bad-regex", &bad_regex, hour));
+    assert!(matches!(e, ActivityError::Script(_)), "{e}");
+
+    let mut arm = good.clone();
+    arm["payload"][0]["platform"]["arch"] = json!("aarch64");
+    let e = start(spec_for("other-platform", &arm, hour));
+    assert!(e.to_string().contains("platform-unsupported"), "{e}");
+
+    let mut wrong = good.clone();
+    wrong["payload"][0]["hash"] = json!(format!("sha3:{}", "ab".repeat(32)));
+    let e = start(spec_for("wrong-hash", &wrong, hour));
+    assert!(e.to_string().contains("hash mismatch"), "{e}");
+
+    assert!(
+        !dir.path().join("data/jobs").exists()
+            || std::fs::read_dir(dir.path().join("data/jobs"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a refused job left a directory"
+    );
+}
+
+/// A command is killed at the job's command timeout; a job dropped without terminate
+/// leaves no QEMU behind; an activity id cannot be reused while its directory exists.
+#[test]
+fn a_command_times_out_and_a_dropped_job_leaves_no_vm() {
+    let Some(env) = env() else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(data_dir.path());
+    let image = std::fs::read(&env.image).unwrap();
+    let manifest = manifest_for(
+        &format!("file://{}", env.image.display()),
+        &image,
+        json!({"commands": ["run /bin/sh -c .*", "run /bin/echo .*"], "match": "regex"}),
+    );
+    let config = config_for(
+        env.backend.clone(),
+        env.kernel.clone(),
+        env.agent.clone(),
+        Duration::from_secs(3),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let audit = Arc::new(AuditLog::memory());
+    let spec = spec_for("slow", &manifest, chrono::Duration::hours(1));
+    let job = Job::start(
+        spec.clone(),
+        &config,
+        &data,
+        audit.clone(),
+        rt.handle().clone(),
+    )
+    .unwrap_or_else(|e| panic!("job start: {e}"));
+
+    let started = Instant::now();
+    let r = exec(
+        &job,
+        "b1",
+        json!([
+            run("/bin/sh", &["-c", "echo started; sleep 60"]),
+            run("/bin/echo", &["never"]),
+        ]),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    assert_eq!(r[0].reason.as_ref().unwrap().code, "timeout");
+    assert_eq!(r[0].stdout, "started\n");
+    assert_eq!(r[1].outcome, Outcome::Skipped);
+
+    // The directory is taken while the job lives (and after: console.log stays).
+    let e = Job::start(spec, &config, &data, audit, rt.handle().clone())
+        .err()
+        .expect("a second job with the same id");
+    assert!(matches!(e, ActivityError::JobDir { .. }), "{e}");
+
+    assert!(!qemu_processes_mentioning(data_dir.path()).is_empty());
+    drop(job);
+    let left = qemu_processes_mentioning(data_dir.path());
+    assert!(left.is_empty(), "QEMU still running: {left:?}");
+}
