@@ -631,6 +631,13 @@ fn check_activity_id(id: &str) -> Result<(), ActivityError> {
 mod tests {
     use super::*;
 
+    /// The daemon shares a job between its request handlers.
+    #[test]
+    fn a_job_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Job>();
+    }
+
     #[test]
     fn activity_ids_cannot_leave_the_jobs_dir() {
         for good in ["a1", "act-2026.11_23", &"x".repeat(128)] {
