@@ -21,6 +21,9 @@ use agent::store::DataDir;
 use agent::vm::{self, qemu::QemuOptions, Backend};
 use base64::Engine as _;
 use openssl::hash::{hash, MessageDigest};
+use openssl::pkey::PKey;
+use openssl::ssl::{SslAcceptor, SslMethod};
+use openssl::x509::X509;
 use serde_json::{json, Value};
 
 fn workspace() -> PathBuf {
@@ -135,47 +138,77 @@ fn hex_digest(md: MessageDigest, bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A small HTTP server on 127.0.0.1 answering every path under `/allowed` with `body` (and
-/// `/allowed/file.bin` with `file`); counts the requests it got.
-fn upstream(body: &'static str, file: Arc<Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
+/// A small HTTP server on 127.0.0.1 answering every path with `body` (and
+/// `/allowed/file.bin` with `file`), over TLS when given an acceptor; counts the
+/// connections it got.
+fn upstream(
+    body: &'static str,
+    file: Arc<Vec<u8>>,
+    tls: Option<Arc<SslAcceptor>>,
+) -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
+            let Ok(c) = conn else { continue };
             h.fetch_add(1, Ordering::SeqCst);
             let file = file.clone();
-            std::thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
+            let tls = tls.clone();
+            std::thread::spawn(move || match tls {
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(c) {
+                        answer(s, body, &file);
                     }
                 }
-                let line = String::from_utf8_lossy(&req)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                let content: &[u8] = if line.starts_with("GET /allowed/file.bin ") {
-                    &file
-                } else {
-                    body.as_bytes()
-                };
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    content.len()
-                );
-                let _ = c.write_all(content);
+                None => answer(c, body, &file),
             });
         }
     });
     (port, hits)
+}
+
+fn answer<S: Read + Write>(mut c: S, body: &str, file: &[u8]) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let content: &[u8] = if line.starts_with("GET /allowed/file.bin ") {
+        file
+    } else {
+        body.as_bytes()
+    };
+    let _ = write!(
+        c,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        content.len()
+    );
+    let _ = c.write_all(content);
+    let _ = c.flush();
+}
+
+/// A TLS server identity for 127.0.0.1 (self-signed: the client trusts it as a root).
+fn tls_identity() -> (Arc<SslAcceptor>, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let pem = cert.cert.pem();
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    b.set_certificate(&X509::from_pem(pem.as_bytes()).unwrap())
+        .unwrap();
+    b.set_private_key(
+        &PKey::private_key_from_pem(cert.key_pair.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    (Arc::new(b.build()), pem)
 }
 
 fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
@@ -222,8 +255,16 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
 
     let file: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
-    let (allowed_port, allowed_hits) = upstream("hello from the allowed upstream\n", file.clone());
-    let (other_port, other_hits) = upstream("you must not see this\n", file.clone());
+    let (allowed_port, allowed_hits) =
+        upstream("hello from the allowed upstream\n", file.clone(), None);
+    let (other_port, other_hits) = upstream("you must not see this\n", file.clone(), None);
+    let (acceptor, ca_pem) = tls_identity();
+    let (tls_port, tls_hits) = upstream("secure\n", file.clone(), Some(acceptor));
+    // Listed in the manifest, but its certificate is not one the job trusts.
+    let (untrusted, _) = tls_identity();
+    let (untrusted_port, _) = upstream("forged\n", file.clone(), Some(untrusted));
+    let ca_file = data_dir.path().join("test-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
 
     let image = std::fs::read(&env.image).unwrap();
     let now = chrono::Utc::now();
@@ -246,13 +287,17 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
                     "run /bin/wget .*",
                     "run /bin/touch /tmp/.*",
                     "run /bin/cat /tmp/.*",
-                    "transfer http://127\\.0\\.0\\.1:[0-9]+/.* container:/tmp/.*",
+                    "transfer https?://127\\.0\\.0\\.1:[0-9]+/.* container:/tmp/.*",
                 ],
                 "match": "regex",
             },
             "net": {"inet": {"out": {
-                "protocols": ["http"],
-                "urls": [format!("http://127.0.0.1:{allowed_port}/allowed")],
+                "protocols": ["http", "https"],
+                "urls": [
+                    format!("http://127.0.0.1:{allowed_port}/allowed"),
+                    format!("https://127.0.0.1:{tls_port}/"),
+                    format!("https://127.0.0.1:{untrusted_port}/"),
+                ],
             }}},
         },
     });
@@ -277,6 +322,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         command_timeout: Duration::from_secs(60),
         max_output_bytes: 4096,
         max_transfer_bytes: 1 << 20,
+        transfer_ca_files: vec![ca_file.clone()],
         // The upstreams are on the host's loopback: the operator opens it for this test.
         addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
         limits: Limits::default(),
@@ -466,6 +512,38 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         "{r:#?}"
     );
     assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    // HTTPS: a CONNECT tunnel through the proxy, TLS verified against the operator's CA.
+    let r = exec(
+        &job,
+        "t3",
+        json!([
+            {"transfer": {
+                "from": format!("https://127.0.0.1:{tls_port}/allowed/file.bin"),
+                "to": "container:/tmp/secure.bin"
+            }},
+            run("/bin/sh", &["-c", "sha256sum /tmp/secure.bin | cut -d' ' -f1"]),
+        ]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Ok, "{}", summary(&r[0]));
+    assert_eq!(
+        r[1].stdout.trim(),
+        hex_digest(MessageDigest::sha256(), &file),
+        "{}",
+        summary(&r[1])
+    );
+    assert_eq!(tls_hits.load(Ordering::SeqCst), 1);
+    let r = exec(
+        &job,
+        "t4",
+        json!([{"transfer": {
+            "from": format!("https://127.0.0.1:{untrusted_port}/allowed/file.bin"),
+            "to": "container:/tmp/forged.bin"
+        }}]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    let why = r[0].reason.as_ref().unwrap();
+    assert_eq!(why.code, "transfer-failed", "{why:?}");
+    assert!(why.message.contains("TLS"), "{why:?}");
 
     // Every guest connection's threads and proxy task end with the connection.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -532,15 +610,18 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         .iter()
         .filter(|e| e.decision == "deny")
         .collect();
+    // The untrusted tunnel was allowed by the proxy; the job's TLS client refused it.
     assert_eq!(
         allow.len(),
-        2,
-        "wget and the transfer: {:#?}",
+        4,
+        "wget and the transfers: {:#?}",
         receipt.egress
     );
-    assert!(allow.iter().all(|e| e
+    assert!(allow[..2].iter().all(|e| e
         .destination
         .contains(&format!("127.0.0.1:{allowed_port}/allowed"))));
+    assert_eq!(allow[2].method, "CONNECT");
+    assert_eq!(allow[2].destination, format!("127.0.0.1:{tls_port}"));
     assert!(allow.iter().any(|e| e.bytes_down >= file.len() as u64));
     assert_eq!(deny.len(), 3, "{:#?}", receipt.egress);
     for e in &deny {
@@ -621,6 +702,7 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         command_timeout: timeout,
         max_output_bytes: 4096,
         max_transfer_bytes: 1 << 20,
+        transfer_ca_files: Vec::new(),
         addresses: AddressPolicy::new(Vec::new()),
         limits: Limits::default(),
     }

@@ -45,6 +45,7 @@ pub struct Job {
     command_timeout: Duration,
     max_output_bytes: usize,
     max_transfer_bytes: u64,
+    tls: tokio_native_tls::TlsConnector,
     started_at: DateTime<Utc>,
     /// When the VM was launched (for `wall_ms`).
     launched: Instant,
@@ -93,6 +94,8 @@ impl Job {
             Some(script) => exescript::compile(&script.commands, script.match_)?,
             None => Gate::allow_all(),
         };
+        let tls = transfer::tls_connector(&config.transfer_ca_files)
+            .map_err(ActivityError::TransferTls)?;
         let payload = image::select_payload(&manifest, &policies::Platform::host())?;
         let mut store = ImageStore::new(data);
         store.progress = false;
@@ -169,6 +172,7 @@ impl Job {
             command_timeout: config.command_timeout,
             max_output_bytes: config.max_output_bytes,
             max_transfer_bytes: config.max_transfer_bytes,
+            tls,
             started_at,
             launched,
             state: Mutex::new(State::default()),
@@ -424,6 +428,7 @@ impl Job {
                         transfer::fetch(
                             &self.rt,
                             self.proxy.clone(),
+                            &self.tls,
                             &plan.url,
                             tmp.path(),
                             self.max_transfer_bytes,

@@ -53,6 +53,9 @@ pub struct JobConfig {
     pub max_output_bytes: usize,
     /// Largest file one `transfer` may bring into the VM.
     pub max_transfer_bytes: u64,
+    /// Trust anchors for `https://` transfers beside the system's (PEM files), e.g. an
+    /// internal mirror's CA.
+    pub transfer_ca_files: Vec<PathBuf>,
     /// Address ranges the operator opens to payloads (`--allow-cidr`).
     pub addresses: AddressPolicy,
     /// Bounds on the job's egress proxy.
@@ -95,6 +98,8 @@ pub enum ActivityError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the TLS client for https transfers: {0}")]
+    TransferTls(String),
     #[error("the job's initramfs: {0}")]
     Initramfs(#[from] crate::vm::initramfs::InitramfsError),
     #[error("the job's VM: {0}")]

@@ -3,12 +3,15 @@
 //! The host fetches `from` by speaking HTTP to the job's [`Proxy`] over an in-memory
 //! pipe, exactly as a payload process would through the guest's proxy listener: the same
 //! allowlist, address checks, byte budget and audit lines apply, so a transfer can never
-//! reach what the payload itself could not. The body lands in a temporary file in the job
-//! directory (at most the job's `max_transfer_bytes`) and is then uploaded into the guest.
+//! reach what the payload itself could not. `http://` is a plain proxied request;
+//! `https://` is a `CONNECT` tunnel with TLS inside it (the system's trust anchors plus the
+//! operator's extra ones, hostname checked; no SNI for IP literals, as the proxy demands).
+//! The body lands in a temporary file in the job directory (at most the job's
+//! `max_transfer_bytes`) and is then uploaded into the guest.
 //!
-//! Supported: `from` an `http://` URL, `to` a `container:/absolute/path`. Everything else
-//! (`https://` sources, downloads out of the VM, archive `format`/`depth`/`fileset`) is
-//! refused with a reason rather than approximated; see `docs/activity.md`.
+//! Supported: `from` an `http://` or `https://` URL, `to` a `container:/absolute/path`.
+//! Everything else (downloads out of the VM, archive `format`/`depth`/`fileset`) is refused
+//! with a reason rather than approximated; see `docs/activity.md`.
 
 use std::io::Write;
 use std::path::Path;
@@ -16,12 +19,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HOST, USER_AGENT};
-use http::Request;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
-use url::Url;
+use tokio_native_tls::TlsConnector;
+use url::{Position, Url};
 
 use crate::egress::{serve_connection, Proxy};
 use crate::net::wire::Reason;
@@ -61,9 +66,9 @@ pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
             format!("`from` is not a URL ({e}): `{}`", t.from),
         )
     })?;
-    if url.scheme() != "http" {
+    if url.scheme() != "http" && url.scheme() != "https" {
         return Err(unsupported(format!(
-            "`from` must be an http:// URL (fetched through the job's egress proxy); `{}` sources are not supported",
+            "`from` must be an http:// or https:// URL (fetched through the job's egress proxy); `{}` sources are not supported",
             url.scheme()
         )));
     }
@@ -93,12 +98,13 @@ enum Msg {
 pub(crate) fn fetch(
     rt: &Handle,
     proxy: Arc<Proxy>,
+    tls: &TlsConnector,
     url: &Url,
     dest: &Path,
     max: u64,
 ) -> Result<u64, Reason> {
     let (tx, mut rx) = mpsc::channel::<Msg>(8);
-    let task = rt.spawn(request(proxy, url.clone(), tx));
+    let task = rt.spawn(request(proxy, tls.clone(), url.clone(), tx));
     let mut file = std::fs::File::create(dest).map_err(|e| {
         task.abort();
         Reason::new("transfer-failed", format!("create {}: {e}", dest.display()))
@@ -150,19 +156,45 @@ pub(crate) fn fetch(
     result
 }
 
-async fn request(proxy: Arc<Proxy>, url: Url, tx: mpsc::Sender<Msg>) {
+async fn request(proxy: Arc<Proxy>, tls: TlsConnector, url: Url, tx: mpsc::Sender<Msg>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move {
         if let Err(e) = serve_connection(server, proxy).await {
             tracing::debug!(error = %e, "transfer: proxy connection ended with an error");
         }
     });
-    if let Err(e) = exchange(client, &url, &tx).await {
+    let result = if url.scheme() == "https" {
+        https(client, &tls, &url, &tx).await
+    } else {
+        http(client, &url, &tx).await
+    };
+    if let Err(e) = result {
         let _ = tx.send(Msg::Error(e)).await;
     }
 }
 
-async fn exchange(
+/// `Host` as the URL names it: the host, and the port when it is not the default.
+fn host_header(url: &Url) -> Result<String, String> {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => Ok(format!("{h}:{p}")),
+        (Some(h), None) => Ok(h.to_owned()),
+        (None, _) => Err("the URL has no host".into()),
+    }
+}
+
+fn get(target: &str, host: String) -> Result<Request<Empty<Bytes>>, String> {
+    Request::get(target)
+        .header(HOST, host)
+        .header(
+            USER_AGENT,
+            concat!("provider-transfer/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::new())
+        .map_err(|e| format!("build the request: {e}"))
+}
+
+/// A plain request through the proxy, in absolute form as forward proxies expect.
+async fn http(
     client: tokio::io::DuplexStream,
     url: &Url,
     tx: &mpsc::Sender<Msg>,
@@ -174,29 +206,83 @@ async fn exchange(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let host = match (url.host_str(), url.port()) {
-        (Some(h), Some(p)) => format!("{h}:{p}"),
-        (Some(h), None) => h.to_owned(),
-        (None, _) => return Err("the URL has no host".into()),
-    };
-    // Absolute-form, as a client of a forward proxy sends it.
-    let req = Request::get(url.as_str())
-        .header(HOST, host)
-        .header(
-            USER_AGENT,
-            concat!("provider-transfer/", env!("CARGO_PKG_VERSION")),
-        )
-        .body(Empty::new())
-        .map_err(|e| format!("build the request: {e}"))?;
     let resp = send
-        .send_request(req)
+        .send_request(get(url.as_str(), host_header(url)?)?)
         .await
         .map_err(|e| format!("request: {e}"))?;
+    forward(resp, tx, true).await
+}
+
+/// A `CONNECT` tunnel through the proxy, TLS with the origin inside it, then the request.
+async fn https(
+    client: tokio::io::DuplexStream,
+    tls: &TlsConnector,
+    url: &Url,
+    tx: &mpsc::Sender<Msg>,
+) -> Result<(), String> {
+    let (name, port) = match (url.host(), url.port_or_known_default()) {
+        (Some(url::Host::Domain(d)), Some(p)) => (d.to_owned(), p),
+        (Some(url::Host::Ipv4(a)), Some(p)) => (a.to_string(), p),
+        (Some(url::Host::Ipv6(a)), Some(p)) => (a.to_string(), p),
+        _ => return Err("the URL has no host".into()),
+    };
+    let authority = match url.host() {
+        Some(url::Host::Ipv6(_)) => format!("[{name}]:{port}"),
+        _ => format!("{name}:{port}"),
+    };
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client))
+            .await
+            .map_err(|e| format!("talk to the egress proxy: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let connect = Request::connect(authority.as_str())
+        .header(HOST, authority.as_str())
+        .body(Empty::new())
+        .map_err(|e| format!("build the CONNECT request: {e}"))?;
+    let resp = send
+        .send_request(connect)
+        .await
+        .map_err(|e| format!("CONNECT {authority}: {e}"))?;
+    if !resp.status().is_success() {
+        return forward(resp, tx, true).await;
+    }
+    let tunnel = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| format!("CONNECT {authority}: {e}"))?;
+    // native-tls sends no SNI for an IP literal, which is what the proxy requires then.
+    let stream = tls
+        .connect(&name, TokioIo::new(tunnel))
+        .await
+        .map_err(|e| format!("TLS with {authority}: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP with {authority}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let target = &url[Position::BeforePath..Position::AfterQuery];
+    let resp = send
+        .send_request(get(target, host_header(url)?)?)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    forward(resp, tx, false).await
+}
+
+/// Passes a response on: its body in chunks, or a refusal with the proxy's code (when the
+/// answer came from the proxy itself, `from_proxy`) and the start of its text.
+async fn forward(
+    resp: Response<Incoming>,
+    tx: &mpsc::Sender<Msg>,
+    from_proxy: bool,
+) -> Result<(), String> {
     let status = resp.status();
     if !status.is_success() {
-        let deny = resp
-            .headers()
-            .get("x-egress-deny")
+        let deny = from_proxy
+            .then(|| resp.headers().get("x-egress-deny"))
+            .flatten()
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let mut body = resp.into_body();
@@ -227,6 +313,29 @@ async fn exchange(
         }
     }
     Ok(())
+}
+
+/// The TLS client for `https://` transfers: the system's trust anchors and `extra` (PEM
+/// files, each one or more certificates).
+pub(crate) fn tls_connector(extra: &[std::path::PathBuf]) -> Result<TlsConnector, String> {
+    let mut b = native_tls::TlsConnector::builder();
+    for path in extra {
+        let pem = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let certs = openssl::x509::X509::stack_from_pem(&pem)
+            .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        for c in certs {
+            let der = c.to_der().map_err(|e| format!("{}: {e}", path.display()))?;
+            let cert = native_tls::Certificate::from_der(&der)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            b.add_root_certificate(cert);
+        }
+    }
+    b.build()
+        .map(TlsConnector::from)
+        .map_err(|e| format!("TLS client: {e}"))
 }
 
 #[cfg(test)]
