@@ -353,15 +353,19 @@ mod tests {
     }
 
     #[test]
-    fn only_http_into_the_container_is_planned() {
+    fn only_http_and_https_into_the_container_are_planned() {
         let p = plan(&t("http://example.com/a.bin", "container:/tmp/a.bin")).unwrap();
         assert_eq!(p.guest_path, "/tmp/a.bin");
         assert_eq!(p.url.as_str(), "http://example.com/a.bin");
         let code = |from: &str, to: &str| plan(&t(from, to)).unwrap_err().code;
+        plan(&t("https://example.com/a", "container:/a")).unwrap();
         assert_eq!(
-            code("https://example.com/a", "container:/a"),
+            code("ftp://example.com/a", "container:/a"),
             "transfer-unsupported"
         );
+        // Fragments never leave the host.
+        let p = plan(&t("http://example.com/a#part", "container:/a")).unwrap();
+        assert_eq!(p.url.as_str(), "http://example.com/a");
         assert_eq!(
             code("container:/a", "http://example.com/a"),
             "transfer-unsupported"
