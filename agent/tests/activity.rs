@@ -556,6 +556,39 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         "connections left open"
     );
 
+    // A stop from another thread while a command runs: the VM dies at once, the command
+    // fails, the rest is skipped, later batches are refused; terminate still works.
+    let stopper = job.stopper();
+    let started = Instant::now();
+    let r = std::thread::scope(|s| {
+        let running = s.spawn(|| {
+            exec(
+                &job,
+                "s1",
+                json!([
+                    run("/bin/sh", &["-c", "echo waiting; sleep 50"]),
+                    run("/bin/echo", &["never"]),
+                ]),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        stopper.stop("terminated by requestor");
+        running.join().unwrap()
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    assert_eq!(r[0].reason.as_ref().unwrap().code, "job-stopped");
+    assert_eq!(r[1].outcome, Outcome::Skipped);
+    assert_eq!(r[1].reason.as_ref().unwrap().code, "after-failed");
+    let err = job
+        .exec("s2", &json!([run("/bin/echo", &["late"])]), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, ActivityError::Stopped(_)), "{err}");
+
     let receipt = job.terminate("terminated by requestor");
     let left = qemu_processes_mentioning(data_dir.path());
     assert!(left.is_empty(), "QEMU still running: {left:?}");

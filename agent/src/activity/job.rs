@@ -1,7 +1,7 @@
 //! [`Job`]: one agreement's VM from boot to receipt.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -27,7 +27,10 @@ const EGRESS_DRAIN: Duration = Duration::from_secs(3);
 /// A running job: its VM, its egress proxy and gate, and what it has done so far.
 pub struct Job {
     spec: JobSpec,
-    vm: Option<Vm>,
+    /// Shared only with [`JobStopper`]s, which hold it weakly.
+    vm: Option<Arc<Vm>>,
+    /// Why the job is being stopped, once a [`JobStopper`] said so.
+    stopping: Arc<Mutex<Option<String>>>,
     gate: Gate,
     proxy: Arc<Proxy>,
     bridge: EgressBridge,
@@ -60,6 +63,34 @@ struct State {
     commands_run: u32,
     /// Set once the VM has failed under a command; later batches are refused.
     vm_lost: Option<String>,
+}
+
+/// Ends a job from another thread, e.g. while its owner is blocked in [`Job::exec`]: the
+/// VM is killed at once, the command running fails (`job-stopped`), the rest of the batch
+/// is skipped and later batches are refused. The owner then calls [`Job::terminate`] as
+/// usual for the receipt.
+#[derive(Clone)]
+pub struct JobStopper {
+    vm: Weak<Vm>,
+    stopping: Arc<Mutex<Option<String>>>,
+}
+
+impl JobStopper {
+    /// Stops the job; `why` is what its commands and later batches are told. The first
+    /// reason given wins.
+    pub fn stop(&self, why: &str) {
+        {
+            let mut s = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+            if s.is_none() {
+                *s = Some(why.to_owned());
+            }
+        }
+        if let Some(vm) = self.vm.upgrade() {
+            if let Err(e) = vm.kill() {
+                tracing::warn!(error = %e, "stopping a job");
+            }
+        }
+    }
 }
 
 /// Whether a batch goes on after a command.
@@ -158,7 +189,8 @@ impl Job {
             image_hash: payload.hash.clone(),
             backend: vm.backend(),
             boot_ms: vm.boot_time.as_millis() as u64,
-            vm: Some(vm),
+            vm: Some(Arc::new(vm)),
+            stopping: Arc::default(),
             gate,
             proxy,
             bridge,
@@ -204,6 +236,21 @@ impl Job {
         &self.dir
     }
 
+    /// A handle that can end this job from another thread (see [`JobStopper`]).
+    pub fn stopper(&self) -> JobStopper {
+        JobStopper {
+            vm: self.vm.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The job's egress bridge (for watching its live connections).
     pub fn egress(&self) -> &EgressBridge {
         &self.bridge
@@ -222,6 +269,9 @@ impl Job {
     ) -> Result<(), ActivityError> {
         let commands = exescript::parse_batch(&batch.to_string())?;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = self.stopped() {
+            return Err(ActivityError::Stopped(why));
+        }
         if let Some(why) = &state.vm_lost {
             return Err(ActivityError::VmGone(why.clone()));
         }
@@ -231,6 +281,14 @@ impl Job {
         let mut stop: Option<Reason> = None;
         for (index, command) in commands.iter().enumerate() {
             let started_at = Utc::now();
+            if stop.is_none() {
+                if let Some(why) = self.stopped() {
+                    stop = Some(Reason::new(
+                        "job-stopped",
+                        format!("not run: the job is ending ({why})"),
+                    ));
+                }
+            }
             let (result, hashes) = match &stop {
                 Some(why) => (
                     self.skipped(index, command, why.clone(), started_at),
@@ -384,6 +442,16 @@ impl Job {
                                 "ended without an exit code or signal",
                             )),
                         }
+                    }
+                    Err(_) if self.stopped().is_some() => {
+                        state.vm_lost = self.stopped();
+                        Some(Reason::new(
+                            "job-stopped",
+                            format!(
+                                "the job was stopped while this command ran: {}",
+                                self.stopped().unwrap_or_default()
+                            ),
+                        ))
                     }
                     Err(e) => {
                         if matches!(e, vm::VmError::Unresponsive(_) | vm::VmError::Channel(_)) {
@@ -574,8 +642,19 @@ impl Job {
     /// call twice.
     fn teardown(&mut self) {
         if let Some(vm) = self.vm.take() {
-            if let Err(e) = vm.shutdown(POWEROFF_GRACE) {
-                tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+            match Arc::try_unwrap(vm) {
+                Ok(vm) => {
+                    if let Err(e) = vm.shutdown(POWEROFF_GRACE) {
+                        tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+                    }
+                }
+                // A stopper is using it this instant: kill it here; it is dropped (and
+                // killed again, harmlessly) when the stopper lets go.
+                Err(vm) => {
+                    if let Err(e) = vm.kill() {
+                        tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+                    }
+                }
             }
         }
         // The channel is closed now, so every pump thread ends; closing the bridge ends

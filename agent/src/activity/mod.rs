@@ -27,7 +27,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 pub use bridge::EgressBridge;
-pub use job::Job;
+pub use job::{Job, JobStopper};
 
 use crate::egress::{AddressPolicy, Limits};
 #[cfg(doc)]
@@ -108,6 +108,8 @@ pub enum ActivityError {
     Batch(#[from] exescript::BatchError),
     #[error("the agreement expired at {0}; no more commands run")]
     Expired(DateTime<Utc>),
+    #[error("the job is ending ({0}); no more batches run")]
+    Stopped(String),
     #[error("the job's VM is gone ({0}); terminate the activity for its receipt")]
     VmGone(String),
 }
