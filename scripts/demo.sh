@@ -1,100 +1,138 @@
 #!/usr/bin/env bash
-# The operator walk-through: an app author's CA chain made with openssl, a signed
-# Computation Payload Manifest, and a provider data dir whose rules decide about it.
-# Everything happens in a temporary directory; nothing outside it is touched.
+# The whole story on one machine, over loopback:
+#   an app author's CA chain (openssl) → a manifest allowing one URL of a local upstream,
+#   signed with `requestor manifest sign` → a provider daemon (`provider run`) trusting the
+#   CA → `requestor submit` negotiating over libp2p (TCP + noise + yamux), the payload
+#   booted in a microVM (QEMU; TCG where KVM cannot boot Linux), three batches: an allowed
+#   fetch through the egress proxy, a fetch of a URL the manifest does not allow, and a
+#   command the ExeScript gate denies → the results, the signed receipt verified offline,
+#   and the provider's audit log.
+# Everything lives in a temporary directory; nothing outside it is touched except the
+# cargo build and the guest-kernel cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-cargo build --quiet -p agent --bin provider
-provider="$PWD/target/debug/provider"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export PROVIDER_DATA_DIR="$work/provider-data"
-cd "$work"
+repo=$PWD
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
-# `manifest check` exits 1 on a reject: show it, don't stop the walk-through.
-verdict() { printf '$ %s\n' "$*"; set +e; "$@"; echo "(exit $?)"; set -e; }
 
-step "An app author's chain: root CA → intermediate CA → author (openssl)"
-cat > ca.ext <<'X'
-basicConstraints=critical,CA:TRUE
-keyUsage=critical,keyCertSign,cRLSign
-X
-cat > leaf.ext <<'X'
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature
-X
-openssl req -x509 -newkey rsa:2048 -nodes -keyout root.key -out root.pem -days 3650 \
-  -subj "/O=Demo/CN=Demo Root CA" -addext "basicConstraints=critical,CA:TRUE" \
-  -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout inter.key \
-  -out inter.csr -subj "/O=Demo/CN=Demo Audit Inter" 2>/dev/null
-openssl x509 -req -in inter.csr -CA root.pem -CAkey root.key -CAcreateserial \
-  -out inter.pem -days 1825 -extfile ca.ext 2>/dev/null
+step "Build: provider, requestor, the static guest agent; the guest kernel; a busybox image"
+cargo build --quiet -p agent --bins
+RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=true \
+  cargo build --quiet --release -p guest --target x86_64-unknown-linux-gnu --target-dir target/guest
+export PROVIDER_GUEST="$repo/target/guest/x86_64-unknown-linux-gnu/release/provider-guest"
+scripts/fetch-guest-kernel.sh >/dev/null
+provider="$repo/target/debug/provider"
+requestor="$repo/target/debug/requestor"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cd "$work"
+export PROVIDER_DATA_DIR="$work/provider-data"
+mkdir -p www/allowed
+"$repo/scripts/make-test-image.sh" www/image.tar >/dev/null
+echo "hello from the allowed upstream" > www/allowed/hello.txt
+echo "this must not leave the host" > www/secret.txt
+
+step "A local upstream on 127.0.0.1 (serves the payload image and the allowed URL)"
+python3 - "$work/www" > upstream.port <<'PY' &
+import functools, http.server, sys
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+handler = functools.partial(Quiet, directory=sys.argv[1])
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+PY
+pids+=($!)
+for _ in $(seq 50); do [[ -s upstream.port ]] && break; sleep 0.1; done
+port=$(cat upstream.port)
+echo "upstream: http://127.0.0.1:$port/"
+hash=$(python3 -c 'import hashlib,sys;print(hashlib.sha3_256(open(sys.argv[1],"rb").read()).hexdigest())' www/image.tar)
+
+step "The app author's chain: root CA → author (openssl)"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout root.key \
+  -out root.pem -days 3650 -subj "/O=Demo/CN=Demo Root CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout author.key \
   -out author.csr -subj "/O=Demo/CN=Demo App Author" 2>/dev/null
-openssl x509 -req -in author.csr -CA inter.pem -CAkey inter.key -CAcreateserial \
+printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n' > leaf.ext
+openssl x509 -req -in author.csr -CA root.pem -CAkey root.key -CAcreateserial \
   -out author.pem -days 365 -extfile leaf.ext 2>/dev/null
-cat author.pem inter.pem > author-chain.pem
-echo "made root.pem, inter.pem, author.pem and author-chain.pem"
+echo "made root.pem and author.pem"
 
-step "The requestor's manifest, signed over its base64 text"
-cat > manifest.json <<'X'
+step "The manifest: this image, wget and echo allowed, one URL prefix of the upstream"
+cat > manifest.json <<JSON
 {
   "version": "0.1.0",
   "createdAt": "2024-01-01T00:00:00Z",
   "expiresAt": "2100-01-01T00:00:00Z",
-  "metadata": { "name": "weather-fetch", "version": "1.0.0" },
+  "metadata": { "name": "demo-fetch", "version": "1.0.0" },
   "payload": [ { "platform": { "arch": "x86_64", "os": "linux" },
-                 "urls": [ "https://images.example.com/weather.tar.gz" ],
-                 "hash": "sha3:ab3f2e46b8d1a3d0c7a1f1c1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5" } ],
+                 "urls": [ "http://127.0.0.1:$port/image.tar" ],
+                 "hash": "sha3:$hash" } ],
   "compManifest": { "version": "0.1.0",
-    "script": { "commands": [ "run /usr/bin/curl -s https://api\\.weather\\.example\\.com/[a-z/]+" ], "match": "regex" },
-    "net": { "inet": { "out": { "protocols": [ "https" ], "urls": [ "https://api.weather.example.com" ] } } } }
+    "script": { "commands": [ "run /bin/wget -q -O - http://.*", "run /bin/echo .*" ], "match": "regex" },
+    "net": { "inet": { "out": { "protocols": [ "http" ], "urls": [ "http://127.0.0.1:$port/allowed" ] } } } }
 }
-X
-base64 -w0 manifest.json > manifest.json.base64
-openssl dgst -sha256 -sign author.key manifest.json.base64 | base64 -w0 > manifest.sig
-run ls manifest.json manifest.json.base64 manifest.sig
+JSON
+cat manifest.json
+run "$requestor" manifest sign --manifest manifest.json --key author.key --alg sha256 --out manifest.sig
 
-step "A new provider: defaults (outbound enabled, everyone = whitelist, empty whitelist)"
-run "$provider" rule list
-verdict "$provider" manifest check --manifest manifest.json
-
-step "Trust the demo root CA and grant audited payloads under the intermediate"
+step "The provider: trust the demo CA for audited payloads with full outbound, start the daemon"
 run "$provider" keystore add root.pem
-run "$provider" keystore list
-run "$provider" rule set outbound audited-payload import-cert inter.pem --mode all \
-  --description "payloads audited by Demo Audit"
-verdict "$provider" manifest check --manifest manifest.json --sig manifest.sig \
-  --sig-alg sha256 --cert author-chain.pem
+rootid=$("$provider" --json keystore list | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["id"])')
+run "$provider" rule set outbound audited-payload cert-id "${rootid:0:16}" --mode all
+"$provider" run --listen /ip4/127.0.0.1/tcp/0 --no-mdns --allow-cidr 127.0.0.0/8 \
+  > daemon.out 2> daemon.log &
+pids+=($!)
+daemon=$!
+for _ in $(seq 300); do grep -q '^listening on ' daemon.out 2>/dev/null && break; sleep 0.1; done
+addr=$(sed -n 's/^listening on //p' daemon.out | head -1)
+[[ -n "$addr" ]] || { cat daemon.log; echo "the daemon did not start" >&2; exit 1; }
+echo "provider listening on $addr"
 
-step "A tampered manifest (one host changed after signing) is refused"
-sed 's/api.weather.example.com/api.weather.example.org/' manifest.json > tampered.json
-verdict "$provider" manifest check --manifest tampered.json --sig manifest.sig \
-  --sig-alg sha256 --cert author-chain.pem
-
-step "Unsigned, the same manifest needs its host on the whitelist (strict = whole host)"
-run "$provider" whitelist add -p weather.example.com
-verdict "$provider" manifest check --manifest manifest.json
-run "$provider" whitelist add -p api.weather.example.com
-verdict "$provider" --json manifest check --manifest manifest.json
-
-step "Blacklisting the requestor's node wins over every grant"
-peer=12D3KooWHk6JmCpT1YgUp1wYm4yUjJ3yTTsAxE3pJRgE4sS2zCvo
-run "$provider" rule add blacklist identity "$peer"
-verdict "$provider" manifest check --manifest manifest.json --node-id "$peer"
-
-step "The ExeScript gate: what the manifest's script constraints allow"
-cat > batch.json <<'X'
+step "The requestor's batches"
+cat > 1-allowed.json <<JSON
 [ {"deploy": {}}, {"start": {}},
-  {"run": {"entry_point": "/usr/bin/curl", "args": ["-s", "https://api.weather.example.com/today"]}},
-  {"run": {"entry_point": "/usr/bin/curl", "args": ["-s", "https://api.weather.example.com/x;", "rm", "-rf", "/"]}},
-  {"run": {"entry_point": "/bin/sh", "args": ["-c", "cat /etc/shadow"]}} ]
-X
-verdict "$provider" script check --manifest manifest.json --script batch.json
+  {"run": {"entry_point": "/bin/wget", "args": ["-q", "-O", "-", "http://127.0.0.1:$port/allowed/hello.txt"]}} ]
+JSON
+cat > 2-denied-url.json <<JSON
+[ {"run": {"entry_point": "/bin/wget", "args": ["-q", "-O", "-", "http://127.0.0.1:$port/secret.txt"]}} ]
+JSON
+cat > 3-denied-command.json <<JSON
+[ {"run": {"entry_point": "/bin/cat", "args": ["/etc/passwd"]}},
+  {"run": {"entry_point": "/bin/echo", "args": ["never runs: the batch stopped at the denial"]}} ]
+JSON
+head -n 20 1-allowed.json 2-denied-url.json 3-denied-command.json
 
-step "Done; the data dir the walk-through used:"
-ls -la "$PROVIDER_DATA_DIR" "$PROVIDER_DATA_DIR/cert-dir"
+step "Submit: negotiate, boot the VM, run the batches, terminate, keep the receipt"
+set +e
+run "$requestor" submit --provider "$addr" --manifest manifest.json --sig manifest.sig \
+  --sig-alg sha256 --cert author.pem --constraints "(&(golem.runtime.name=vm)(golem.inf.mem.gib>=0.25))" \
+  --script 1-allowed.json --script 2-denied-url.json --script 3-denied-command.json \
+  --out-dir receipts | tee submit.out
+code=${PIPESTATUS[0]}
+set -e
+echo "(requestor exit $code: 1 because commands were denied, as intended)"
+grep -q "hello from the allowed upstream" submit.out
+grep -q "DENIED" submit.out
+! grep -q "this must not leave the host" submit.out
+
+step "The receipt, checked offline"
+receipt=$(ls receipts/receipt-*.json)
+run "$requestor" receipt verify "$receipt"
+
+step "The provider's audit log (last lines)"
+tail -n 8 "$PROVIDER_DATA_DIR/audit.jsonl"
+
+step "Stop the provider (SIGTERM)"
+kill -TERM "$daemon"
+wait "$daemon" && echo "provider stopped cleanly"

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::confine::OnViolation;
+use agent::confine::{FsPolicy, OnViolation};
 use agent::vm::kvm::{guests, KernelImage, Vm, VmConfig, VmExit};
 
 const RUNS: usize = 200;
@@ -39,6 +39,15 @@ fn cycle(console: &std::path::Path) -> Sample {
         console_log: console.to_owned(),
         time_limit: Duration::from_secs(10),
         seccomp: Some(OnViolation::KillProcess),
+        // Confined as a job is, so the figures include applying Landlock.
+        landlock: Some(FsPolicy {
+            read: vec![],
+            write: console
+                .parent()
+                .map(|d| vec![d.to_owned()])
+                .unwrap_or_default(),
+        }),
+        confined_check: None,
     };
     let t0 = Instant::now();
     let vm = Vm::start(config, guest).expect("VM start");

@@ -1,9 +1,12 @@
 //! Host-side confinement of a job's VMM: what it may touch if a guest escapes into it.
 //!
 //! - **Landlock** (filesystem): read the kernel, the initramfs and the binary itself;
-//!   read and write the job directory and `/dev/kvm`; nothing else. Best effort over the
-//!   kernel's Landlock ABI, and the [`LandlockReport`] says what was really enforced
-//!   (fully, partially, or not, and why) so each job's log can state it.
+//!   read and write the job directory (and, for the QEMU child, which opens it itself,
+//!   `/dev/kvm`); nothing else. Best effort over the kernel's Landlock ABI, and the
+//!   [`LandlockReport`] says what was really enforced (fully, partially, or not, and why)
+//!   so each job's log can state it. The own VMM applies it per thread: on its VMM
+//!   thread, before that thread starts the vCPU threads (which inherit it), with a
+//!   ruleset built beforehand by [`FsPolicy::prepare`].
 //! - **seccomp** (syscalls, per thread, with `seccompiler`): the vCPU threads may only
 //!   make the syscalls their loop needs, with `ioctl` limited to the three KVM requests it
 //!   uses; the VMM thread gets its own list (no `ioctl` at all).
@@ -153,15 +156,31 @@ pub struct FsPolicy {
 
 impl FsPolicy {
     /// The VMM side of a job: read the kernel, the initramfs and our own binary; write
-    /// the job directory; open `/dev/kvm` (read-write, as its ioctls require).
+    /// the job directory; nothing else.
+    ///
+    /// No `/dev/kvm`: the own VMM applies this on its VMM thread after it has opened
+    /// `/dev/kvm` and created the VM and vCPU fds, and Landlock checks rights when a file
+    /// is opened, so fds opened before are unaffected while a confined thread can open no
+    /// new KVM device (nor write anything outside the job directory). Kernel and initramfs
+    /// are already in guest memory by then too; they stay readable because that is what
+    /// the job legitimately reads, as does the binary (what a backtrace would symbolise).
     pub fn for_vmm_job(kernel: &Path, initramfs: Option<&Path>, job_dir: &Path) -> Self {
         let mut read = vec![kernel.to_owned()];
         read.extend(initramfs.map(Path::to_owned));
         read.extend(std::env::current_exe().ok());
         Self {
             read,
-            write: vec![job_dir.to_owned(), PathBuf::from("/dev/kvm")],
+            write: vec![job_dir.to_owned()],
         }
+    }
+
+    /// Builds this policy's Landlock ruleset now (opening each path, `O_PATH`, to make
+    /// its rule, then closing it), to be applied later with
+    /// [`PreparedLandlock::restrict_self`] on the thread to confine. Building first lets
+    /// that thread confine itself without opening anything, and reports a missing path
+    /// to whoever asked for the confinement.
+    pub fn prepare(&self) -> Result<PreparedLandlock, ConfineError> {
+        Ok(PreparedLandlock(self.ruleset()?))
     }
 
     /// The QEMU child of a job: as the VMM, plus the QEMU binary, the shared libraries and
@@ -216,12 +235,34 @@ impl FsPolicy {
 
 /// Confines the calling thread (and whatever it later spawns or `exec`s) to `policy`.
 /// Other threads that already exist are not affected: call it in the process's only
-/// thread, or in a dedicated VMM process, before starting anything else.
+/// thread, in a dedicated VMM process, or (as the own VMM does) at the start of the thread
+/// that will start the confined ones.
 pub fn landlock_self(policy: &FsPolicy) -> Result<LandlockReport, ConfineError> {
-    let status = policy
-        .ruleset()?
-        .restrict_self()
-        .map_err(|e| ConfineError::Ruleset(e.to_string()))?;
+    policy.prepare()?.restrict_self()
+}
+
+/// A Landlock ruleset built from an [`FsPolicy`] and not yet applied: it holds the
+/// ruleset's fd, which [`restrict_self`](Self::restrict_self) (or dropping it) closes.
+#[derive(Debug)]
+pub struct PreparedLandlock(RulesetCreated);
+
+impl PreparedLandlock {
+    /// Confines the calling thread, and the threads it starts afterwards, to the policy;
+    /// the process's other threads are left as they are (the ruleset is applied without
+    /// Landlock's all-threads flag). Also sets the thread's `no_new_privs`. Closes the
+    /// ruleset fd. Best effort: a kernel without Landlock gives a report saying "not
+    /// enforced" and why, not an error.
+    pub fn restrict_self(self) -> Result<LandlockReport, ConfineError> {
+        let status = self
+            .0
+            .restrict_self()
+            .map_err(|e| ConfineError::Ruleset(e.to_string()))?;
+        Ok(report(status))
+    }
+}
+
+/// What `status` means for the job log.
+fn report(status: landlock::RestrictionStatus) -> LandlockReport {
     let (_, kernel_abi, why) = expected_landlock();
     let enforcement = match status.ruleset {
         RulesetStatus::FullyEnforced => Enforcement::Fully,
@@ -236,12 +277,12 @@ pub fn landlock_self(policy: &FsPolicy) -> Result<LandlockReport, ConfineError> 
         (_, LandlockStatus::NotImplemented) => Some("the kernel has no Landlock".into()),
         _ => why,
     };
-    Ok(LandlockReport {
+    LandlockReport {
         enforcement,
         kernel_abi,
         no_new_privs: status.no_new_privs,
         reason,
-    })
+    }
 }
 
 /// Resource limits for a confined child.
@@ -466,10 +507,8 @@ mod tests {
         assert!(p
             .read
             .starts_with(&[PathBuf::from("/k/vmlinuz"), PathBuf::from("/k/initrd")]));
-        assert_eq!(
-            p.write,
-            vec![PathBuf::from("/jobs/1"), PathBuf::from("/dev/kvm")]
-        );
+        // Only the job dir: not even /dev/kvm, whose fds the VMM opened before.
+        assert_eq!(p.write, vec![PathBuf::from("/jobs/1")]);
     }
 
     #[test]

@@ -9,9 +9,11 @@
 pub mod activity;
 pub mod cli;
 pub mod confine;
+pub mod daemon;
 pub mod egress;
 pub mod market;
 pub mod net;
 pub mod receipt;
+pub mod requestor;
 pub mod store;
 pub mod vm;

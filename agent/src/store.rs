@@ -194,7 +194,11 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 /// Temp file beside the target, fsync, rename over the target, fsync the directory: after a
 /// crash the file is either the old or the new version, never a mix.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name has the empty path as its parent: that is the current directory.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

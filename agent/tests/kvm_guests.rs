@@ -1,15 +1,21 @@
 //! The VMM with our own real-mode guests: serial out and in, interrupts, the time limit,
 //! the ways a guest shuts down, and the PVM refusal. These run under the PVM flavour of
-//! KVM on the build machines as well as under hardware KVM.
+//! KVM on the build machines as well as under hardware KVM. Every VM here runs confined
+//! as a job's does (Landlock to its temporary dir, seccomp with `KillProcess`); two tests
+//! check that confinement itself.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use agent::confine::OnViolation;
+use agent::confine::{self, Enforcement, FsPolicy, OnViolation};
 use agent::vm::kvm::{
-    guests, host_is_pvm, Error, KernelImage, ShutdownCause, Vm, VmConfig, VmExit,
+    guests, host_is_pvm, ConfinedCheck, Error, KernelImage, ShutdownCause, Vm, VmConfig, VmExit,
 };
+use agent::vm::kvm_backend::KvmMachine;
+use agent::vm::{Machine, MachineSpec};
 
 /// Bound on any single read from a guest, so a broken VMM fails the test instead of
 /// hanging it.
@@ -25,6 +31,11 @@ fn config(dir: &tempfile::TempDir, program: Vec<u8>, limit: Duration) -> VmConfi
         console_log: dir.path().join("console.log"),
         time_limit: limit,
         seccomp: Some(OnViolation::KillProcess),
+        landlock: Some(FsPolicy {
+            read: vec![],
+            write: vec![dir.path().to_owned()],
+        }),
+        confined_check: None,
     }
 }
 
@@ -57,10 +68,25 @@ fn guest_line_reaches_the_host_and_console_reaches_the_log() {
         VmExit::Shutdown(ShutdownCause::HaltedInterruptsOff)
     );
     let log = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
-    assert!(
-        log.starts_with("[provider: seccomp filters on the vCPU and VMM threads (a forbidden syscall kills the process)]\nconsole says hi\n"),
+    let (enforcement, _, _) = confine::expected_landlock();
+    let landlock = match enforcement {
+        Enforcement::Fully => "landlock: fully enforced",
+        Enforcement::Partially => "landlock: partially enforced",
+        Enforcement::Not => "landlock: not enforced",
+    };
+    let mut lines = log.lines();
+    assert_eq!(
+        lines.next(),
+        Some("[provider: seccomp filters on the vCPU and VMM threads (a forbidden syscall kills the process)]"),
         "{log:?}"
     );
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with(&format!(
+            "[provider: on the VMM and vCPU threads, {landlock}"
+        ))),
+        "{log:?}"
+    );
+    assert_eq!(lines.next(), Some("console says hi"), "{log:?}");
     assert!(
         log.contains("[provider: VM stopped: guest shut down (HaltedInterruptsOff)]"),
         "{log:?}"
@@ -179,4 +205,192 @@ fn linux_on_pvm_fails_fast_naming_pvm_and_qemu() {
     let msg = err.to_string();
     assert!(msg.contains("PVM") && msg.contains("--vmm qemu"), "{msg}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+/// The errno of a failed open, 0 if it succeeded.
+fn open_errno(r: std::io::Result<std::fs::File>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+/// The open attempts the confined-thread test makes, with their errno (0: it opened).
+fn probe_opens(dir: &Path, who: &str) -> Vec<(String, i32)> {
+    let job = dir.join("job");
+    let write = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)
+    };
+    vec![
+        (
+            format!("{who}: read the kernel"),
+            open_errno(std::fs::File::open(dir.join("kernel"))),
+        ),
+        (
+            format!("{who}: create in the job dir"),
+            open_errno(write(&job.join(format!("{who}.probe")))),
+        ),
+        (
+            format!("{who}: read a file outside"),
+            open_errno(std::fs::File::open(dir.join("outside"))),
+        ),
+        (
+            format!("{who}: read /etc/passwd"),
+            open_errno(std::fs::File::open("/etc/passwd")),
+        ),
+        (
+            format!("{who}: create outside the job dir"),
+            open_errno(write(&dir.join(format!("{who}.escape")))),
+        ),
+        (
+            format!("{who}: write the kernel"),
+            open_errno(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("kernel")),
+            ),
+        ),
+        (
+            format!("{who}: open /dev/kvm again"),
+            open_errno(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm"),
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn confined_vmm_thread_opens_only_the_job_dir_and_its_inputs() {
+    if confine::kernel_landlock_abi() == 0 {
+        eprintln!("SKIP: this kernel has no Landlock, so nothing confines the VMM thread");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).unwrap();
+    std::fs::write(dir.path().join("kernel"), b"k").unwrap();
+    std::fs::write(dir.path().join("outside"), b"o").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let root = dir.path().to_owned();
+    // Runs on the VMM thread after Landlock and before seccomp; it also starts a thread,
+    // as the VMM thread starts the vCPU threads, to show that they inherit the domain.
+    let check = ConfinedCheck(Arc::new(move || {
+        let mut got = probe_opens(&root, "vmm");
+        let child_root = root.clone();
+        got.extend(
+            std::thread::spawn(move || probe_opens(&child_root, "child"))
+                .join()
+                .unwrap(),
+        );
+        let _ = tx.send(got);
+    }));
+    let privs_before = thread_privs();
+    let (host, guest) = UnixStream::pair().unwrap();
+    host.set_read_timeout(Some(IO_BOUND)).unwrap();
+    let cfg = VmConfig {
+        console_log: job.join("console.log"),
+        landlock: Some(FsPolicy::for_vmm_job(
+            &dir.path().join("kernel"),
+            None,
+            &job,
+        )),
+        confined_check: Some(check),
+        ..config(&dir, guests::hello("up\n", "console\n"), IO_BOUND)
+    };
+    let vm = Vm::start(cfg, guest).unwrap();
+    let report = vm.confinement().landlock.clone().unwrap();
+    assert_ne!(report.enforcement, Enforcement::Not, "{report}");
+    // The guest still runs with its threads confined.
+    let mut line = String::new();
+    BufReader::new(host).read_line(&mut line).unwrap();
+    assert_eq!(line, "up\n");
+    assert_eq!(
+        vm.wait(),
+        VmExit::Shutdown(ShutdownCause::HaltedInterruptsOff)
+    );
+    let got = rx.recv_timeout(IO_BOUND).unwrap();
+    eprintln!("{report}: {got:?}");
+    for (what, errno) in &got {
+        let allowed = what.ends_with("read the kernel") || what.ends_with("in the job dir");
+        let want = if allowed { 0 } else { libc::EACCES };
+        assert_eq!(*errno, want, "{what}: {got:?}");
+    }
+    assert_eq!(got.len(), 14, "{got:?}");
+    // Nothing leaked onto this (the agent's) thread: it still opens and creates outside
+    // the job dir.
+    assert!(std::fs::File::open(dir.path().join("outside")).is_ok());
+    assert!(std::fs::File::open("/etc/passwd").is_ok());
+    assert!(std::fs::File::create(dir.path().join("after")).is_ok());
+    // Nor did no_new_privs or seccomp (both per thread too).
+    assert_eq!(thread_privs(), privs_before);
+}
+
+/// This thread's `NoNewPrivs` and `Seccomp` lines from `/proc`.
+fn thread_privs() -> Vec<String> {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("NoNewPrivs:") || l.starts_with("Seccomp:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn job_confinement_txt_states_landlock_and_seccomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).unwrap();
+    let spec = MachineSpec {
+        kernel: dir.path().join("vmlinuz"),
+        initramfs: dir.path().join("initramfs.cpio.gz"),
+        cmdline: String::new(),
+        mem_mib: 2,
+        cpus: 1,
+        job_dir: job.clone(),
+        console_log: job.join("console.log"),
+    };
+    // The policy names them, so they must exist; the guest is ours, not Linux.
+    std::fs::write(&spec.kernel, b"k").unwrap();
+    std::fs::write(&spec.initramfs, b"i").unwrap();
+    let mut machine =
+        KvmMachine::launch_image(&spec, KernelImage::RealMode(guests::hello("up\n", ""))).unwrap();
+    let host = machine.take_channel().unwrap();
+    host.set_read_timeout(Some(IO_BOUND)).unwrap();
+    let mut line = String::new();
+    BufReader::new(host).read_line(&mut line).unwrap();
+    assert_eq!(line, "up\n");
+    assert!(machine.wait_timeout(IO_BOUND).unwrap().is_some());
+    let text = std::fs::read_to_string(job.join("confinement.txt")).unwrap();
+    eprintln!("{text}");
+    let (enforcement, abi, _) = confine::expected_landlock();
+    let landlock = match enforcement {
+        Enforcement::Fully => {
+            format!("landlock: fully enforced (kernel ABI {abi}), no_new_privs: yes\n")
+        }
+        Enforcement::Partially => format!("landlock: partially enforced (kernel ABI {abi};"),
+        Enforcement::Not => {
+            eprintln!("SKIP (landlock part): this kernel has no Landlock");
+            "landlock: not enforced".to_owned()
+        }
+    };
+    assert!(text.starts_with(&landlock), "{text}");
+    assert!(
+        text.contains("landlock applies to: the VMM thread and its 1 vCPU thread(s)"),
+        "{text}"
+    );
+    for kind in ["vCPU threads", "VMM thread"] {
+        assert!(
+            text.contains(&format!(
+                "seccomp ({kind}): filter installed (a forbidden syscall kills the process)"
+            )),
+            "{text}"
+        );
+    }
 }

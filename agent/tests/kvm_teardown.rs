@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use agent::confine::OnViolation;
+use agent::confine::{FsPolicy, OnViolation};
 use agent::vm::kvm::{guests, KernelImage, ShutdownCause, Vm, VmConfig, VmExit};
 
 fn count(dir: &str) -> usize {
@@ -38,6 +38,13 @@ fn one_vm(dir: &tempfile::TempDir) {
         console_log: dir.path().join("console.log"),
         time_limit: Duration::from_secs(20),
         seccomp: Some(OnViolation::KillProcess),
+        // As jobs are: Landlock's ruleset fd must be closed and its per-thread domain
+        // must not keep anything alive once the VM's threads are gone.
+        landlock: Some(FsPolicy {
+            read: vec![],
+            write: vec![dir.path().to_owned()],
+        }),
+        confined_check: None,
     };
     let vm = Vm::start(config, guest).unwrap();
     let mut line = String::new();

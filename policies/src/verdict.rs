@@ -212,6 +212,12 @@ impl Judge {
         &self.rules
     }
 
+    /// The domain whitelist this judge checks outbound URLs against (the egress proxy of an
+    /// accepted job uses the same one).
+    pub fn whitelist(&self) -> &WhitelistMatcher {
+        &self.whitelist
+    }
+
     pub fn judge(&self, demand: &Demand<'_>, now: DateTime<Utc>) -> Verdict {
         let mut reasons = Vec::new();
         let node_id = demand.node_id;

@@ -234,3 +234,262 @@ pub fn manifest(urls: &[&str]) -> serde_json::Value {
 
 pub const PEER: &str = "12D3KooWHk6JmCpT1YgUp1wYm4yUjJ3yTTsAxE3pJRgE4sS2zCvo";
 pub const OTHER_PEER: &str = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK";
+
+/// A running `provider run` daemon on loopback; SIGTERM and a wait on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    /// The address it printed, with `/p2p/<peer id>`.
+    pub addr: String,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    /// The daemon's stderr so far (its logs).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The peer id at the end of [`Daemon::addr`].
+    pub fn peer_id(&self) -> &str {
+        self.addr.rsplit('/').next().unwrap()
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit; returns its code.
+    pub fn stop(&mut self, limit: std::time::Duration) -> Option<i32> {
+        signal(self.child.id(), "TERM");
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none()
+            && self.stop(std::time::Duration::from_secs(30)).is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `kill -<sig> <pid>`.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Provider {
+    /// Starts `provider run` on 127.0.0.1 (no mDNS) with `extra` flags and waits for the
+    /// address it listens on.
+    pub fn daemon(&self, extra: &[&str]) -> Daemon {
+        use std::io::BufRead as _;
+        let stderr = self.home.path().join(format!(
+            "daemon-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut child = Command::new(bin("provider"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(extra)
+            .env_remove("PROVIDER_DATA_DIR")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn provider run");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(addr) => Daemon {
+                child,
+                addr,
+                stderr,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the daemon printed no address within 60 s; its log:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// Runs `requestor <args>` from the inputs dir.
+    pub fn requestor<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let out = Command::new(bin("requestor"))
+            .current_dir(self.input(""))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("spawn requestor");
+        Run::from(out)
+    }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// What a VM job needs on this host: a guest kernel, QEMU, a busybox rootfs tarball and
+/// the static guest agent. `None`, after printing why, where the host lacks one of the
+/// system pieces (`.ci/run` installs them).
+pub struct VmEnv {
+    pub image: PathBuf,
+    pub guest: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn vm_env() -> Option<VmEnv> {
+    let ok = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !ok("qemu-system-x86_64", &["-version"]) {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return None;
+    }
+    if let Err(e) = agent::vm::find_kernel(None) {
+        eprintln!("SKIP: {e}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("busybox.tar");
+    let out = Command::new(workspace().join("scripts/make-test-image.sh"))
+        .arg(&image)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: no test image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    // The guest agent is static and built with its own flags into <target>/guest, where the
+    // provider looks for it.
+    let target = bin("provider")
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    let guest_dir = target.join("guest");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+        .args(["build", "--release", "-p", "guest", "--target"])
+        .arg("x86_64-unknown-linux-gnu")
+        .arg("--target-dir")
+        .arg(&guest_dir)
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building provider-guest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(VmEnv {
+        image,
+        guest: guest_dir.join("x86_64-unknown-linux-gnu/release/provider-guest"),
+        _dir: dir,
+    })
+}
+
+/// Lowercase hex SHA3-256.
+pub fn sha3_256(bytes: &[u8]) -> String {
+    openssl::hash::hash(MessageDigest::sha3_256(), bytes)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1: `GET <path>` answers with `routes[path]`, anything
+/// else 404. Returns its base URL (`http://127.0.0.1:<port>`) and the paths requested.
+pub fn http_server(
+    routes: Vec<(String, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let routes = routes.clone();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push(path.clone());
+                match routes.iter().find(|(p, _)| *p == path) {
+                    Some((_, body)) => {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = c.write_all(body);
+                    }
+                    None => {
+                        let _ = c.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}

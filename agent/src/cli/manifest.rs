@@ -95,7 +95,7 @@ pub fn run(ctx: &Ctx, cmd: ManifestCmd) -> anyhow::Result<Outcome> {
 /// The manifest file holds JSON (we derive the base64 text the requestor signed, from the
 /// bytes exactly as they are) or that base64 text. A file that is neither is not a
 /// manifest at all: bad input, not a verdict.
-fn manifest_base64(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn manifest_base64(path: &Path) -> anyhow::Result<String> {
     let bytes = read(path)?;
     let b64 = base64::engine::general_purpose::STANDARD;
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -121,7 +121,7 @@ fn manifest_base64(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-fn read_signature(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_signature(path: &Path) -> anyhow::Result<String> {
     let bytes = read(path)?;
     let text = std::str::from_utf8(&bytes).unwrap_or("").trim().to_owned();
     match base64::engine::general_purpose::STANDARD.decode(&text) {
@@ -134,7 +134,7 @@ fn read_signature(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-fn read_chain(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_chain(path: &Path) -> anyhow::Result<Vec<u8>> {
     let bytes = read(path)?;
     certs::parse_certificates(&bytes)
         .with_context(|| format!("certificate chain {}", path.display()))?;

@@ -5,9 +5,10 @@
 
 mod egress;
 mod keystore;
-mod manifest;
-mod output;
+pub(crate) mod manifest;
+pub(crate) mod output;
 mod rule;
+mod run;
 mod script;
 pub mod vm;
 mod whitelist;
@@ -56,6 +57,8 @@ pub enum Command {
     /// Payloads in a VM: run one command in a fresh VM, or check what this host offers.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Run the provider daemon: join the network, negotiate, run jobs.
+    Run(run::RunArgs),
 }
 
 /// Outcome of a command that ran to the end.
@@ -104,10 +107,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Script(cmd) => script::run(&ctx, cmd),
         Command::Egress(cmd) => egress::run(&ctx, cmd),
         Command::Vm(cmd) => vm::run(&ctx, cmd),
+        Command::Run(args) => run::run(&ctx, args),
     }
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
@@ -117,7 +121,7 @@ fn init_tracing() {
 }
 
 /// clap's usage errors span several lines; operators and scripts get one, with the hint.
-fn clap_exit(e: clap::Error) -> ExitCode {
+pub(crate) fn clap_exit(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match e.kind() {
         ErrorKind::DisplayHelp
@@ -146,7 +150,7 @@ fn clap_exit(e: clap::Error) -> ExitCode {
     }
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())

@@ -86,7 +86,7 @@ pub fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<Outcome> {
     }
 }
 
-fn parse_mem(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mem(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     // `512M`, `512MB`, `512MiB`, `1G`, `300` (MiB).
@@ -112,7 +112,7 @@ fn parse_mem(s: &str) -> Result<u32, String> {
     Ok(mib as u32)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

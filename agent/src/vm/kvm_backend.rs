@@ -1,13 +1,19 @@
 //! The project's own VMM ([`super::kvm`]) behind the same [`Machine`] seam as QEMU: the
 //! guest's COM2 is one end of a socket pair, the host side of the channel gets the other.
+//!
+//! Confinement: the VM's threads run under Landlock ([`FsPolicy::for_vmm_job`]: read the
+//! kernel, the initramfs and the binary, write only the job dir) and the per-thread
+//! seccomp filters with `KillProcess`. What was enforced is logged at info level and
+//! written to `<job>/confinement.txt`, as the QEMU backend does for its child.
 
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::kvm::{self, KernelImage, RunningVm, VmConfig, VmExit};
+use super::kvm::{self, Confinement, KernelImage, RunningVm, VmConfig, VmExit};
 use super::{Machine, MachineSpec, VmError};
+use crate::confine::{FsPolicy, OnViolation};
 
 /// Longest a job may run in the own VMM; the job's own deadlines are shorter, this is the
 /// backstop that stops a VM whose host side vanished.
@@ -23,23 +29,40 @@ pub struct KvmMachine {
 }
 
 impl KvmMachine {
+    /// Starts `spec`'s Linux kernel (a bzImage) with its initramfs.
     pub fn launch(spec: &MachineSpec) -> Result<Self, VmError> {
+        Self::launch_image(spec, KernelImage::BzImage(spec.kernel.clone()))
+    }
+
+    /// Starts `image` with the rest of `spec`, confined as a job is. The Landlock policy
+    /// still names `spec.kernel` and `spec.initramfs` (they must exist). For running our
+    /// own real-mode guests through the job path where Linux cannot boot (PVM hosts).
+    pub fn launch_image(spec: &MachineSpec, image: KernelImage) -> Result<Self, VmError> {
         let (host_end, vmm_end) = UnixStream::pair().map_err(|e| VmError::Backend {
             message: format!("cannot create the channel socket pair: {e}"),
         })?;
         let config = VmConfig {
             mem_bytes: u64::from(spec.mem_mib) << 20,
             vcpus: u8::try_from(spec.cpus).unwrap_or(u8::MAX),
-            kernel: KernelImage::BzImage(spec.kernel.clone()),
+            kernel: image,
             initramfs: Some(spec.initramfs.clone()),
             cmdline: spec.cmdline.clone(),
             console_log: spec.console_log.clone(),
             time_limit: TIME_LIMIT,
-            seccomp: Some(crate::confine::OnViolation::KillProcess),
+            seccomp: Some(OnViolation::KillProcess),
+            landlock: Some(FsPolicy::for_vmm_job(
+                &spec.kernel,
+                Some(&spec.initramfs),
+                &spec.job_dir,
+            )),
+            confined_check: None,
         };
         let vm = kvm::Vm::start(config, vmm_end).map_err(|e| VmError::Backend {
             message: format!("own VMM: {e}"),
         })?;
+        // On error `vm` is dropped, which kills it: a job whose log cannot say how it is
+        // confined does not run.
+        record_confinement(&spec.job_dir, vm.confinement())?;
         Ok(Self {
             vm: Some(vm),
             channel: Some(host_end),
@@ -94,4 +117,18 @@ impl Machine for KvmMachine {
         }
         Ok(())
     }
+}
+
+/// Logs what confines a VM's threads and writes it to `<job_dir>/confinement.txt`.
+pub fn record_confinement(job_dir: &Path, confinement: &Confinement) -> Result<(), VmError> {
+    tracing::info!(
+        "kvm confinement: {}",
+        confinement.to_string().replace('\n', "; ")
+    );
+    let path = job_dir.join("confinement.txt");
+    std::fs::write(&path, format!("{confinement}\n")).map_err(|source| VmError::Io {
+        action: "write",
+        path,
+        source,
+    })
 }

@@ -13,6 +13,12 @@
 //! - one thread per vCPU and one VMM thread that feeds COM2 from the socket, enforces the
 //!   time limit and tears everything down.
 //!
+//! Confinement ([`crate::confine`]): the VMM thread applies the config's Landlock policy
+//! to itself before it starts the vCPU threads, which inherit it, so every thread of the
+//! VM is confined and none of the agent's other threads is; then each thread installs its
+//! seccomp filter. What was enforced is in [`RunningVm::confinement`] (the job log's
+//! `confinement.txt`) and on the first lines of the console log.
+//!
 //! Guest shutdown is an i8042 reset, a triple fault, a KVM system event, or every vCPU
 //! halted with interrupts off. See `docs/kvm.md` for the layout, the threads and the
 //! seam with the rest of the VM runtime.
@@ -27,6 +33,7 @@ pub mod guests;
 pub mod layout;
 mod vcpu;
 
+use std::fmt;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -43,7 +50,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::confine::{self, OnViolation};
+use crate::confine::{self, FsPolicy, LandlockReport, OnViolation, PreparedLandlock};
 use devices::{ChannelWriter, ConsoleLog, PortBus};
 use vcpu::Shared;
 
@@ -101,6 +108,65 @@ pub struct VmConfig {
     /// Per-thread seccomp filters for the vCPU and VMM threads ([`crate::confine`]), and
     /// what a forbidden syscall does; `None` runs them unfiltered.
     pub seccomp: Option<OnViolation>,
+    /// Landlock policy for the VMM thread and the vCPU threads it starts (jobs use
+    /// [`FsPolicy::for_vmm_job`]); `None` leaves them the agent's filesystem access.
+    /// Everything the VM needs is opened before it applies, so the policy only has to
+    /// name what a confined thread may still open.
+    pub landlock: Option<FsPolicy>,
+    /// Run on the VMM thread just after Landlock applies, before the vCPU threads start
+    /// and before seccomp (which forbids `open` outright): lets tests and self-checks see
+    /// what a confined VMM thread can open. `None` for jobs.
+    pub confined_check: Option<ConfinedCheck>,
+}
+
+/// A function run on a VM's VMM thread once Landlock confines it (see
+/// [`VmConfig::confined_check`]).
+#[derive(Clone)]
+pub struct ConfinedCheck(pub Arc<dyn Fn() + Send + Sync>);
+
+impl fmt::Debug for ConfinedCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConfinedCheck(..)")
+    }
+}
+
+/// What confined a VM's threads, for the job log (`<job>/confinement.txt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    /// What Landlock enforced on the VMM thread and its vCPU threads; `None` if the
+    /// config gave no policy.
+    pub landlock: Option<LandlockReport>,
+    /// What a forbidden syscall does under the vCPU and VMM threads' seccomp filters;
+    /// `None` if none were installed.
+    pub seccomp: Option<OnViolation>,
+    /// How many vCPU threads there are.
+    pub vcpus: u8,
+}
+
+impl fmt::Display for Confinement {
+    /// One line per mechanism, the Landlock line in the QEMU backend's words.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.landlock {
+            Some(report) => {
+                writeln!(f, "{report}")?;
+                writeln!(
+                    f,
+                    "landlock applies to: the VMM thread and its {} vCPU thread(s), not the agent's other threads",
+                    self.vcpus
+                )?;
+            }
+            None => writeln!(f, "landlock: not enforced (no policy given to this VM)")?,
+        }
+        let seccomp = match self.seccomp {
+            Some(OnViolation::KillProcess) => {
+                "filter installed (a forbidden syscall kills the process)"
+            }
+            Some(OnViolation::Errno) => "filter installed (a forbidden syscall fails with EPERM)",
+            None => "no filter installed",
+        };
+        writeln!(f, "seccomp (vCPU threads): {seccomp}")?;
+        write!(f, "seccomp (VMM thread): {seccomp}")
+    }
 }
 
 /// Why the guest stopped by itself.
@@ -273,8 +339,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The seccomp filters could not be built or installed.
-    #[error("seccomp: {0}")]
+    /// The Landlock ruleset or the seccomp filters could not be built or applied.
+    #[error("confining the VM's threads: {0}")]
     Confine(#[from] confine::ConfineError),
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -393,6 +459,11 @@ struct Machine {
     drained: Arc<EventFd>,
     time_limit: Duration,
     filters: Option<Arc<Filters>>,
+    /// Taken and applied by the VMM thread first thing; the ruleset fd closes with it.
+    landlock: Option<PreparedLandlock>,
+    confined_check: Option<ConfinedCheck>,
+    /// For errors writing the console's confinement line.
+    console_log: PathBuf,
 }
 
 /// The compiled seccomp programs for a VM's threads.
@@ -411,6 +482,13 @@ impl Vm {
             check_bootable(&config.kernel, host_is_pvm())?;
         }
         vcpu::install_kick_handler()?;
+        // Built here, on the caller's thread: a missing path fails the start before any
+        // KVM work, and the VMM thread can then confine itself without opening anything.
+        let landlock = config
+            .landlock
+            .as_ref()
+            .map(FsPolicy::prepare)
+            .transpose()?;
 
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm = kvm.create_vm().map_err(|source| Error::Kvm {
@@ -574,6 +652,9 @@ impl Vm {
             drained,
             time_limit: config.time_limit,
             filters,
+            landlock,
+            confined_check: config.confined_check.clone(),
+            console_log: config.console_log.clone(),
         };
         let (started_tx, started_rx) = mpsc::sync_channel(1);
         let vmm = std::thread::Builder::new()
@@ -584,9 +665,14 @@ impl Vm {
                 source,
             })?;
         match started_rx.recv() {
-            Ok(Ok(())) => Ok(RunningVm {
+            Ok(Ok(landlock)) => Ok(RunningVm {
                 vmm: Some(vmm),
                 shared: Arc::downgrade(&shared),
+                confinement: Confinement {
+                    landlock,
+                    seccomp: config.seccomp,
+                    vcpus: config.vcpus,
+                },
             }),
             Ok(Err(e)) => {
                 let _ = vmm.join();
@@ -608,6 +694,7 @@ impl Vm {
 pub struct RunningVm {
     vmm: Option<JoinHandle<VmExit>>,
     shared: Weak<Shared>,
+    confinement: Confinement,
 }
 
 /// A handle that can stop a VM from another thread.
@@ -639,6 +726,11 @@ impl RunningVm {
         VmHandle {
             shared: self.shared.clone(),
         }
+    }
+
+    /// What confines this VM's threads (for the job log).
+    pub fn confinement(&self) -> &Confinement {
+        &self.confinement
     }
 
     /// True once the VM has stopped and been torn down.
@@ -676,9 +768,47 @@ impl Drop for RunningVm {
     }
 }
 
-/// The VMM thread: starts the vCPU threads, then feeds COM2 from the channel, enforces
-/// the time limit and probes for halted guests until the VM stops; then tears down.
-fn vmm_main(mut machine: Machine, started: mpsc::SyncSender<Result<(), Error>>) -> VmExit {
+/// The VMM thread: confines itself with Landlock, starts the vCPU threads, installs its
+/// seccomp filter, then feeds COM2 from the channel, enforces the time limit and probes
+/// for halted guests until the VM stops; then tears down. Sends what Landlock enforced
+/// (or why the start failed) on `started` once the vCPUs run.
+fn vmm_main(
+    mut machine: Machine,
+    started: mpsc::SyncSender<Result<Option<LandlockReport>, Error>>,
+) -> VmExit {
+    // Landlock before any vCPU thread exists: a thread inherits its creator's Landlock
+    // domain when it is created, so the vCPU threads are confined too without applying it
+    // again, and the agent's other threads (not descendants of this one) are not.
+    let landlock = match machine.landlock.take().map(PreparedLandlock::restrict_self) {
+        None => None,
+        Some(Ok(report)) => Some(report),
+        Some(Err(e)) => {
+            let _ = started.send(Err(e.into()));
+            return VmExit::Failed("could not confine the VMM thread with Landlock".into());
+        }
+    };
+    {
+        // Before the guest runs, so it is the console log's second line, after seccomp's.
+        let mut bus = machine.shared.bus.lock().unwrap_or_else(|p| p.into_inner());
+        let console = bus.com1.writer_mut();
+        let written = match &landlock {
+            Some(report) => writeln!(console, "[provider: on the VMM and vCPU threads, {report}]"),
+            None => writeln!(
+                console,
+                "[provider: no landlock on the VMM and vCPU threads]"
+            ),
+        };
+        if let Err(source) = written {
+            let _ = started.send(Err(Error::ConsoleLog {
+                path: machine.console_log.clone(),
+                source,
+            }));
+            return VmExit::Failed("could not write the console log".into());
+        }
+    }
+    if let Some(check) = machine.confined_check.take() {
+        (check.0)();
+    }
     let vcpus = std::mem::take(&mut machine.vcpus);
     let (shared, channel, drained) = (
         machine.shared.clone(),
@@ -716,7 +846,7 @@ fn vmm_main(mut machine: Machine, started: mpsc::SyncSender<Result<(), Error>>) 
             return VmExit::Failed("could not confine the VMM thread".into());
         }
     }
-    let _ = started.send(Ok(()));
+    let _ = started.send(Ok(landlock));
     drop(started);
 
     let deadline = Instant::now() + time_limit;
@@ -873,6 +1003,39 @@ mod tests {
     }
 
     #[test]
+    fn confinement_says_what_each_mechanism_enforces() {
+        let none = Confinement {
+            landlock: None,
+            seccomp: None,
+            vcpus: 1,
+        };
+        assert_eq!(
+            none.to_string(),
+            "landlock: not enforced (no policy given to this VM)\n\
+             seccomp (vCPU threads): no filter installed\n\
+             seccomp (VMM thread): no filter installed"
+        );
+        let job = Confinement {
+            landlock: Some(LandlockReport {
+                enforcement: confine::Enforcement::Partially,
+                kernel_abi: 3,
+                no_new_privs: true,
+                reason: Some("kernel ABI 3 lacks rights of ABI 5".into()),
+            }),
+            seccomp: Some(OnViolation::KillProcess),
+            vcpus: 2,
+        };
+        assert_eq!(
+            job.to_string(),
+            "landlock: partially enforced (kernel ABI 3; kernel ABI 3 lacks rights of ABI 5), \
+             no_new_privs: yes\n\
+             landlock applies to: the VMM thread and its 2 vCPU thread(s), not the agent's other threads\n\
+             seccomp (vCPU threads): filter installed (a forbidden syscall kills the process)\n\
+             seccomp (VMM thread): filter installed (a forbidden syscall kills the process)"
+        );
+    }
+
+    #[test]
     fn configs_out_of_range_are_refused() {
         let ok = VmConfig {
             mem_bytes: 2 << 20,
@@ -883,6 +1046,8 @@ mod tests {
             console_log: "/dev/null".into(),
             time_limit: Duration::from_secs(1),
             seccomp: None,
+            landlock: None,
+            confined_check: None,
         };
         assert!(validate(&ok).is_ok());
         for bad in [

@@ -1,0 +1,6 @@
+//! `requestor`: submit signed manifests and ExeScript batches to providers.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    agent::requestor::main()
+}

@@ -1,0 +1,222 @@
+//! The daemon's settings: a JSON file (`provider run --config FILE`) and flags that
+//! override it. Unknown keys are refused so a misspelt setting is an error, not a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::vm::VmmArg;
+use crate::egress::Cidr;
+use crate::market::constraints::Filter;
+
+/// `provider run`'s configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ConfigFile {
+    /// Multiaddrs to listen on (default `/ip4/127.0.0.1/tcp/0`... see `docs/daemon.md`).
+    pub listen: Option<Vec<String>>,
+    /// mDNS discovery on the local network.
+    pub mdns: Option<bool>,
+    /// `auto`, `qemu` or `kvm`.
+    pub vmm: Option<String>,
+    pub kernel: Option<PathBuf>,
+    pub guest: Option<PathBuf>,
+    /// Memory of one job's VM, e.g. `512M`.
+    pub mem: Option<String>,
+    pub cpus: Option<u32>,
+    /// Jobs running at once.
+    pub max_jobs: Option<usize>,
+    /// CIDRs the egress proxy may connect to although they are private or loopback.
+    pub allow_cidr: Option<Vec<String>>,
+    pub command_timeout: Option<String>,
+    pub boot_timeout: Option<String>,
+    /// Output kept per command and stream, e.g. `1M`.
+    pub max_output: Option<String>,
+    /// Largest file one `transfer` may move, e.g. `1G`.
+    pub max_transfer: Option<String>,
+    pub agreement_ttl: Option<String>,
+    pub proposal_ttl: Option<String>,
+    /// LDAP-style filter over demands' properties.
+    pub constraints: Option<String>,
+}
+
+/// The settled configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub listen: Vec<String>,
+    pub mdns: bool,
+    pub vmm: VmmArg,
+    pub kernel: Option<PathBuf>,
+    pub guest: Option<PathBuf>,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    pub max_jobs: usize,
+    pub allow_cidr: Vec<Cidr>,
+    pub command_timeout: Duration,
+    pub boot_timeout: Duration,
+    pub max_output_bytes: u64,
+    pub max_transfer_bytes: u64,
+    pub agreement_ttl: Duration,
+    pub proposal_ttl: Duration,
+    pub constraints: Option<Filter>,
+    /// The text `constraints` was parsed from (the offer carries it).
+    pub constraints_text: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/7465".into()],
+            mdns: true,
+            vmm: VmmArg::Auto,
+            kernel: None,
+            guest: None,
+            mem_mib: 512,
+            cpus: 1,
+            max_jobs: 2,
+            allow_cidr: Vec::new(),
+            command_timeout: Duration::from_secs(300),
+            boot_timeout: Duration::from_secs(120),
+            max_output_bytes: 1024 * 1024,
+            max_transfer_bytes: 1024 * 1024 * 1024,
+            agreement_ttl: Duration::from_secs(3600),
+            proposal_ttl: Duration::from_secs(60),
+            constraints: None,
+            constraints_text: String::new(),
+        }
+    }
+}
+
+fn parse_bytes(key: &str, text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1024u64),
+        Some('M') => (&t[..t.len() - 1], 1024 * 1024),
+        Some('G') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n.saturating_mul(mul))
+        .map_err(|_| format!("{key}: `{text}` is not a size like 1M"))
+}
+
+impl DaemonConfig {
+    /// The defaults overridden by `file` (if given).
+    pub fn from_file(path: Option<&Path>) -> Result<Self, String> {
+        let mut cfg = Self::default();
+        let Some(path) = path else {
+            return Ok(cfg);
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        let file: ConfigFile = serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("{}: at {}: {}", path.display(), e.path(), e.inner()))?;
+        let at = |key: &str, e: String| format!("{}: {key}: {e}", path.display());
+        if let Some(v) = file.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = file.mdns {
+            cfg.mdns = v;
+        }
+        if let Some(v) = file.vmm {
+            cfg.vmm = match v.as_str() {
+                "auto" => VmmArg::Auto,
+                "qemu" => VmmArg::Qemu,
+                "kvm" => VmmArg::Kvm,
+                other => {
+                    return Err(at(
+                        "vmm",
+                        format!("`{other}` is not one of auto, qemu, kvm"),
+                    ))
+                }
+            };
+        }
+        cfg.kernel = file.kernel.or(cfg.kernel);
+        cfg.guest = file.guest.or(cfg.guest);
+        if let Some(v) = file.mem {
+            cfg.mem_mib = crate::cli::vm::parse_mem(&v).map_err(|e| at("mem", e))?;
+        }
+        if let Some(v) = file.cpus {
+            if !(1..=64).contains(&v) {
+                return Err(at("cpus", format!("{v} is not between 1 and 64")));
+            }
+            cfg.cpus = v;
+        }
+        if let Some(v) = file.max_jobs {
+            if v == 0 {
+                return Err(at("max_jobs", "must be at least 1".into()));
+            }
+            cfg.max_jobs = v;
+        }
+        if let Some(v) = file.allow_cidr {
+            cfg.allow_cidr = v
+                .iter()
+                .map(|c| {
+                    c.parse::<Cidr>()
+                        .map_err(|e| at("allow_cidr", e.to_string()))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        let dur = |key: &str, v: &str| crate::cli::vm::parse_duration(v).map_err(|e| at(key, e));
+        if let Some(v) = file.command_timeout {
+            cfg.command_timeout = dur("command_timeout", &v)?;
+        }
+        if let Some(v) = file.boot_timeout {
+            cfg.boot_timeout = dur("boot_timeout", &v)?;
+        }
+        if let Some(v) = file.agreement_ttl {
+            cfg.agreement_ttl = dur("agreement_ttl", &v)?;
+        }
+        if let Some(v) = file.proposal_ttl {
+            cfg.proposal_ttl = dur("proposal_ttl", &v)?;
+        }
+        if let Some(v) = file.max_output {
+            cfg.max_output_bytes =
+                parse_bytes("max_output", &v).map_err(|e| at("max_output", e))?;
+        }
+        if let Some(v) = file.max_transfer {
+            cfg.max_transfer_bytes =
+                parse_bytes("max_transfer", &v).map_err(|e| at("max_transfer", e))?;
+        }
+        if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
+            cfg.constraints =
+                Some(Filter::parse(&v).map_err(|e| at("constraints", e.to_string()))?);
+            cfg.constraints_text = v;
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_overrides_defaults_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.json");
+        std::fs::write(
+            &p,
+            r#"{"listen":["/ip4/127.0.0.1/tcp/0"],"mdns":false,"mem":"256M","max_jobs":3,
+               "allow_cidr":["127.0.0.0/8"],"command_timeout":"30s","max_output":"64K"}"#,
+        )
+        .unwrap();
+        let c = DaemonConfig::from_file(Some(&p)).unwrap();
+        assert_eq!(c.listen, ["/ip4/127.0.0.1/tcp/0"]);
+        assert!(!c.mdns);
+        assert_eq!((c.mem_mib, c.max_jobs), (256, 3));
+        assert_eq!(c.command_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_output_bytes, 64 * 1024);
+        assert_eq!(c.allow_cidr.len(), 1);
+
+        std::fs::write(&p, r#"{"max_job":3}"#).unwrap();
+        let e = DaemonConfig::from_file(Some(&p)).unwrap_err();
+        assert!(e.contains("max_job"), "{e}");
+        std::fs::write(&p, r#"{"mem":"lots"}"#).unwrap();
+        let e = DaemonConfig::from_file(Some(&p)).unwrap_err();
+        assert!(e.contains("mem"), "{e}");
+    }
+}

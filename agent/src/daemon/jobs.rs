@@ -1,0 +1,503 @@
+//! The daemon's jobs: one activity per agreement, each on its own thread, with batches
+//! whose results requestors long-poll.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, watch};
+
+use super::Shared;
+use crate::activity::{Job, JobConfig, JobSpec};
+use crate::market::negotiation::{new_id, Agreement};
+use crate::net::wire::{ActivityRequest, ActivityResponse, CommandResult, Outcome, Reason};
+use crate::receipt::SignedReceipt;
+use crate::vm::Backend;
+
+/// Longest a results request waits for news.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A results page stops growing past this many output bytes (the response limit is 16 MiB).
+const PAGE_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Default, Clone)]
+struct Progress {
+    results: Vec<CommandResult>,
+    done: bool,
+}
+
+enum JobCmd {
+    Exec {
+        batch_id: String,
+        batch: Value,
+        len: usize,
+        progress: Arc<watch::Sender<Progress>>,
+    },
+    Terminate {
+        why: String,
+        reply: Option<oneshot::Sender<Result<SignedReceipt, String>>>,
+    },
+}
+
+struct Slot {
+    peer: String,
+    agreement: Arc<Agreement>,
+    tx: std::sync::mpsc::Sender<JobCmd>,
+    batches: Mutex<HashMap<String, Arc<watch::Sender<Progress>>>>,
+}
+
+impl Slot {
+    fn running(&self) -> bool {
+        self.batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|b| !b.borrow().done)
+    }
+}
+
+/// What this host runs jobs with: the VM backend, the guest kernel and the guest agent.
+#[derive(Clone)]
+pub(super) struct Runtime {
+    pub backend: Backend,
+    pub kernel: PathBuf,
+    pub guest: PathBuf,
+}
+
+/// Live jobs by activity id (`None` while the job's VM is starting).
+pub(super) struct Jobs {
+    /// Why jobs cannot run here, when they cannot.
+    runtime: Result<Runtime, String>,
+    slots: Mutex<HashMap<String, Option<Arc<Slot>>>>,
+}
+
+impl Jobs {
+    pub(super) fn new(runtime: Result<Runtime, String>) -> Self {
+        Self {
+            runtime,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Arc<Slot>>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn error(code: &str, message: impl Into<String>) -> ActivityResponse {
+    ActivityResponse::Error {
+        reason: Reason::new(code, message),
+    }
+}
+
+/// The activity `id` if `peer` owns it. Another peer learns nothing about it.
+fn slot(shared: &Shared, id: &str, peer: &str) -> Result<Arc<Slot>, ActivityResponse> {
+    match shared.jobs.lock().get(id) {
+        Some(Some(s)) if s.peer == peer => Ok(s.clone()),
+        Some(None) => Err(error(
+            "activity-starting",
+            format!("activity {id} is still starting"),
+        )),
+        _ => Err(error(
+            "unknown-activity",
+            format!("no activity {id} for peer {peer} (never created, terminated, or expired)"),
+        )),
+    }
+}
+
+pub(super) async fn handle(
+    shared: &Arc<Shared>,
+    peer: &str,
+    request: ActivityRequest,
+) -> ActivityResponse {
+    match request {
+        ActivityRequest::Create { agreement_id } => create(shared, peer, &agreement_id).await,
+        ActivityRequest::Exec { activity_id, batch } => {
+            let slot = match slot(shared, &activity_id, peer) {
+                Ok(s) => s,
+                Err(e) => return e,
+            };
+            let len = match exescript::parse_batch(&batch.to_string()) {
+                Ok(cmds) => cmds.len(),
+                Err(e) => {
+                    return error(
+                        "script-invalid",
+                        format!("the batch is not valid ExeScript: {e}"),
+                    )
+                }
+            };
+            if slot.running() {
+                return error(
+                    "batch-running",
+                    "a batch of this activity is still running; wait for its results first",
+                );
+            }
+            let batch_id = new_id();
+            let progress = Arc::new(watch::channel(Progress::default()).0);
+            slot.batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(batch_id.clone(), progress.clone());
+            let sent = slot.tx.send(JobCmd::Exec {
+                batch_id: batch_id.clone(),
+                batch,
+                len,
+                progress,
+            });
+            match sent {
+                Ok(()) => ActivityResponse::BatchStarted { batch_id },
+                Err(_) => error(
+                    "activity-ended",
+                    format!("activity {activity_id} has ended"),
+                ),
+            }
+        }
+        ActivityRequest::GetResults {
+            activity_id,
+            batch_id,
+            from,
+            wait_ms,
+        } => {
+            let slot = match slot(shared, &activity_id, peer) {
+                Ok(s) => s,
+                Err(e) => return e,
+            };
+            let progress = slot
+                .batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&batch_id)
+                .cloned();
+            let Some(progress) = progress else {
+                return error(
+                    "unknown-batch",
+                    format!("no batch {batch_id} in activity {activity_id}"),
+                );
+            };
+            let mut rx = progress.subscribe();
+            let wait = Duration::from_millis(wait_ms).min(MAX_WAIT);
+            let _ =
+                tokio::time::timeout(wait, rx.wait_for(|p| p.done || p.results.len() > from)).await;
+            let p = rx.borrow();
+            let mut page = Vec::new();
+            let mut bytes = 0;
+            for r in p.results.iter().skip(from) {
+                bytes += r.stdout.len() + r.stderr.len();
+                if !page.is_empty() && bytes > PAGE_BYTES {
+                    break;
+                }
+                page.push(r.clone());
+            }
+            let done = p.done && from + page.len() >= p.results.len();
+            ActivityResponse::Results {
+                results: page,
+                done,
+            }
+        }
+        ActivityRequest::Terminate { activity_id } => {
+            let slot = match slot(shared, &activity_id, peer) {
+                Ok(s) => s,
+                Err(e) => return e,
+            };
+            shared.jobs.lock().remove(&activity_id);
+            match terminate(&slot, "terminated by the requestor").await {
+                Ok(receipt) => match serde_json::to_value(&receipt) {
+                    Ok(receipt) => ActivityResponse::Terminated { receipt },
+                    Err(e) => error("internal", format!("receipt: {e}")),
+                },
+                Err(e) => error("terminate-failed", e),
+            }
+        }
+    }
+}
+
+async fn terminate(slot: &Slot, why: &str) -> Result<SignedReceipt, String> {
+    let (tx, rx) = oneshot::channel();
+    slot.tx
+        .send(JobCmd::Terminate {
+            why: why.into(),
+            reply: Some(tx),
+        })
+        .map_err(|_| "the job had already ended".to_string())?;
+    rx.await
+        .map_err(|_| "the job ended without a receipt".to_string())?
+}
+
+async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> ActivityResponse {
+    let agreement = match shared.market.agreement(agreement_id, peer, Utc::now()) {
+        Ok(a) => a,
+        Err(reason) => return ActivityResponse::Error { reason },
+    };
+    let runtime = match &shared.jobs.runtime {
+        Ok(r) => r.clone(),
+        Err(why) => {
+            return error(
+                "no-backend",
+                format!("this provider cannot run VMs right now: {why}"),
+            )
+        }
+    };
+    let activity_id = new_id();
+    {
+        let mut slots = shared.jobs.lock();
+        if slots
+            .values()
+            .flatten()
+            .any(|s| s.agreement.id == agreement.id)
+        {
+            return error(
+                "activity-exists",
+                format!("agreement {agreement_id} already has an activity"),
+            );
+        }
+        if slots.len() >= shared.cfg.max_jobs {
+            return error(
+                "busy",
+                format!(
+                    "this provider runs {} jobs, its limit; try again later",
+                    slots.len()
+                ),
+            );
+        }
+        slots.insert(activity_id.clone(), None);
+    }
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spec = JobSpec {
+        activity_id: activity_id.clone(),
+        agreement_id: agreement.id.clone(),
+        provider_id: shared.provider_id.clone(),
+        requestor_id: peer.to_owned(),
+        manifest_base64: agreement.manifest_base64.clone(),
+        mode: agreement
+            .matched_rule
+            .as_ref()
+            .map_or(policies::Mode::None, |r| r.mode()),
+        whitelist: agreement.whitelist.clone(),
+        expires_at: agreement.expires_at,
+    };
+    let cfg = job_config(shared, runtime);
+    let thread = {
+        let shared = shared.clone();
+        let rt = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name(format!("job-{}", &activity_id[..8]))
+            .spawn(move || job_thread(shared, spec, cfg, rt, ready_tx, rx))
+    };
+    if let Err(e) = thread {
+        shared.jobs.lock().remove(&activity_id);
+        return error("internal", format!("cannot start a job thread: {e}"));
+    }
+    match ready_rx.await {
+        Ok(Ok(())) => {
+            shared.jobs.lock().insert(
+                activity_id.clone(),
+                Some(Arc::new(Slot {
+                    peer: peer.to_owned(),
+                    agreement,
+                    tx,
+                    batches: Mutex::new(HashMap::new()),
+                })),
+            );
+            ActivityResponse::Created { activity_id }
+        }
+        Ok(Err(e)) => {
+            shared.jobs.lock().remove(&activity_id);
+            error("job-start-failed", e)
+        }
+        Err(_) => {
+            shared.jobs.lock().remove(&activity_id);
+            error(
+                "job-start-failed",
+                "the job thread ended before the VM was ready",
+            )
+        }
+    }
+}
+
+fn job_config(shared: &Shared, runtime: Runtime) -> JobConfig {
+    let c = &shared.cfg;
+    JobConfig {
+        backend: runtime.backend,
+        kernel: runtime.kernel,
+        guest_agent: runtime.guest,
+        mem_mib: c.mem_mib,
+        cpus: c.cpus,
+        boot_timeout: c.boot_timeout,
+        command_timeout: c.command_timeout,
+        max_output_bytes: usize::try_from(c.max_output_bytes).unwrap_or(usize::MAX),
+        max_transfer_bytes: c.max_transfer_bytes,
+        addresses: crate::egress::AddressPolicy::new(c.allow_cidr.clone()),
+        limits: crate::egress::Limits::default(),
+    }
+}
+
+/// Owns one job from VM start to receipt.
+fn job_thread(
+    shared: Arc<Shared>,
+    spec: JobSpec,
+    cfg: JobConfig,
+    rt: tokio::runtime::Handle,
+    ready: oneshot::Sender<Result<(), String>>,
+    rx: std::sync::mpsc::Receiver<JobCmd>,
+) {
+    let activity_id = spec.activity_id.clone();
+    let agreement_id = spec.agreement_id.clone();
+    let job = match Job::start(spec, &cfg, &shared.data, shared.audit.clone(), rt) {
+        Ok(job) => job,
+        Err(e) => {
+            let message = format!("{e:#}");
+            shared.audit.write_event(&json!({
+                "time": crate::egress::audit::now(),
+                "event": "activity-failed",
+                "activity_id": activity_id,
+                "agreement_id": agreement_id,
+                "error": message,
+            }));
+            let _ = ready.send(Err(message));
+            return;
+        }
+    };
+    shared.audit.write_event(&json!({
+        "time": crate::egress::audit::now(),
+        "event": "activity-created",
+        "activity_id": activity_id,
+        "agreement_id": agreement_id,
+    }));
+    if ready.send(Ok(())).is_err() {
+        // The requestor's request went away while the VM booted: nobody holds this job.
+        let _ = finish(&shared, job, "the create request was abandoned");
+        return;
+    }
+    let mut why = "the provider dropped the job".to_string();
+    let mut reply = None;
+    for cmd in rx.iter() {
+        match cmd {
+            JobCmd::Exec {
+                batch_id,
+                batch,
+                len,
+                progress,
+            } => {
+                let mut sink = |r: CommandResult| progress.send_modify(|p| p.results.push(r));
+                let outcome = job.exec(&batch_id, &batch, &mut sink);
+                progress.send_modify(|p| {
+                    if let Err(e) = &outcome {
+                        fill_failed(&mut p.results, len, &format!("{e:#}"));
+                    }
+                    p.done = true;
+                });
+            }
+            JobCmd::Terminate { why: w, reply: r } => {
+                why = w;
+                reply = r;
+                break;
+            }
+        }
+    }
+    let receipt = finish(&shared, job, &why);
+    if let Some(reply) = reply {
+        let _ = reply.send(receipt);
+    }
+}
+
+/// When the job itself failed mid-batch, the commands without a result get one: the first
+/// failed with the job's error, the rest skipped.
+fn fill_failed(results: &mut Vec<CommandResult>, len: usize, error: &str) {
+    let now = Utc::now();
+    let mut first = true;
+    for index in results.len()..len {
+        let (outcome, reason) = if first {
+            (Outcome::Failed, Reason::new("job-failed", error))
+        } else {
+            (
+                Outcome::Skipped,
+                Reason::new("skipped", "an earlier command of the batch failed"),
+            )
+        };
+        first = false;
+        results.push(CommandResult {
+            index,
+            command: String::new(),
+            outcome,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            reason: Some(reason),
+            started_at: now,
+            ended_at: now,
+        });
+    }
+}
+
+/// Tears the job down, signs and stores its receipt.
+fn finish(shared: &Shared, job: Job, why: &str) -> Result<SignedReceipt, String> {
+    let receipt = job.terminate(why);
+    let activity_id = receipt.activity_id.clone();
+    shared.market.end_agreement(&receipt.agreement_id);
+    let signed = SignedReceipt::sign(receipt, &shared.identity).map_err(|e| e.to_string())?;
+    let dir = shared.data.root().join("receipts");
+    let path = dir.join(format!("{activity_id}.json"));
+    let written = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| serde_json::to_vec_pretty(&signed).map_err(|e| e.to_string()))
+        .and_then(|bytes| crate::store::atomic_write(&path, &bytes).map_err(|e| e.to_string()));
+    if let Err(e) = &written {
+        tracing::error!(path = %path.display(), error = %e, "cannot store the receipt");
+    }
+    shared.audit.write_event(&json!({
+        "time": crate::egress::audit::now(),
+        "event": "activity-terminated",
+        "activity_id": activity_id,
+        "agreement_id": signed.receipt.agreement_id,
+        "why": why,
+        "receipt": path,
+    }));
+    Ok(signed)
+}
+
+/// Ends jobs whose agreement expired (their receipts are stored, not sent).
+pub(super) async fn reap_expired(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = Utc::now();
+        let expired: Vec<Arc<Slot>> = {
+            let mut slots = shared.jobs.lock();
+            let ids: Vec<String> = slots
+                .iter()
+                .filter_map(|(id, s)| {
+                    s.as_ref()
+                        .filter(|s| s.agreement.expires_at <= now)
+                        .map(|_| id.clone())
+                })
+                .collect();
+            ids.iter()
+                .filter_map(|id| slots.remove(id).flatten())
+                .collect()
+        };
+        for slot in expired {
+            tracing::info!(agreement = %slot.agreement.id, "agreement expired: terminating its job");
+            let _ = slot.tx.send(JobCmd::Terminate {
+                why: "the agreement expired".into(),
+                reply: None,
+            });
+        }
+    }
+}
+
+/// Terminates every job and waits for their receipts; returns how many ended.
+pub(super) async fn terminate_all(shared: &Arc<Shared>, why: &str) -> usize {
+    let slots: Vec<Arc<Slot>> = shared.jobs.lock().drain().filter_map(|(_, s)| s).collect();
+    let n = slots.len();
+    let waits = slots.iter().map(|s| terminate(s, why));
+    for r in futures::future::join_all(waits).await {
+        if let Err(e) = r {
+            tracing::warn!("a job ended without a receipt: {e}");
+        }
+    }
+    n
+}

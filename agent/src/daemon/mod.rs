@@ -1,0 +1,208 @@
+//! `provider run`: the daemon that joins the network, the market and the job runtime.
+//!
+//! One tokio runtime carries the libp2p event loop and one task per inbound request, so a
+//! slow request (a VM booting) never holds up others. Each job lives on its own OS thread
+//! for its whole life: the VM backend ties the QEMU child to the thread that started it
+//! (`PR_SET_PDEATHSIG`), and the thread serialises the job's batches and its termination.
+//!
+//! Every verdict, agreement, command decision, egress decision and job end is a line in
+//! `<data-dir>/audit.jsonl`; every job that started leaves a signed receipt in
+//! `<data-dir>/receipts/`, also when the agreement expires or the daemon is stopped.
+
+pub mod config;
+mod jobs;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use serde_json::json;
+
+use crate::egress::AuditLog;
+use crate::market::negotiation::{Market, MarketConfig};
+use crate::market::offer::{offer_properties, Resources};
+use crate::net::wire::{ActivityResponse, MarketResponse, Offer, Reason};
+use crate::net::{self, Inbound, InboundRequest, NetConfig};
+use crate::store::DataDir;
+pub use config::DaemonConfig;
+use jobs::Jobs;
+
+/// What the daemon shares with its request tasks.
+pub struct Shared {
+    pub data: DataDir,
+    pub cfg: DaemonConfig,
+    pub identity: Keypair,
+    pub provider_id: String,
+    pub market: Market,
+    pub audit: Arc<AuditLog>,
+    jobs: Jobs,
+    /// Judging is CPU-bound (openssl); more threads than cores only add threads, memory
+    /// arenas and context switches, so a burst of demands queues here instead.
+    judging: tokio::sync::Semaphore,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `announce` gets each address it listens on
+/// (with `/p2p/<peer id>`), once listening.
+pub async fn run(
+    data: DataDir,
+    cfg: DaemonConfig,
+    announce: impl Fn(&Multiaddr),
+) -> anyhow::Result<()> {
+    // Before anything is announced: a SIGTERM right after start must still stop cleanly.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    std::fs::create_dir_all(data.root())
+        .with_context(|| format!("create the data dir {}", data.root().display()))?;
+    let identity = net::load_or_create_identity(&data.root().join("identity.key"))?;
+    let provider_id = identity.public().to_peer_id().to_string();
+    let audit = Arc::new(
+        AuditLog::open(&data.audit_path())
+            .with_context(|| format!("open {}", data.audit_path().display()))?,
+    );
+    // Refuse to start with rules that do not load: the operator learns now, not at the
+    // first demand.
+    data.load_judge()
+        .context("the operator's rules, whitelist or keystore do not load")?;
+    let runtime = (|| -> anyhow::Result<jobs::Runtime> {
+        let (backend, why) = crate::cli::vm::backend_for(cfg.vmm, &crate::vm::HostInfo::detect())?;
+        tracing::info!("{why}");
+        Ok(jobs::Runtime {
+            backend,
+            kernel: crate::vm::find_kernel(cfg.kernel.as_deref())?,
+            guest: crate::vm::find_guest_agent(cfg.guest.as_deref())?,
+        })
+    })()
+    .map_err(|e| {
+        tracing::warn!("jobs cannot run on this host ({e:#}); demands will still be judged");
+        format!("{e:#}")
+    });
+
+    let resources = Resources {
+        mem_gib: f64::from(cfg.mem_mib) / 1024.0,
+        storage_gib: 10.0,
+        cpu_threads: cfg.cpus,
+    };
+    let offer = Offer {
+        provider_id: provider_id.clone(),
+        properties: offer_properties(&resources, &provider_id)
+            .into_iter()
+            .collect(),
+        constraints: cfg.constraints_text.clone(),
+    };
+    let market = Market::new(
+        data.clone(),
+        offer,
+        MarketConfig {
+            proposal_ttl: cfg.proposal_ttl,
+            agreement_ttl: cfg.agreement_ttl,
+            demand_filter: cfg.constraints.clone(),
+            ..MarketConfig::default()
+        },
+        audit.clone(),
+    );
+
+    let (client, mut inbound, event_loop) = net::new(
+        identity.clone(),
+        NetConfig {
+            mdns: cfg.mdns,
+            // Each request is handed to its own task at once, so the queue only absorbs
+            // bursts; a deep one means a burst of demands is served rather than told busy.
+            inbound_queue: 4096,
+            ..NetConfig::default()
+        },
+    )?;
+    let net_task = tokio::spawn(event_loop.run());
+    for addr in &cfg.listen {
+        let addr: Multiaddr = addr
+            .parse()
+            .with_context(|| format!("--listen {addr}: not a multiaddr"))?;
+        let actual = client
+            .listen(addr.clone())
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        let full = actual
+            .with_p2p(identity.public().to_peer_id())
+            .unwrap_or_else(|a| a);
+        announce(&full);
+    }
+    audit.write_event(&json!({
+        "time": crate::egress::audit::now(),
+        "event": "daemon-start",
+        "provider_id": provider_id,
+        "pid": std::process::id(),
+    }));
+
+    let shared = Arc::new(Shared {
+        jobs: Jobs::new(runtime),
+        judging: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ),
+        data,
+        cfg,
+        identity,
+        provider_id,
+        market,
+        audit,
+    });
+    let reaper = tokio::spawn(jobs::reap_expired(shared.clone()));
+
+    loop {
+        tokio::select! {
+            request = inbound.recv() => match request {
+                Some(request) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { serve(shared, request).await });
+                }
+                None => {
+                    tracing::error!("the network event loop stopped");
+                    break;
+                }
+            },
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: terminating jobs and stopping");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("interrupted: terminating jobs and stopping");
+                break;
+            }
+        }
+    }
+    reaper.abort();
+    let ended = jobs::terminate_all(&shared, "the provider was shut down").await;
+    shared.audit.write_event(&json!({
+        "time": crate::egress::audit::now(),
+        "event": "daemon-stop",
+        "jobs_terminated": ended,
+    }));
+    net_task.abort();
+    drop(client);
+    Ok(())
+}
+
+async fn serve(shared: Arc<Shared>, request: Inbound) {
+    let peer = request.peer.to_string();
+    match request.request {
+        InboundRequest::Market(req) => {
+            let _permit = shared.judging.acquire().await;
+            let s = shared.clone();
+            let response = tokio::task::spawn_blocking(move || {
+                s.market.handle(&peer, req, chrono::Utc::now())
+            })
+            .await
+            .unwrap_or_else(|e| MarketResponse::Error {
+                reason: Reason::new("internal", format!("the request failed: {e}")),
+            });
+            let _ = request.responder.respond(response);
+        }
+        InboundRequest::Activity(req) => {
+            let response = jobs::handle(&shared, &peer, req).await;
+            if let ActivityResponse::Error { reason } = &response {
+                tracing::info!(%peer, code = %reason.code, "activity request refused: {}", reason.message);
+            }
+            let _ = request.responder.respond(response);
+        }
+    }
+}

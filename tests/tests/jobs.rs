@@ -1,0 +1,332 @@
+//! A whole job across two processes: `provider run` and `requestor submit` over loopback,
+//! the payload in a QEMU VM, every command through the ExeScript gate, every outbound
+//! connection through the job's egress proxy, and the signed receipt.
+//!
+//! One VM boot carries most assertions (TCG boots take seconds); the kill -9 test needs
+//! its own. Both skip with a printed reason where QEMU, the kernel or busybox is missing.
+
+use std::time::{Duration, Instant};
+
+use certs::testpki::{self, KeyKind, Validity};
+use serde_json::{json, Value};
+use tests::util::{http_server, sha3_256, vm_env, write_signed, Provider, Run};
+
+struct Job {
+    p: Provider,
+    upstream: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    other_port: String,
+    manifest: std::path::PathBuf,
+    sig: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    guest: std::path::PathBuf,
+    _env: tests::util::VmEnv,
+}
+
+/// A provider trusting a fresh CA for audited payloads with full outbound, an upstream
+/// serving the image and `/allowed/…`, a second upstream on another port, and a manifest
+/// signed under the CA allowing `run /bin/…` of a few tools and the one URL prefix.
+fn job() -> Option<Job> {
+    let env = vm_env()?;
+    let image = std::fs::read(&env.image).unwrap();
+    let hash = sha3_256(&image);
+    let (upstream, seen) = http_server(vec![
+        ("/image.tar".into(), image),
+        (
+            "/allowed/hello.txt".into(),
+            b"hello from upstream\n".to_vec(),
+        ),
+        ("/secret.txt".into(), b"secret\n".to_vec()),
+    ]);
+    let (other, _) = http_server(vec![(
+        "/allowed/hello.txt".into(),
+        b"other port\n".to_vec(),
+    )]);
+    let other_port = other.rsplit(':').next().unwrap().to_owned();
+
+    let p = Provider::new();
+    let root = testpki::root("Job Root", KeyKind::EcP256, Validity::current());
+    let author = testpki::issue(
+        &root,
+        "Job Author",
+        KeyKind::EcP256,
+        false,
+        Validity::current(),
+    );
+    let root_pem = p.write_input("root.pem", root.cert.to_pem().unwrap());
+    p.keystore_add(&[&root_pem]).ok();
+    let root_id = certs::cert_id(&root.cert);
+    p.run([
+        "rule",
+        "set",
+        "outbound",
+        "audited-payload",
+        "cert-id",
+        &root_id,
+        "--mode",
+        "all",
+    ])
+    .ok();
+    let m = json!({
+        "version": "0.1.0",
+        "createdAt": "2024-01-01T00:00:00Z",
+        "expiresAt": "2100-01-01T00:00:00Z",
+        "metadata": {"name": "job", "version": "1.0.0"},
+        "payload": [{"platform": {"arch": "x86_64", "os": "linux"},
+                     "urls": [format!("{upstream}/image.tar")],
+                     "hash": format!("sha3:{hash}")}],
+        "compManifest": {"version": "0.1.0",
+            "script": {"match": "regex", "commands": [
+                "run /bin/echo .*", "run /bin/wget .*", "run /bin/ls .*", "run /bin/sleep .*",
+                "run /bin/touch /tmp/skipped-ran"]},
+            "net": {"inet": {"out": {"protocols": ["http"], "urls": [format!("{upstream}/allowed")]}}}}
+    });
+    let (manifest, sig, cert) =
+        write_signed(&p, "job", &m, &author, &testpki::pem(&[&author.cert]));
+    Some(Job {
+        p,
+        upstream,
+        seen,
+        other_port,
+        manifest,
+        sig,
+        cert,
+        guest: env.guest.clone(),
+        _env: env,
+    })
+}
+
+fn run(entry: &str, args: &[&str]) -> Value {
+    json!({"run": {"entry_point": entry, "args": args}})
+}
+
+fn submit(j: &Job, addr: &str, batches: &[Value]) -> (Run, Vec<Value>) {
+    let mut args: Vec<String> = [
+        "--json",
+        "submit",
+        "--provider",
+        addr,
+        "--manifest",
+        j.manifest.to_str().unwrap(),
+        "--sig",
+        j.sig.to_str().unwrap(),
+        "--cert",
+        j.cert.to_str().unwrap(),
+        "--out-dir",
+        j.p.input("receipts").to_str().unwrap(),
+        "--timeout",
+        "15m",
+    ]
+    .map(String::from)
+    .to_vec();
+    for (i, b) in batches.iter().enumerate() {
+        let f = j.p.write_input(&format!("batch{i}.json"), b.to_string());
+        args.push("--script".into());
+        args.push(f.display().to_string());
+    }
+    let r = j.p.requestor(args);
+    let events = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    (r, events)
+}
+
+fn daemon_args(j: &Job) -> Vec<String> {
+    vec![
+        "--allow-cidr".into(),
+        "127.0.0.0/8".into(),
+        "--guest".into(),
+        j.guest.display().to_string(),
+    ]
+}
+
+#[test]
+fn a_job_runs_gated_and_filtered_and_leaves_a_verified_receipt() {
+    let Some(j) = job() else { return };
+    let args = daemon_args(&j);
+    let d =
+        j.p.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let wget = |url: String| run("/bin/wget", &["-q", "-O", "-", &url]);
+    let batches = [
+        json!([{"deploy": {}}, {"start": {}}, run("/bin/echo", &["hello", "vm"]),
+               wget(format!("{}/allowed/hello.txt", j.upstream))]),
+        // Another port of the same host, another host name, a path outside the allowed
+        // prefix, then no proxy at all.
+        json!([wget(format!(
+            "http://127.0.0.1:{}/allowed/hello.txt",
+            j.other_port
+        ))]),
+        json!([wget(
+            j.upstream.replace("127.0.0.1", "localhost") + "/allowed/hello.txt"
+        )]),
+        json!([wget(format!("{}/secret.txt", j.upstream))]),
+        json!([run(
+            "/bin/wget",
+            &[
+                "-Y",
+                "off",
+                "-q",
+                "-O",
+                "-",
+                &format!("{}/allowed/hello.txt", j.upstream)
+            ]
+        )]),
+        // Denied: not in the manifest's script. The command after it is allowed but must
+        // not run either.
+        json!([
+            run("/bin/touch", &["/tmp/denied-ran"]),
+            run("/bin/touch", &["/tmp/skipped-ran"])
+        ]),
+        json!([run("/bin/ls", &["/tmp"])]),
+    ];
+    let (r, events) = submit(&j, &d.addr, &batches);
+    assert_eq!(
+        r.code,
+        1,
+        "commands failed or were denied, so exit 1: {r:?}\n{}",
+        d.logs()
+    );
+    let results: Vec<&Value> = events.iter().filter(|e| e["event"] == "result").collect();
+    let outcomes: Vec<&str> = results
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "ok", "ok", "ok", "ok", "failed", "failed", "failed", "failed", "denied", "skipped",
+            "ok"
+        ],
+        "{results:#?}\n{}",
+        d.logs()
+    );
+    assert_eq!(results[2]["stdout"], "hello vm\n");
+    assert_eq!(results[3]["stdout"], "hello from upstream\n");
+    assert!(!results[8]["reason"]["code"].as_str().unwrap().is_empty());
+    let ls = results[10]["stdout"].as_str().unwrap();
+    assert!(
+        !ls.contains("denied-ran") && !ls.contains("skipped-ran"),
+        "{ls}"
+    );
+    // The upstream saw exactly the allowed fetch (plus the image download).
+    let seen = j.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|p| *p == "/allowed/hello.txt").count(),
+        1,
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|p| p == "/secret.txt"), "{seen:?}");
+
+    // The receipt: saved, verified, and it records what happened.
+    let receipt_event = events
+        .iter()
+        .find(|e| e["event"] == "receipt")
+        .expect("receipt event");
+    assert_eq!(receipt_event["valid"], true);
+    let path = receipt_event["path"].as_str().unwrap();
+    let v = j.p.requestor(["receipt", "verify", path]);
+    assert_eq!(v.code, 0, "{v:?}");
+    let receipt: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let body = &receipt["receipt"];
+    assert_eq!(body["provider_id"], d.peer_id());
+    let cmds = body["commands"].as_array().unwrap();
+    assert_eq!(cmds.len(), 11, "{cmds:#?}");
+    assert_eq!(cmds[8]["outcome"], "denied");
+    assert_eq!(cmds[9]["outcome"], "skipped");
+    let egress = body["egress"].as_array().unwrap();
+    assert!(
+        egress.iter().any(|e| e["decision"] == "allow"),
+        "{egress:#?}"
+    );
+    assert!(
+        egress.iter().filter(|e| e["decision"] == "deny").count() >= 2,
+        "{egress:#?}"
+    );
+    // A changed byte breaks it.
+    let mut tampered = receipt.clone();
+    tampered["receipt"]["commands"][8]["outcome"] = "ok".into();
+    let t = j.p.write_input("tampered.json", tampered.to_string());
+    let v = j.p.requestor(["receipt", "verify", t.to_str().unwrap()]);
+    assert_eq!(v.code, 1, "{v:?}");
+
+    // The audit log has the verdict, each command decision and the egress decisions.
+    let audit = std::fs::read_to_string(j.p.data_dir().join("audit.jsonl")).unwrap();
+    for needle in [
+        r#""event":"verdict""#,
+        r#""event":"command""#,
+        r#""decision":"deny""#,
+    ] {
+        assert!(
+            audit.contains(needle),
+            "{needle} missing from the audit log:\n{audit}"
+        );
+    }
+}
+
+/// The QEMU processes whose command line mentions `needle`.
+fn qemu_with(needle: &str) -> Vec<String> {
+    let out = std::process::Command::new("ps")
+        .args(["-eo", "pid,args"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("qemu-system") && l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
+    let Some(j) = job() else { return };
+    let args = daemon_args(&j);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = j.p.daemon(&args);
+    let data = j.p.data_dir().display().to_string();
+    let submitter = {
+        let batch = j.p.write_input(
+            "long.json",
+            json!([run("/bin/sleep", &["600"])]).to_string(),
+        );
+        std::process::Command::new(tests::util::bin("requestor"))
+            .args(["submit", "--provider", &d.addr, "--manifest"])
+            .arg(&j.manifest)
+            .arg("--sig")
+            .arg(&j.sig)
+            .arg("--cert")
+            .arg(&j.cert)
+            .arg("--script")
+            .arg(&batch)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while qemu_with(&data).is_empty() {
+        assert!(Instant::now() < deadline, "no VM started: {}", d.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tests::util::signal(d.pid(), "KILL");
+    let _ = d.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qemu_with(&data).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU outlived the killed daemon: {:?}",
+            qemu_with(&data)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut submitter = submitter;
+    let _ = submitter.kill();
+    let _ = submitter.wait();
+
+    let d2 = j.p.daemon(&args);
+    let (r, events) = submit(&j, &d2.addr, &[json!([run("/bin/echo", &["again"])])]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", d2.logs());
+    let out = events.iter().find(|e| e["event"] == "result").unwrap();
+    assert_eq!(out["stdout"], "again\n");
+}

@@ -1,0 +1,399 @@
+//! Provider daemon and requestor CLI as two processes over real TCP + noise + yamux on
+//! loopback: every kind of reject reaches the requestor with its code and message, rule
+//! changes apply to a running daemon, and the daemon stops cleanly on SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use certs::testpki::{self, Issued, KeyKind, Validity};
+use tests::util::{manifest, write_signed, Daemon, Provider, Run};
+
+struct Setup {
+    p: Provider,
+    author: Issued,
+    chain: Vec<u8>,
+    script: PathBuf,
+}
+
+/// A data dir trusting a fresh root, an author under it, and a harmless script.
+fn setup() -> Setup {
+    let p = Provider::new();
+    let root = testpki::root("E2E Root", KeyKind::EcP256, Validity::current());
+    let author = testpki::issue(
+        &root,
+        "E2E Author",
+        KeyKind::EcP256,
+        false,
+        Validity::current(),
+    );
+    let root_pem = p.write_input("root.pem", root.cert.to_pem().unwrap());
+    p.keystore_add(&[&root_pem]).ok();
+    let chain = testpki::pem(&[&author.cert]);
+    let script = p.write_input(
+        "batch.json",
+        r#"[{"deploy":{}},{"start":{}},{"run":{"entry_point":"/bin/echo","args":["hi"]}}]"#,
+    );
+    Setup {
+        p,
+        author,
+        chain,
+        script,
+    }
+}
+
+fn submit(s: &Setup, d: &Daemon, stem: &str, m: &serde_json::Value, extra: &[&str]) -> Run {
+    let (mf, sig, cert) = write_signed(&s.p, stem, m, &s.author, &s.chain);
+    let mut args: Vec<String> = vec![
+        "submit".into(),
+        "--provider".into(),
+        d.addr.clone(),
+        "--manifest".into(),
+        mf.display().to_string(),
+        "--sig".into(),
+        sig.display().to_string(),
+        "--sig-alg".into(),
+        "sha256".into(),
+        "--cert".into(),
+        cert.display().to_string(),
+        "--script".into(),
+        s.script.display().to_string(),
+        "--timeout".into(),
+        "60s".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    s.p.requestor(args)
+}
+
+/// The requestor exited 1 and printed `code` with a message.
+fn assert_rejected(r: &Run, code: &str) {
+    assert_eq!(r.code, 1, "expected a reject with {code}: {r:?}");
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("rejected: {code}: ")))
+        .unwrap_or_else(|| panic!("no `rejected: {code}: …` line: {r:?}"));
+    assert!(
+        line.len() > format!("rejected: {code}: ").len() + 10,
+        "the message says nothing: {line}"
+    );
+}
+
+#[test]
+fn every_reject_reaches_the_requestor_with_its_code() {
+    let s = setup();
+    let d = s.p.daemon(&[]);
+
+    // Untrusted chain: an author under a root the provider does not know.
+    let stranger_root = testpki::root("Stranger", KeyKind::EcP256, Validity::current());
+    let stranger = testpki::issue(
+        &stranger_root,
+        "S",
+        KeyKind::EcP256,
+        false,
+        Validity::current(),
+    );
+    let (mf, sig, cert) = write_signed(
+        &s.p,
+        "untrusted",
+        &manifest(&[]),
+        &stranger,
+        &testpki::pem(&[&stranger.cert]),
+    );
+    let r = s.p.requestor([
+        "submit",
+        "--provider",
+        &d.addr,
+        "--manifest",
+        mf.to_str().unwrap(),
+        "--sig",
+        sig.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--script",
+        s.script.to_str().unwrap(),
+    ]);
+    assert_rejected(&r, "cert-chain-untrusted");
+
+    // Bad signature: signed by a key that is not the certificate's.
+    let other = testpki::issue(
+        &stranger_root,
+        "O",
+        KeyKind::EcP256,
+        false,
+        Validity::current(),
+    );
+    let (mf, sig, _) = write_signed(&s.p, "badsig", &manifest(&[]), &other, &s.chain);
+    let cert = s.p.write_input("author.pem", &s.chain);
+    let r = s.p.requestor([
+        "submit",
+        "--provider",
+        &d.addr,
+        "--manifest",
+        mf.to_str().unwrap(),
+        "--sig",
+        sig.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--script",
+        s.script.to_str().unwrap(),
+    ]);
+    assert_rejected(&r, "signature-invalid");
+
+    // Expired manifest.
+    let mut expired = manifest(&[]);
+    expired["expiresAt"] = "2024-06-01T00:00:00Z".into();
+    assert_rejected(
+        &submit(&s, &d, "expired", &expired, &[]),
+        "manifest-expired",
+    );
+
+    // The demand's constraints over the offer cannot be met.
+    let r = submit(
+        &s,
+        &d,
+        "big",
+        &manifest(&[]),
+        &["--constraints", "(golem.inf.mem.gib>=100000)"],
+    );
+    assert_rejected(&r, "constraints-unmet");
+    assert!(r.stderr.contains("golem.inf.mem.gib"), "{r:?}");
+
+    // A URL that is not on the whitelist (everyone = whitelist by default).
+    let r = submit(&s, &d, "wl", &manifest(&["https://api.example.com"]), &[]);
+    assert_rejected(&r, "url-not-whitelisted");
+    assert!(r.stderr.contains("api.example.com"), "{r:?}");
+
+    // Blacklisted peer: the rule is added while the daemon runs.
+    let id_file = s.p.input("requestor.key");
+    let peer =
+        s.p.requestor(["identity", "--identity", id_file.to_str().unwrap()]);
+    assert_eq!(peer.code, 0, "{peer:?}");
+    let peer = peer.stdout.trim().to_owned();
+    s.p.run(["rule", "add", "blacklist", "identity", &peer])
+        .ok();
+    let r = submit(
+        &s,
+        &d,
+        "black",
+        &manifest(&[]),
+        &["--identity", id_file.to_str().unwrap()],
+    );
+    assert_rejected(&r, "blacklisted");
+    assert!(r.stderr.contains(&peer), "{r:?}");
+
+    // Every verdict is in the audit log.
+    let audit = std::fs::read_to_string(s.p.data_dir().join("audit.jsonl")).unwrap();
+    for code in [
+        "cert-chain-untrusted",
+        "signature-invalid",
+        "manifest-expired",
+        "constraints-unmet",
+        "url-not-whitelisted",
+        "blacklisted",
+    ] {
+        assert!(
+            audit.contains(&format!("\"code\":\"{code}\"")),
+            "{code} not audited: {audit}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly_and_a_restart_keeps_its_identity() {
+    let s = setup();
+    let mut d = s.p.daemon(&[]);
+    let first = d.peer_id().to_owned();
+    assert_eq!(d.stop(Duration::from_secs(20)), Some(0), "{}", d.logs());
+    let key = s.p.data_dir().join("identity.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "identity.key must be private");
+    let d2 = s.p.daemon(&[]);
+    assert_eq!(d2.peer_id(), first, "the identity changed across restarts");
+}
+
+#[test]
+fn unreachable_provider_and_bad_input_have_their_own_exit_codes() {
+    let s = setup();
+    // Nothing listens there.
+    let (mf, sig, cert) = write_signed(&s.p, "m", &manifest(&[]), &s.author, &s.chain);
+    let r = s.p.requestor([
+        "submit",
+        "--provider",
+        "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWHk6JmCpT1YgUp1wYm4yUjJ3yTTsAxE3pJRgE4sS2zCvo",
+        "--manifest",
+        mf.to_str().unwrap(),
+        "--sig",
+        sig.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--script",
+        s.script.to_str().unwrap(),
+        "--timeout",
+        "20s",
+    ]);
+    assert_eq!(r.code, 3, "{r:?}");
+    // A script that is not ExeScript never goes on the wire.
+    let bad = s.p.write_input("bad.json", r#"[{"launch":{}}]"#);
+    let r = s.p.requestor([
+        "submit",
+        "--provider",
+        "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWHk6JmCpT1YgUp1wYm4yUjJ3yTTsAxE3pJRgE4sS2zCvo",
+        "--manifest",
+        mf.to_str().unwrap(),
+        "--script",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("launch"), "{r:?}");
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn fifty_requestors_with_twenty_concurrent_demands_each_are_all_answered() {
+    use agent::net::wire::{props, MarketRequest, MarketResponse};
+    use agent::net::{self, Keypair, NetConfig};
+    let s = setup();
+    let cfg = s.p.write_input("config.json", r#"{"proposal_ttl": "2s"}"#);
+    let d = s.p.daemon(&["--config", cfg.to_str().unwrap()]);
+    let (mf, sig, cert) = write_signed(&s.p, "load", &manifest(&[]), &s.author, &s.chain);
+    let b64 = |b: &[u8]| tests::util::b64(b);
+    let properties: std::collections::BTreeMap<String, serde_json::Value> = [
+        (props::PAYLOAD, b64(&std::fs::read(&mf).unwrap())),
+        (props::PAYLOAD_SIG, std::fs::read_to_string(&sig).unwrap()),
+        (props::PAYLOAD_SIG_ALG, "sha256".into()),
+        (props::PAYLOAD_CERT, b64(&std::fs::read(&cert).unwrap())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+    .collect();
+    let addr: agent::net::Multiaddr = d.addr.parse().unwrap();
+    let provider: agent::net::PeerId = d.peer_id().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // One round: 50 requestor peers, each with 20 demands in flight at once.
+    let round = || {
+        rt.block_on(async {
+            let mut peers = Vec::new();
+            for _ in 0..50 {
+                let addr = addr.clone();
+                let properties = properties.clone();
+                peers.push(tokio::spawn(async move {
+                    let (client, _inbound, event_loop) = net::new(
+                        Keypair::generate_ed25519(),
+                        NetConfig {
+                            mdns: false,
+                            ..NetConfig::default()
+                        },
+                    )
+                    .unwrap();
+                    let el = tokio::spawn(event_loop.run());
+                    client.dial(addr).await.unwrap();
+                    let demands = (0..20).map(|_| {
+                        client.market(
+                            provider,
+                            MarketRequest::Demand {
+                                properties: properties.clone(),
+                                constraints: String::new(),
+                            },
+                        )
+                    });
+                    let answers = futures::future::join_all(demands).await;
+                    el.abort();
+                    answers
+                }));
+            }
+            let mut accepted = 0;
+            for p in peers {
+                for a in p.await.unwrap() {
+                    match a {
+                        Ok(MarketResponse::Proposal { .. }) => accepted += 1,
+                        other => panic!("a demand was not accepted: {other:?}"),
+                    }
+                }
+            }
+            accepted
+        })
+    };
+    assert_eq!(round(), 1000);
+    // The first round grows the daemon to its working size (allocator arenas, caches).
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = rss_kib(d.pid());
+    for _ in 0..3 {
+        assert_eq!(round(), 1000);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // Expired proposals are purged as new ones arrive: a few more demands trigger it.
+    let _ = round();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = rss_kib(d.pid());
+    eprintln!("daemon RSS: {settled} KiB after the first round, {after} KiB after four more");
+    assert!(
+        after <= settled + settled / 10 + 4096,
+        "the daemon's memory keeps growing: {settled} KiB → {after} KiB"
+    );
+    let audit = std::fs::read_to_string(s.p.data_dir().join("audit.jsonl")).unwrap();
+    let verdicts = audit
+        .lines()
+        .filter(|l| l.contains(r#""event":"verdict""#))
+        .count();
+    assert_eq!(verdicts, 5000, "every demand leaves one verdict line");
+}
+
+#[test]
+fn requestor_signs_a_manifest_the_provider_accepts() {
+    let s = setup();
+    s.p.write_input(
+        "author.key",
+        s.author.key.private_key_to_pem_pkcs8().unwrap(),
+    );
+    let m =
+        s.p.write_input("m.json", serde_json::to_vec_pretty(&manifest(&[])).unwrap());
+    let cert = s.p.write_input("author.pem", &s.chain);
+    // Relative paths, as a person types them (the requestor runs in the inputs dir).
+    for alg in ["sha256", "sha384", "sha512"] {
+        let r = s.p.requestor([
+            "manifest",
+            "sign",
+            "--manifest",
+            "m.json",
+            "--key",
+            "author.key",
+            "--alg",
+            alg,
+            "--out",
+            "m.sig",
+        ]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let sig = s.p.input("m.sig");
+        let v = s.p.check(&m, Some((&sig, alg, &cert)), &[]);
+        assert_eq!(v.code, 0, "{alg}: {v:?}");
+        assert_eq!(v.json()["verdict"], "accept");
+    }
+    // A key that is not a key changes nothing and says so.
+    s.p.write_input("bad.key", "not a key");
+    let r = s.p.requestor([
+        "manifest",
+        "sign",
+        "--manifest",
+        "m.json",
+        "--key",
+        "bad.key",
+        "--out",
+        "other.sig",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("bad.key"), "{r:?}");
+    assert!(!s.p.input("other.sig").exists());
+}
