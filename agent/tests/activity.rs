@@ -633,6 +633,18 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         hex_digest(MessageDigest::sha256(), "a".repeat(10000).as_bytes())
     );
     assert_eq!(b4.exit_code, Some(3));
+    let t1 = receipt
+        .commands
+        .iter()
+        .find(|c| c.batch_id == "t1" && c.index == 0)
+        .unwrap();
+    assert_eq!(
+        t1.stdout_sha256,
+        hex_digest(
+            MessageDigest::sha256(),
+            format!("{} bytes to /tmp/file.bin\n", file.len()).as_bytes()
+        )
+    );
     let allow: Vec<_> = receipt
         .egress
         .iter()

@@ -506,8 +506,10 @@ impl Job {
                     });
                 match moved {
                     Ok(bytes) => {
-                        let (mut r, h, n) = self.ok(base);
+                        let (mut r, mut h, n) = self.ok(base);
                         r.stdout = format!("{bytes} bytes to {}\n", plan.guest_path);
+                        // The receipt's hash is of what the requestor was shown.
+                        h.stdout_sha256 = sha256_hex(r.stdout.as_bytes());
                         (r, h, n)
                     }
                     Err(reason) => fail(Outcome::Failed, reason, "after-failed"),
