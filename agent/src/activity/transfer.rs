@@ -88,6 +88,9 @@ pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
 
 enum Msg {
     Chunk(Bytes),
+    /// The whole body arrived. Without it a closed channel means the fetch was cut off
+    /// (its task panicked or was cancelled), never a complete file.
+    Done,
     /// The proxy or the upstream refused: status, the proxy's refusal code, body text.
     Refused(u16, Option<String>, String),
     Error(String),
@@ -112,7 +115,13 @@ pub(crate) fn fetch(
     let mut total = 0u64;
     let result = loop {
         match rx.blocking_recv() {
-            None => break Ok(total),
+            Some(Msg::Done) => break Ok(total),
+            None => {
+                break Err(Reason::new(
+                    "transfer-failed",
+                    format!("{url}: the download ended before its body was complete"),
+                ))
+            }
             Some(Msg::Chunk(b)) => {
                 total += b.len() as u64;
                 if total > max {
@@ -312,6 +321,7 @@ async fn forward(
             }
         }
     }
+    let _ = tx.send(Msg::Done).await;
     Ok(())
 }
 
@@ -350,6 +360,88 @@ mod tests {
             depth: None,
             fileset: Vec::new(),
         }
+    }
+
+    /// An upstream on loopback: `/big` is 100 000 bytes, `/short` promises 1000 and sends
+    /// 10 before closing, anything else is 404. A proxy allowing it, and a runtime.
+    fn rig() -> (u16, Arc<Proxy>, tokio::runtime::Runtime) {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(mut c) = c else { continue };
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 512];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let req = String::from_utf8_lossy(&req).into_owned();
+                    let _ = if req.starts_with("GET /big ") {
+                        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                            .and_then(|()| c.write_all(&[7u8; 100_000]))
+                    } else if req.starts_with("GET /short ") {
+                        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                    } else {
+                        c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    };
+                });
+            }
+        });
+        let policy = crate::egress::EgressPolicy::new(
+            "transfer-test",
+            &policies::Outbound::Urls {
+                protocols: vec!["http".into()],
+                urls: vec![format!("http://127.0.0.1:{port}/").parse().unwrap()],
+            },
+            policies::Mode::All,
+            &policies::WhitelistMatcher::new(&[]).unwrap(),
+            crate::egress::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            crate::egress::Limits::default(),
+        );
+        let proxy = Proxy::new(policy, Arc::new(crate::egress::AuditLog::memory()));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        (port, proxy, rt)
+    }
+
+    #[test]
+    fn fetches_whole_bodies_and_refuses_cut_large_or_unlisted_ones() {
+        let (port, proxy, rt) = rig();
+        let tls = tls_connector(&[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let url = |p: &str| Url::parse(&format!("http://127.0.0.1:{port}{p}")).unwrap();
+        let fetch = |u: &Url, max: u64| fetch(rt.handle(), proxy.clone(), &tls, u, &dest, max);
+
+        assert_eq!(fetch(&url("/big"), 1 << 20).unwrap(), 100_000);
+        assert_eq!(std::fs::read(&dest).unwrap(), vec![7u8; 100_000]);
+
+        let e = fetch(&url("/big"), 50_000).unwrap_err();
+        assert_eq!(e.code, "transfer-too-large", "{e:?}");
+
+        let e = fetch(&url("/short"), 1 << 20).unwrap_err();
+        assert_eq!(e.code, "transfer-failed", "{e:?}");
+
+        let e = fetch(&url("/missing"), 1 << 20).unwrap_err();
+        assert_eq!(e.code, "transfer-failed", "{e:?}");
+        assert!(e.message.contains("404"), "{e:?}");
+
+        // Not on the allowlist: the proxy refuses, nothing is fetched.
+        let other = Url::parse("http://127.0.0.2:1/x").unwrap();
+        let e = fetch(&other, 1 << 20).unwrap_err();
+        assert_eq!(e.code, "egress-denied", "{e:?}");
+        assert!(
+            e.message.contains("not-listed") || e.message.contains("ip-literal"),
+            "{e:?}"
+        );
     }
 
     #[test]
