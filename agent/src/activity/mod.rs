@@ -10,7 +10,9 @@
 //! - [`Job::exec`] runs a batch command by command: every command passes the manifest's
 //!   ExeScript gate before it reaches the guest; a denial or a failure ends the batch;
 //! - [`Job::terminate`] tears the VM down and returns the unsigned [`Receipt`] of
-//!   everything the job did (commands, egress decisions, usage); the caller signs it.
+//!   everything the job did (commands, egress decisions, usage); the caller signs it;
+//! - a [`JobStopper`] (from [`Job::stopper`]) ends the job from another thread while a
+//!   batch runs, so a terminate or a shutdown need not wait for a long command.
 //!
 //! The API is blocking: the daemon calls it from its own threads. Egress is served on the
 //! tokio runtime handed to [`Job::start`]. The lifecycle, the command semantics, the limits
