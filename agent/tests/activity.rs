@@ -545,6 +545,20 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     assert_eq!(why.code, "transfer-failed", "{why:?}");
     assert!(why.message.contains("TLS"), "{why:?}");
 
+    // Sixteen guest connections at once through the bridge. Small answers: data into the
+    // guest crosses its emulated UART at tens of KiB/s under TCG.
+    let many = format!(
+        "for i in $(seq 16); do wget -q -O /tmp/many.$i {allowed} & done; wait; cat /tmp/many.* | wc -c"
+    );
+    let r = exec(&job, "c1", json!([run("/bin/sh", &["-c", &many])]));
+    assert_eq!(r[0].outcome, Outcome::Ok, "{}", summary(&r[0]));
+    assert_eq!(
+        r[0].stdout.trim(),
+        (16 * "hello from the allowed upstream\n".len()).to_string(),
+        "{}",
+        summary(&r[0])
+    );
+
     // Every guest connection's threads and proxy task end with the connection.
     let deadline = Instant::now() + Duration::from_secs(10);
     while job.egress().active_connections() > 0 && Instant::now() < deadline {
@@ -658,8 +672,8 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     // The untrusted tunnel was allowed by the proxy; the job's TLS client refused it.
     assert_eq!(
         allow.len(),
-        4,
-        "wget and the transfers: {:#?}",
+        4 + 16,
+        "wget, the transfers and the parallel wgets: {:#?}",
         receipt.egress
     );
     assert!(allow[..2].iter().all(|e| e

@@ -319,6 +319,13 @@ mod tests {
                             Ok(n) => req.extend_from_slice(&buf[..n]),
                         }
                     }
+                    if req.starts_with(b"GET /big ") {
+                        let _ = c.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n",
+                        );
+                        let _ = c.write_all(&[b'x'; 200_000]);
+                        return;
+                    }
                     let _ = c.write_all(
                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
                     );
@@ -420,6 +427,35 @@ mod tests {
             assert!(Instant::now() < deadline, "the guest may still write");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Many connections at once, each with a body larger than the channel's window.
+    #[test]
+    fn concurrent_connections_each_get_their_whole_answer() {
+        let r = rig(64);
+        let port = r.port;
+        let guest = &r.guest;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    s.spawn(move || {
+                        let mut st = guest.open(PROXY_PURPOSE).unwrap();
+                        let req = format!(
+                            "GET http://127.0.0.1:{port}/big HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                        );
+                        st.write_all(req.as_bytes()).unwrap();
+                        let (got, err) = read_all(&mut st);
+                        assert!(err.is_none(), "{err:?}");
+                        got.len()
+                    })
+                })
+                .collect();
+            for h in handles {
+                let n = h.join().unwrap();
+                assert!(n > 200_000, "{n}");
+            }
+        });
+        assert!(settles(&r.bridge));
     }
 
     /// The guest half-closes mid-request: the proxy reads end of stream and gives up; the
