@@ -21,6 +21,9 @@ use agent::store::DataDir;
 use agent::vm::{self, qemu::QemuOptions, Backend};
 use base64::Engine as _;
 use openssl::hash::{hash, MessageDigest};
+use openssl::pkey::PKey;
+use openssl::ssl::{SslAcceptor, SslMethod};
+use openssl::x509::X509;
 use serde_json::{json, Value};
 
 fn workspace() -> PathBuf {
@@ -135,47 +138,77 @@ fn hex_digest(md: MessageDigest, bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A small HTTP server on 127.0.0.1 answering every path under `/allowed` with `body` (and
-/// `/allowed/file.bin` with `file`); counts the requests it got.
-fn upstream(body: &'static str, file: Arc<Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
+/// A small HTTP server on 127.0.0.1 answering every path with `body` (and
+/// `/allowed/file.bin` with `file`), over TLS when given an acceptor; counts the
+/// connections it got.
+fn upstream(
+    body: &'static str,
+    file: Arc<Vec<u8>>,
+    tls: Option<Arc<SslAcceptor>>,
+) -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
+            let Ok(c) = conn else { continue };
             h.fetch_add(1, Ordering::SeqCst);
             let file = file.clone();
-            std::thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
+            let tls = tls.clone();
+            std::thread::spawn(move || match tls {
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(c) {
+                        answer(s, body, &file);
                     }
                 }
-                let line = String::from_utf8_lossy(&req)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                let content: &[u8] = if line.starts_with("GET /allowed/file.bin ") {
-                    &file
-                } else {
-                    body.as_bytes()
-                };
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    content.len()
-                );
-                let _ = c.write_all(content);
+                None => answer(c, body, &file),
             });
         }
     });
     (port, hits)
+}
+
+fn answer<S: Read + Write>(mut c: S, body: &str, file: &[u8]) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let content: &[u8] = if line.starts_with("GET /allowed/file.bin ") {
+        file
+    } else {
+        body.as_bytes()
+    };
+    let _ = write!(
+        c,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        content.len()
+    );
+    let _ = c.write_all(content);
+    let _ = c.flush();
+}
+
+/// A TLS server identity for 127.0.0.1 (self-signed: the client trusts it as a root).
+fn tls_identity() -> (Arc<SslAcceptor>, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let pem = cert.cert.pem();
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    b.set_certificate(&X509::from_pem(pem.as_bytes()).unwrap())
+        .unwrap();
+    b.set_private_key(
+        &PKey::private_key_from_pem(cert.key_pair.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    (Arc::new(b.build()), pem)
 }
 
 fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
@@ -222,8 +255,16 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
 
     let file: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
-    let (allowed_port, allowed_hits) = upstream("hello from the allowed upstream\n", file.clone());
-    let (other_port, other_hits) = upstream("you must not see this\n", file.clone());
+    let (allowed_port, allowed_hits) =
+        upstream("hello from the allowed upstream\n", file.clone(), None);
+    let (other_port, other_hits) = upstream("you must not see this\n", file.clone(), None);
+    let (acceptor, ca_pem) = tls_identity();
+    let (tls_port, tls_hits) = upstream("secure\n", file.clone(), Some(acceptor));
+    // Listed in the manifest, but its certificate is not one the job trusts.
+    let (untrusted, _) = tls_identity();
+    let (untrusted_port, _) = upstream("forged\n", file.clone(), Some(untrusted));
+    let ca_file = data_dir.path().join("test-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
 
     let image = std::fs::read(&env.image).unwrap();
     let now = chrono::Utc::now();
@@ -246,13 +287,17 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
                     "run /bin/wget .*",
                     "run /bin/touch /tmp/.*",
                     "run /bin/cat /tmp/.*",
-                    "transfer http://127\\.0\\.0\\.1:[0-9]+/.* container:/tmp/.*",
+                    "transfer https?://127\\.0\\.0\\.1:[0-9]+/.* container:/tmp/.*",
                 ],
                 "match": "regex",
             },
             "net": {"inet": {"out": {
-                "protocols": ["http"],
-                "urls": [format!("http://127.0.0.1:{allowed_port}/allowed")],
+                "protocols": ["http", "https"],
+                "urls": [
+                    format!("http://127.0.0.1:{allowed_port}/allowed"),
+                    format!("https://127.0.0.1:{tls_port}/"),
+                    format!("https://127.0.0.1:{untrusted_port}/"),
+                ],
             }}},
         },
     });
@@ -277,6 +322,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         command_timeout: Duration::from_secs(60),
         max_output_bytes: 4096,
         max_transfer_bytes: 1 << 20,
+        transfer_ca_files: vec![ca_file.clone()],
         // The upstreams are on the host's loopback: the operator opens it for this test.
         addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
         limits: Limits::default(),
@@ -466,6 +512,52 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         "{r:#?}"
     );
     assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    // HTTPS: a CONNECT tunnel through the proxy, TLS verified against the operator's CA.
+    let r = exec(
+        &job,
+        "t3",
+        json!([
+            {"transfer": {
+                "from": format!("https://127.0.0.1:{tls_port}/allowed/file.bin"),
+                "to": "container:/tmp/secure.bin"
+            }},
+            run("/bin/sh", &["-c", "sha256sum /tmp/secure.bin | cut -d' ' -f1"]),
+        ]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Ok, "{}", summary(&r[0]));
+    assert_eq!(
+        r[1].stdout.trim(),
+        hex_digest(MessageDigest::sha256(), &file),
+        "{}",
+        summary(&r[1])
+    );
+    assert_eq!(tls_hits.load(Ordering::SeqCst), 1);
+    let r = exec(
+        &job,
+        "t4",
+        json!([{"transfer": {
+            "from": format!("https://127.0.0.1:{untrusted_port}/allowed/file.bin"),
+            "to": "container:/tmp/forged.bin"
+        }}]),
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    let why = r[0].reason.as_ref().unwrap();
+    assert_eq!(why.code, "transfer-failed", "{why:?}");
+    assert!(why.message.contains("TLS"), "{why:?}");
+
+    // Sixteen guest connections at once through the bridge. Small answers: data into the
+    // guest crosses its emulated UART at tens of KiB/s under TCG.
+    let many = format!(
+        "for i in $(seq 16); do wget -q -O /tmp/many.$i {allowed} & done; wait; cat /tmp/many.* | wc -c"
+    );
+    let r = exec(&job, "c1", json!([run("/bin/sh", &["-c", &many])]));
+    assert_eq!(r[0].outcome, Outcome::Ok, "{}", summary(&r[0]));
+    assert_eq!(
+        r[0].stdout.trim(),
+        (16 * "hello from the allowed upstream\n".len()).to_string(),
+        "{}",
+        summary(&r[0])
+    );
 
     // Every guest connection's threads and proxy task end with the connection.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -477,6 +569,39 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         0,
         "connections left open"
     );
+
+    // A stop from another thread while a command runs: the VM dies at once, the command
+    // fails, the rest is skipped, later batches are refused; terminate still works.
+    let stopper = job.stopper();
+    let started = Instant::now();
+    let r = std::thread::scope(|s| {
+        let running = s.spawn(|| {
+            exec(
+                &job,
+                "s1",
+                json!([
+                    run("/bin/sh", &["-c", "echo waiting; sleep 50"]),
+                    run("/bin/echo", &["never"]),
+                ]),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        stopper.stop("terminated by requestor");
+        running.join().unwrap()
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    assert_eq!(r[0].reason.as_ref().unwrap().code, "job-stopped");
+    assert_eq!(r[1].outcome, Outcome::Skipped);
+    assert_eq!(r[1].reason.as_ref().unwrap().code, "after-failed");
+    let err = job
+        .exec("s2", &json!([run("/bin/echo", &["late"])]), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, ActivityError::Stopped(_)), "{err}");
 
     let receipt = job.terminate("terminated by requestor");
     let left = qemu_processes_mentioning(data_dir.path());
@@ -522,6 +647,18 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         hex_digest(MessageDigest::sha256(), "a".repeat(10000).as_bytes())
     );
     assert_eq!(b4.exit_code, Some(3));
+    let t1 = receipt
+        .commands
+        .iter()
+        .find(|c| c.batch_id == "t1" && c.index == 0)
+        .unwrap();
+    assert_eq!(
+        t1.stdout_sha256,
+        hex_digest(
+            MessageDigest::sha256(),
+            format!("{} bytes to /tmp/file.bin\n", file.len()).as_bytes()
+        )
+    );
     let allow: Vec<_> = receipt
         .egress
         .iter()
@@ -532,15 +669,18 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         .iter()
         .filter(|e| e.decision == "deny")
         .collect();
+    // The untrusted tunnel was allowed by the proxy; the job's TLS client refused it.
     assert_eq!(
         allow.len(),
-        2,
-        "wget and the transfer: {:#?}",
+        4 + 16,
+        "wget, the transfers and the parallel wgets: {:#?}",
         receipt.egress
     );
-    assert!(allow.iter().all(|e| e
+    assert!(allow[..2].iter().all(|e| e
         .destination
         .contains(&format!("127.0.0.1:{allowed_port}/allowed"))));
+    assert_eq!(allow[2].method, "CONNECT");
+    assert_eq!(allow[2].destination, format!("127.0.0.1:{tls_port}"));
     assert!(allow.iter().any(|e| e.bytes_down >= file.len() as u64));
     assert_eq!(deny.len(), 3, "{:#?}", receipt.egress);
     for e in &deny {
@@ -578,4 +718,195 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     assert!(lines
         .iter()
         .any(|l| l["event"] == "job" && l["phase"] == "ended"));
+}
+
+/// A manifest for `image` (its bytes) with `script` commands and no outbound.
+fn manifest_for(image_url: &str, image: &[u8], script: Value) -> Value {
+    let now = chrono::Utc::now();
+    json!({
+        "version": "0.1.0",
+        "createdAt": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+        "expiresAt": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "payload": [{
+            "platform": {"arch": "x86_64", "os": "linux"},
+            "urls": [image_url],
+            "hash": format!("sha3:{}", hex_digest(MessageDigest::sha3_256(), image)),
+        }],
+        "compManifest": {"version": "0.1.0", "script": script},
+    })
+}
+
+fn spec_for(id: &str, manifest: &Value, expires_in: chrono::Duration) -> JobSpec {
+    JobSpec {
+        activity_id: id.into(),
+        agreement_id: format!("agr-{id}"),
+        provider_id: "provider-peer".into(),
+        requestor_id: "requestor-peer".into(),
+        manifest_base64: base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(manifest).unwrap()),
+        mode: policies::Mode::None,
+        whitelist: policies::WhitelistMatcher::new(&[]).unwrap(),
+        expires_at: chrono::Utc::now() + expires_in,
+    }
+}
+
+fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Duration) -> JobConfig {
+    JobConfig {
+        backend,
+        kernel,
+        guest_agent: agent,
+        mem_mib: 256,
+        cpus: 1,
+        boot_timeout: Duration::from_secs(180),
+        command_timeout: timeout,
+        max_output_bytes: 4096,
+        max_transfer_bytes: 1 << 20,
+        transfer_ca_files: Vec::new(),
+        addresses: AddressPolicy::new(Vec::new()),
+        limits: Limits::default(),
+    }
+}
+
+/// Everything refused before a VM could start: no VMM is ever launched (the backend here
+/// is a binary that does not exist) and no job directory is left.
+#[test]
+fn a_job_is_refused_before_boot_for_what_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path().join("data"));
+    let image = dir.path().join("image.tar");
+    std::fs::write(&image, b"an image that is never unpacked").unwrap();
+    let bytes = std::fs::read(&image).unwrap();
+    let url = format!("file://{}", image.display());
+    let config = config_for(
+        Backend::Qemu(QemuOptions {
+            binary: dir.path().join("no-qemu"),
+            accel: vm::Accel::Tcg,
+            sandbox: false,
+        }),
+        dir.path().join("no-kernel"),
+        dir.path().join("no-agent"),
+        Duration::from_secs(5),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let audit = Arc::new(AuditLog::memory());
+    let start = |spec: JobSpec| {
+        Job::start(spec, &config, &data, audit.clone(), rt.handle().clone())
+            .err()
+            .expect("the job must not start")
+    };
+    let good = manifest_for(&url, &bytes, json!({"commands": ["run /bin/echo hi"]}));
+    let hour = chrono::Duration::hours(1);
+
+    let e = start(spec_for("../escape", &good, hour));
+    assert!(matches!(e, ActivityError::BadActivityId(_)), "{e}");
+
+    let e = start(spec_for("expired-agreement", &good, -hour));
+    assert!(matches!(e, ActivityError::Expired(_)), "{e}");
+
+    let mut s = spec_for("not-base64", &good, hour);
+    s.manifest_base64 = "%%%".into();
+    let e = start(s);
+    assert!(matches!(e, ActivityError::Manifest(_)), "{e}");
+
+    let mut old = good.clone();
+    old["expiresAt"] = json!("2020-01-01T00:00:00Z");
+    old["createdAt"] = json!("2019-01-01T00:00:00Z");
+    let e = start(spec_for("expired-manifest", &old, hour));
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    let bad_regex = manifest_for(
+        &url,
+        &bytes,
+        json!({"commands": ["run /bin/(echo"], "match": "regex"}),
+    );
+    let e = start(spec_for("bad-regex", &bad_regex, hour));
+    assert!(matches!(e, ActivityError::Script(_)), "{e}");
+
+    let mut arm = good.clone();
+    arm["payload"][0]["platform"]["arch"] = json!("aarch64");
+    let e = start(spec_for("other-platform", &arm, hour));
+    assert!(e.to_string().contains("platform-unsupported"), "{e}");
+
+    let mut wrong = good.clone();
+    wrong["payload"][0]["hash"] = json!(format!("sha3:{}", "ab".repeat(32)));
+    let e = start(spec_for("wrong-hash", &wrong, hour));
+    assert!(e.to_string().contains("hash mismatch"), "{e}");
+
+    assert!(
+        !dir.path().join("data/jobs").exists()
+            || std::fs::read_dir(dir.path().join("data/jobs"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a refused job left a directory"
+    );
+}
+
+/// A command is killed at the job's command timeout; a job dropped without terminate
+/// leaves no QEMU behind; an activity id cannot be reused while its directory exists.
+#[test]
+fn a_command_times_out_and_a_dropped_job_leaves_no_vm() {
+    let Some(env) = env() else { return };
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(data_dir.path());
+    let image = std::fs::read(&env.image).unwrap();
+    let manifest = manifest_for(
+        &format!("file://{}", env.image.display()),
+        &image,
+        json!({"commands": ["run /bin/sh -c .*", "run /bin/echo .*"], "match": "regex"}),
+    );
+    let config = config_for(
+        env.backend.clone(),
+        env.kernel.clone(),
+        env.agent.clone(),
+        Duration::from_secs(3),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let audit = Arc::new(AuditLog::memory());
+    let spec = spec_for("slow", &manifest, chrono::Duration::hours(1));
+    let job = Job::start(
+        spec.clone(),
+        &config,
+        &data,
+        audit.clone(),
+        rt.handle().clone(),
+    )
+    .unwrap_or_else(|e| panic!("job start: {e}"));
+
+    let started = Instant::now();
+    let r = exec(
+        &job,
+        "b1",
+        json!([
+            run("/bin/sh", &["-c", "echo started; sleep 60"]),
+            run("/bin/echo", &["never"]),
+        ]),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r[0].outcome, Outcome::Failed, "{}", summary(&r[0]));
+    assert_eq!(r[0].reason.as_ref().unwrap().code, "timeout");
+    assert_eq!(r[0].stdout, "started\n");
+    assert_eq!(r[1].outcome, Outcome::Skipped);
+
+    // The directory is taken while the job lives (and after: console.log stays).
+    let e = Job::start(spec, &config, &data, audit, rt.handle().clone())
+        .err()
+        .expect("a second job with the same id");
+    assert!(matches!(e, ActivityError::JobDir { .. }), "{e}");
+
+    assert!(!qemu_processes_mentioning(data_dir.path()).is_empty());
+    drop(job);
+    let left = qemu_processes_mentioning(data_dir.path());
+    assert!(left.is_empty(), "QEMU still running: {left:?}");
 }

@@ -279,3 +279,260 @@ fn pump_down(mut from: UnixStream, mut to: Stream, done: mpsc::Receiver<()>) {
     // ends a direction the guest may still be holding open.
     let _ = to.reset("the egress proxy closed the connection");
 }
+
+#[cfg(test)]
+mod tests {
+    //! The bridge between an in-process channel pair (the guest's side played by the test)
+    //! and a real proxy with a real upstream on loopback.
+
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    use channel::{Mux, Side};
+    use policies::{Mode, Outbound, WhitelistMatcher};
+
+    use super::*;
+    use crate::egress::{AddressPolicy, AuditLog, EgressPolicy, Limits};
+
+    struct Rig {
+        guest: Mux,
+        bridge: EgressBridge,
+        port: u16,
+        _rt: tokio::runtime::Runtime,
+    }
+
+    /// An upstream answering `hello` to anything, a proxy allowing it, a bridge serving the
+    /// host side of a channel pair.
+    fn rig(max_connections: usize) -> Rig {
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = upstream.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in upstream.incoming() {
+                let Ok(mut c) = c else { continue };
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 512];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if req.starts_with(b"GET /big ") {
+                        let _ = c.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n",
+                        );
+                        let _ = c.write_all(&[b'x'; 200_000]);
+                        return;
+                    }
+                    let _ = c.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                    );
+                });
+            }
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let limits = Limits {
+            max_connections,
+            // Long enough that only the bridge's own propagation can end a test's
+            // connections in time.
+            idle_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let policy = EgressPolicy::new(
+            "bridge-test",
+            &Outbound::Urls {
+                protocols: vec!["http".into()],
+                urls: vec![format!("http://127.0.0.1:{port}/").parse().unwrap()],
+            },
+            Mode::All,
+            &WhitelistMatcher::new(&[]).unwrap(),
+            AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            limits,
+        );
+        let proxy = Proxy::new(policy, Arc::new(AuditLog::memory()));
+        let bridge = EgressBridge::new(proxy, rt.handle().clone());
+
+        let (h, g) = UnixStream::pair().unwrap();
+        let guest = std::thread::spawn(move || {
+            Mux::handshake(Side::Guest, Box::new(g.try_clone().unwrap()), Box::new(g)).unwrap()
+        });
+        let host =
+            Mux::handshake(Side::Host, Box::new(h.try_clone().unwrap()), Box::new(h)).unwrap();
+        let handler = bridge.handler();
+        std::thread::spawn(move || {
+            while let Ok((s, purpose)) = host.accept(None) {
+                handler(s, purpose);
+            }
+        });
+        Rig {
+            guest: guest.join().unwrap(),
+            bridge,
+            port,
+            _rt: rt,
+        }
+    }
+
+    fn settles(bridge: &EgressBridge) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bridge.active_connections() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn read_all(s: &mut Stream) -> (Vec<u8>, Option<io::Error>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    /// The guest never closes its side; once the proxy is done the bridge resets it, so
+    /// both pump threads end, and the whole answer arrived before that.
+    #[test]
+    fn an_answer_crosses_and_the_connection_ends_with_the_proxy() {
+        let r = rig(8);
+        let mut s = r.guest.open(PROXY_PURPOSE).unwrap();
+        let req = format!(
+            "GET http://127.0.0.1:{p}/x HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nConnection: close\r\n\r\n",
+            p = r.port
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let (got, err) = read_all(&mut s);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("hello"), "{text}");
+        assert!(err.is_none(), "{err:?}");
+        assert!(
+            settles(&r.bridge),
+            "a connection outlived the proxy's interest"
+        );
+        // The guest's write side was reset by the host.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.write_all(b"more").is_ok() {
+            assert!(Instant::now() < deadline, "the guest may still write");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Many connections at once, each with a body larger than the channel's window.
+    #[test]
+    fn concurrent_connections_each_get_their_whole_answer() {
+        let r = rig(64);
+        let port = r.port;
+        let guest = &r.guest;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    s.spawn(move || {
+                        let mut st = guest.open(PROXY_PURPOSE).unwrap();
+                        let req = format!(
+                            "GET http://127.0.0.1:{port}/big HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                        );
+                        st.write_all(req.as_bytes()).unwrap();
+                        let (got, err) = read_all(&mut st);
+                        assert!(err.is_none(), "{err:?}");
+                        got.len()
+                    })
+                })
+                .collect();
+            for h in handles {
+                let n = h.join().unwrap();
+                assert!(n > 200_000, "{n}");
+            }
+        });
+        assert!(settles(&r.bridge));
+    }
+
+    /// The guest half-closes mid-request: the proxy reads end of stream and gives up; the
+    /// guest reads the end and nothing lingers.
+    #[test]
+    fn a_guest_half_close_reaches_the_proxy() {
+        let r = rig(8);
+        let mut s = r.guest.open(PROXY_PURPOSE).unwrap();
+        s.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0")
+            .unwrap();
+        let start = Instant::now();
+        s.shutdown_write().unwrap();
+        let _ = read_all(&mut s);
+        assert!(settles(&r.bridge), "the proxy did not see the half-close");
+        // Well before the proxy's 60 s idle timeout could have ended it instead.
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    /// A guest reset ends the proxy's side at once, not at its idle timeout.
+    #[test]
+    fn a_guest_reset_reaches_the_proxy() {
+        let r = rig(8);
+        let mut s = r.guest.open(PROXY_PURPOSE).unwrap();
+        s.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(r.bridge.active_connections(), 1);
+        s.reset("client gave up").unwrap();
+        assert!(settles(&r.bridge), "the proxy did not see the reset");
+    }
+
+    #[test]
+    fn other_purposes_and_connections_over_the_limit_are_refused() {
+        let r = rig(1);
+        let mut other = r.guest.open("shell").unwrap();
+        let (_, err) = read_all(&mut other);
+        let err = err.expect("a reset").to_string();
+        assert!(err.contains("only `proxy` streams"), "{err}");
+
+        let mut first = r.guest.open(PROXY_PURPOSE).unwrap();
+        first
+            .write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\n")
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.bridge.active_connections() == 0 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut second = r.guest.open(PROXY_PURPOSE).unwrap();
+        let (_, err) = read_all(&mut second);
+        let err = err.expect("a reset").to_string();
+        assert!(err.contains("egress connections open (its limit)"), "{err}");
+        assert_eq!(r.bridge.active_connections(), 1);
+    }
+
+    /// The job's end: live connections are cut and new ones refused.
+    #[test]
+    fn close_ends_live_connections_and_refuses_new_ones() {
+        let r = rig(8);
+        let mut s = r.guest.open(PROXY_PURPOSE).unwrap();
+        s.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        r.bridge.close();
+        assert!(settles(&r.bridge), "close left a connection running");
+        let _ = read_all(&mut s);
+        let mut late = r.guest.open(PROXY_PURPOSE).unwrap();
+        let (_, err) = read_all(&mut late);
+        assert!(
+            err.expect("a reset")
+                .to_string()
+                .contains("the job is ending"),
+            "a stream after close was served"
+        );
+    }
+}

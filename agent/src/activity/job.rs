@@ -1,7 +1,7 @@
 //! [`Job`]: one agreement's VM from boot to receipt.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -27,7 +27,10 @@ const EGRESS_DRAIN: Duration = Duration::from_secs(3);
 /// A running job: its VM, its egress proxy and gate, and what it has done so far.
 pub struct Job {
     spec: JobSpec,
-    vm: Option<Vm>,
+    /// Shared only with [`JobStopper`]s, which hold it weakly.
+    vm: Option<Arc<Vm>>,
+    /// Why the job is being stopped, once a [`JobStopper`] said so.
+    stopping: Arc<Mutex<Option<String>>>,
     gate: Gate,
     proxy: Arc<Proxy>,
     bridge: EgressBridge,
@@ -45,6 +48,7 @@ pub struct Job {
     command_timeout: Duration,
     max_output_bytes: usize,
     max_transfer_bytes: u64,
+    tls: tokio_native_tls::TlsConnector,
     started_at: DateTime<Utc>,
     /// When the VM was launched (for `wall_ms`).
     launched: Instant,
@@ -59,6 +63,34 @@ struct State {
     commands_run: u32,
     /// Set once the VM has failed under a command; later batches are refused.
     vm_lost: Option<String>,
+}
+
+/// Ends a job from another thread, e.g. while its owner is blocked in [`Job::exec`]: the
+/// VM is killed at once, the command running fails (`job-stopped`), the rest of the batch
+/// is skipped and later batches are refused. The owner then calls [`Job::terminate`] as
+/// usual for the receipt.
+#[derive(Clone)]
+pub struct JobStopper {
+    vm: Weak<Vm>,
+    stopping: Arc<Mutex<Option<String>>>,
+}
+
+impl JobStopper {
+    /// Stops the job; `why` is what its commands and later batches are told. The first
+    /// reason given wins.
+    pub fn stop(&self, why: &str) {
+        {
+            let mut s = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+            if s.is_none() {
+                *s = Some(why.to_owned());
+            }
+        }
+        if let Some(vm) = self.vm.upgrade() {
+            if let Err(e) = vm.kill() {
+                tracing::warn!(error = %e, "stopping a job");
+            }
+        }
+    }
 }
 
 /// Whether a batch goes on after a command.
@@ -83,6 +115,9 @@ impl Job {
     ) -> Result<Job, ActivityError> {
         let started_at = Utc::now();
         check_activity_id(&spec.activity_id)?;
+        if started_at >= spec.expires_at {
+            return Err(ActivityError::Expired(spec.expires_at));
+        }
         let manifest = policies::ReceivedManifest::from_base64(&spec.manifest_base64)?;
         // The verdict checked this at negotiation; the manifest may have expired since.
         manifest.check_time(started_at)?;
@@ -90,6 +125,8 @@ impl Job {
             Some(script) => exescript::compile(&script.commands, script.match_)?,
             None => Gate::allow_all(),
         };
+        let tls = transfer::tls_connector(&config.transfer_ca_files)
+            .map_err(ActivityError::TransferTls)?;
         let payload = image::select_payload(&manifest, &policies::Platform::host())?;
         let mut store = ImageStore::new(data);
         store.progress = false;
@@ -152,7 +189,8 @@ impl Job {
             image_hash: payload.hash.clone(),
             backend: vm.backend(),
             boot_ms: vm.boot_time.as_millis() as u64,
-            vm: Some(vm),
+            vm: Some(Arc::new(vm)),
+            stopping: Arc::default(),
             gate,
             proxy,
             bridge,
@@ -166,6 +204,7 @@ impl Job {
             command_timeout: config.command_timeout,
             max_output_bytes: config.max_output_bytes,
             max_transfer_bytes: config.max_transfer_bytes,
+            tls,
             started_at,
             launched,
             state: Mutex::new(State::default()),
@@ -197,6 +236,21 @@ impl Job {
         &self.dir
     }
 
+    /// A handle that can end this job from another thread (see [`JobStopper`]).
+    pub fn stopper(&self) -> JobStopper {
+        JobStopper {
+            vm: self.vm.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The job's egress bridge (for watching its live connections).
     pub fn egress(&self) -> &EgressBridge {
         &self.bridge
@@ -215,6 +269,9 @@ impl Job {
     ) -> Result<(), ActivityError> {
         let commands = exescript::parse_batch(&batch.to_string())?;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = self.stopped() {
+            return Err(ActivityError::Stopped(why));
+        }
         if let Some(why) = &state.vm_lost {
             return Err(ActivityError::VmGone(why.clone()));
         }
@@ -224,14 +281,21 @@ impl Job {
         let mut stop: Option<Reason> = None;
         for (index, command) in commands.iter().enumerate() {
             let started_at = Utc::now();
+            if stop.is_none() {
+                if let Some(why) = self.stopped() {
+                    stop = Some(Reason::new(
+                        "job-stopped",
+                        format!("not run: the job is ending ({why})"),
+                    ));
+                }
+            }
             let (result, hashes) = match &stop {
                 Some(why) => (
                     self.skipped(index, command, why.clone(), started_at),
                     Hashes::empty(),
                 ),
                 None => {
-                    let (result, hashes, next) =
-                        self.one(&mut state, batch_id, index, command, started_at);
+                    let (result, hashes, next) = self.one(&mut state, index, command, started_at);
                     if let Next::Stop(why) = next {
                         stop = Some(why);
                     }
@@ -248,7 +312,6 @@ impl Job {
     fn one(
         &self,
         state: &mut State,
-        batch_id: &str,
         index: usize,
         command: &Command,
         started_at: DateTime<Utc>,
@@ -380,6 +443,16 @@ impl Job {
                             )),
                         }
                     }
+                    Err(_) if self.stopped().is_some() => {
+                        state.vm_lost = self.stopped();
+                        Some(Reason::new(
+                            "job-stopped",
+                            format!(
+                                "the job was stopped while this command ran: {}",
+                                self.stopped().unwrap_or_default()
+                            ),
+                        ))
+                    }
                     Err(e) => {
                         if matches!(e, vm::VmError::Unresponsive(_) | vm::VmError::Channel(_)) {
                             state.vm_lost = Some(e.to_string());
@@ -409,23 +482,34 @@ impl Job {
                     Err(reason) => return fail(Outcome::Failed, reason, "after-failed"),
                 };
                 state.commands_run += 1;
-                let tmp = self.dir.join(format!("transfer-{batch_id}-{index}.part"));
-                let moved = transfer::fetch(
-                    &self.rt,
-                    self.proxy.clone(),
-                    &plan.url,
-                    &tmp,
-                    self.max_transfer_bytes,
-                )
-                .and_then(|_| {
-                    vm.upload(&tmp, &plan.guest_path)
-                        .map_err(|e| Reason::new("transfer-failed", e.to_string()))
-                });
-                let _ = std::fs::remove_file(&tmp);
+                // Removed when dropped, whatever happens to the transfer.
+                let moved = tempfile::Builder::new()
+                    .prefix(".transfer-")
+                    .tempfile_in(&self.dir)
+                    .map_err(|e| {
+                        Reason::new(
+                            "transfer-failed",
+                            format!("a temporary file in {}: {e}", self.dir.display()),
+                        )
+                    })
+                    .and_then(|tmp| {
+                        transfer::fetch(
+                            &self.rt,
+                            self.proxy.clone(),
+                            &self.tls,
+                            &plan.url,
+                            tmp.path(),
+                            self.max_transfer_bytes,
+                        )?;
+                        vm.upload(tmp.path(), &plan.guest_path)
+                            .map_err(|e| Reason::new("transfer-failed", e.to_string()))
+                    });
                 match moved {
                     Ok(bytes) => {
-                        let (mut r, h, n) = self.ok(base);
+                        let (mut r, mut h, n) = self.ok(base);
                         r.stdout = format!("{bytes} bytes to {}\n", plan.guest_path);
+                        // The receipt's hash is of what the requestor was shown.
+                        h.stdout_sha256 = sha256_hex(r.stdout.as_bytes());
                         (r, h, n)
                     }
                     Err(reason) => fail(Outcome::Failed, reason, "after-failed"),
@@ -560,8 +644,19 @@ impl Job {
     /// call twice.
     fn teardown(&mut self) {
         if let Some(vm) = self.vm.take() {
-            if let Err(e) = vm.shutdown(POWEROFF_GRACE) {
-                tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+            match Arc::try_unwrap(vm) {
+                Ok(vm) => {
+                    if let Err(e) = vm.shutdown(POWEROFF_GRACE) {
+                        tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+                    }
+                }
+                // A stopper is using it this instant: kill it here; it is dropped (and
+                // killed again, harmlessly) when the stopper lets go.
+                Err(vm) => {
+                    if let Err(e) = vm.kill() {
+                        tracing::warn!(activity = %self.spec.activity_id, error = %e, "VM teardown");
+                    }
+                }
             }
         }
         // The channel is closed now, so every pump thread ends; closing the bridge ends
@@ -621,6 +716,13 @@ fn check_activity_id(id: &str) -> Result<(), ActivityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The daemon shares a job between its request handlers.
+    #[test]
+    fn a_job_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Job>();
+    }
 
     #[test]
     fn activity_ids_cannot_leave_the_jobs_dir() {

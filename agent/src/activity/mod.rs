@@ -10,7 +10,9 @@
 //! - [`Job::exec`] runs a batch command by command: every command passes the manifest's
 //!   ExeScript gate before it reaches the guest; a denial or a failure ends the batch;
 //! - [`Job::terminate`] tears the VM down and returns the unsigned [`Receipt`] of
-//!   everything the job did (commands, egress decisions, usage); the caller signs it.
+//!   everything the job did (commands, egress decisions, usage); the caller signs it;
+//! - a [`JobStopper`] (from [`Job::stopper`]) ends the job from another thread while a
+//!   batch runs, so a terminate or a shutdown need not wait for a long command.
 //!
 //! The API is blocking: the daemon calls it from its own threads. Egress is served on the
 //! tokio runtime handed to [`Job::start`]. The lifecycle, the command semantics, the limits
@@ -27,7 +29,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 pub use bridge::EgressBridge;
-pub use job::Job;
+pub use job::{Job, JobStopper};
 
 use crate::egress::{AddressPolicy, Limits};
 #[cfg(doc)]
@@ -53,6 +55,9 @@ pub struct JobConfig {
     pub max_output_bytes: usize,
     /// Largest file one `transfer` may bring into the VM.
     pub max_transfer_bytes: u64,
+    /// Trust anchors for `https://` transfers beside the system's (PEM files), e.g. an
+    /// internal mirror's CA.
+    pub transfer_ca_files: Vec<PathBuf>,
     /// Address ranges the operator opens to payloads (`--allow-cidr`).
     pub addresses: AddressPolicy,
     /// Bounds on the job's egress proxy.
@@ -95,6 +100,8 @@ pub enum ActivityError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the TLS client for https transfers: {0}")]
+    TransferTls(String),
     #[error("the job's initramfs: {0}")]
     Initramfs(#[from] crate::vm::initramfs::InitramfsError),
     #[error("the job's VM: {0}")]
@@ -103,6 +110,8 @@ pub enum ActivityError {
     Batch(#[from] exescript::BatchError),
     #[error("the agreement expired at {0}; no more commands run")]
     Expired(DateTime<Utc>),
+    #[error("the job is ending ({0}); no more batches run")]
+    Stopped(String),
     #[error("the job's VM is gone ({0}); terminate the activity for its receipt")]
     VmGone(String),
 }

@@ -329,6 +329,9 @@ fn job_config(shared: &Shared, runtime: Runtime) -> JobConfig {
         command_timeout: c.command_timeout,
         max_output_bytes: usize::try_from(c.max_output_bytes).unwrap_or(usize::MAX),
         max_transfer_bytes: c.max_transfer_bytes,
+        // https transfers trust the system's anchors only until the daemon has a flag for
+        // extra CAs.
+        transfer_ca_files: Vec::new(),
         addresses: crate::egress::AddressPolicy::new(c.allow_cidr.clone()),
         limits: crate::egress::Limits::default(),
     }

@@ -569,6 +569,15 @@ impl Vm {
         }
     }
 
+    /// Kills the machine now, from any thread: a command, upload or download in progress
+    /// on another thread returns an error as the channel closes. For a job that must end
+    /// while a command runs; [`Vm::shutdown`] is the orderly way.
+    pub fn kill(&self) -> Result<(), VmError> {
+        self.machine().kill().map_err(|e| VmError::Backend {
+            message: format!("kill the VM: {e}"),
+        })
+    }
+
     /// Asks the guest to power off and waits up to `grace`; then kills the machine.
     /// Either way the machine is gone when this returns.
     pub fn shutdown(mut self, grace: Duration) -> Result<(), VmError> {
