@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
 use super::Shared;
-use crate::activity::{Job, JobConfig, JobSpec};
+use crate::activity::{Job, JobConfig, JobSpec, JobStopper};
 use crate::market::negotiation::{new_id, Agreement};
 use crate::net::wire::{ActivityRequest, ActivityResponse, CommandResult, Outcome, Reason};
 use crate::receipt::SignedReceipt;
@@ -45,6 +45,8 @@ struct Slot {
     peer: String,
     agreement: Arc<Agreement>,
     tx: std::sync::mpsc::Sender<JobCmd>,
+    /// Ends the job at once from here, while its thread may be inside a long command.
+    stopper: JobStopper,
     batches: Mutex<HashMap<String, Arc<watch::Sender<Progress>>>>,
 }
 
@@ -213,7 +215,13 @@ pub(super) async fn handle(
     }
 }
 
+/// Ends the job and waits for its receipt. A running batch is cut short (its command
+/// fails, the rest are skipped) rather than waited out: the requestor asked to stop, the
+/// agreement ran out, or the daemon is going down.
 async fn terminate(slot: &Slot, why: &str) -> Result<SignedReceipt, String> {
+    if slot.running() {
+        slot.stopper.stop(why);
+    }
     let (tx, rx) = oneshot::channel();
     slot.tx
         .send(JobCmd::Terminate {
@@ -263,7 +271,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
         }
         slots.insert(activity_id.clone(), None);
     }
-    let (ready_tx, ready_rx) = oneshot::channel();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<JobStopper, String>>();
     let (tx, rx) = std::sync::mpsc::channel();
     let spec = JobSpec {
         activity_id: activity_id.clone(),
@@ -291,13 +299,14 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
         return error("internal", format!("cannot start a job thread: {e}"));
     }
     match ready_rx.await {
-        Ok(Ok(())) => {
+        Ok(Ok(stopper)) => {
             shared.jobs.lock().insert(
                 activity_id.clone(),
                 Some(Arc::new(Slot {
                     peer: peer.to_owned(),
                     agreement,
                     tx,
+                    stopper,
                     batches: Mutex::new(HashMap::new()),
                 })),
             );
@@ -343,7 +352,7 @@ fn job_thread(
     spec: JobSpec,
     cfg: JobConfig,
     rt: tokio::runtime::Handle,
-    ready: oneshot::Sender<Result<(), String>>,
+    ready: oneshot::Sender<Result<JobStopper, String>>,
     rx: std::sync::mpsc::Receiver<JobCmd>,
 ) {
     let activity_id = spec.activity_id.clone();
@@ -369,7 +378,7 @@ fn job_thread(
         "activity_id": activity_id,
         "agreement_id": agreement_id,
     }));
-    if ready.send(Ok(())).is_err() {
+    if ready.send(Ok(job.stopper())).is_err() {
         // The requestor's request went away while the VM booted: nobody holds this job.
         let _ = finish(&shared, job, "the create request was abandoned");
         return;
@@ -484,6 +493,7 @@ pub(super) async fn reap_expired(shared: Arc<Shared>) {
         };
         for slot in expired {
             tracing::info!(agreement = %slot.agreement.id, "agreement expired: terminating its job");
+            slot.stopper.stop("the agreement expired");
             let _ = slot.tx.send(JobCmd::Terminate {
                 why: "the agreement expired".into(),
                 reply: None,
