@@ -140,9 +140,9 @@ impl EgressBridge {
                 return Err(format!("socket pair: {e}"));
             }
         };
-        let down_stream = match stream.try_clone() {
-            Ok(s) => s,
-            Err(e) => return Err(format!("clone the guest stream: {e}")),
+        let (down_stream, mut spare) = match (stream.try_clone(), stream.try_clone()) {
+            (Ok(d), Ok(s)) => (d, s),
+            (Err(e), _) | (_, Err(e)) => return Err(format!("clone the guest stream: {e}")),
         };
 
         // The proxy side. `done` tells the downstream pump that the proxy will read no
@@ -193,8 +193,9 @@ impl EgressBridge {
                 pump_down(host_read, down_stream, done_rx);
             })
             .map_err(|e| {
-                // The up pump ends when the proxy side goes away.
+                // The up pump may be blocked reading the guest: the reset wakes it.
                 task.abort();
+                let _ = spare.reset("the host could not serve the egress connection");
                 format!("spawn a thread: {e}")
             })?;
         Ok(())
