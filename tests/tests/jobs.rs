@@ -311,7 +311,10 @@ fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
 /// Starts `requestor submit` of one long `sleep` in the background and waits until its VM
 /// runs; returns the requestor process.
 fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
-    let batch = j.p.write_input("long.json", json!([run("/bin/sleep", &["600"])]).to_string());
+    let batch = j.p.write_input(
+        "long.json",
+        json!([run("/bin/sleep", &["600"])]).to_string(),
+    );
     let child = std::process::Command::new(tests::util::bin("requestor"))
         .args(["submit", "--provider", &d.addr, "--manifest"])
         .arg(&j.manifest)
@@ -343,7 +346,9 @@ fn stored_receipts(j: &Job) -> Vec<Value> {
     std::fs::read_dir(&dir)
         .map(|entries| {
             entries
-                .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+                .map(|e| {
+                    serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap()
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -358,7 +363,10 @@ fn sigterm_ends_running_jobs_with_stored_receipts_and_no_vm_left() {
     let mut submitter = start_long_job(&j, &d);
     let t = Instant::now();
     assert_eq!(d.stop(Duration::from_secs(60)), Some(0), "{}", d.logs());
-    assert!(t.elapsed() < Duration::from_secs(30), "SIGTERM waited out the command");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "SIGTERM waited out the command"
+    );
     assert!(qemu_with(&j.p.data_dir().display().to_string()).is_empty());
     let receipts = stored_receipts(&j);
     assert_eq!(receipts.len(), 1, "{receipts:?}");
@@ -366,8 +374,17 @@ fn sigterm_ends_running_jobs_with_stored_receipts_and_no_vm_left() {
     assert_eq!(r["termination"], "the provider was shut down", "{r}");
     assert_eq!(r["commands"][0]["outcome"], "failed", "{r}");
     let path = j.p.data_dir().join("receipts");
-    let file = std::fs::read_dir(path).unwrap().next().unwrap().unwrap().path();
-    assert_eq!(j.p.requestor(["receipt", "verify", file.to_str().unwrap()]).code, 0);
+    let file = std::fs::read_dir(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        j.p.requestor(["receipt", "verify", file.to_str().unwrap()])
+            .code,
+        0
+    );
     let _ = submitter.kill();
     let _ = submitter.wait();
 }
@@ -383,11 +400,29 @@ fn an_expired_agreement_ends_its_job() {
     let mut submitter = start_long_job(&j, &d);
     let deadline = Instant::now() + Duration::from_secs(60);
     while stored_receipts(&j).is_empty() {
-        assert!(Instant::now() < deadline, "the job outlived its agreement: {}", d.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the job outlived its agreement: {}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // At the expiry the running command is killed (its end is capped by the agreement);
+    // either the requestor, seeing that, terminates first or the daemon's reaper does.
     let receipts = stored_receipts(&j);
-    assert_eq!(receipts[0]["receipt"]["termination"], "the agreement expired");
+    let r = &receipts[0]["receipt"];
+    assert!(
+        r["termination"] == "the agreement expired"
+            || r["termination"] == "terminated by the requestor",
+        "{r}"
+    );
+    let cmd = &r["commands"][0];
+    assert_eq!(cmd["outcome"], "failed", "{r}");
+    let ran = chrono_secs(&cmd["ended_at"]) - chrono_secs(&cmd["started_at"]);
+    assert!(
+        ran < 30.0,
+        "`sleep 600` ran {ran} s under a 20 s agreement: {r}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !qemu_with(&j.p.data_dir().display().to_string()).is_empty() {
         assert!(Instant::now() < deadline, "the VM outlived its agreement");
@@ -396,4 +431,10 @@ fn an_expired_agreement_ends_its_job() {
     // The requestor learns it: its job ends with an error, not a hang.
     let status = submitter.wait().unwrap();
     assert_ne!(status.code(), Some(0));
+}
+
+/// Seconds since the epoch of an RFC 3339 timestamp (as the receipt writes them).
+fn chrono_secs(v: &Value) -> f64 {
+    let t = chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    t.timestamp_millis() as f64 / 1000.0
 }
