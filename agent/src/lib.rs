@@ -16,4 +16,6 @@ pub mod net;
 pub mod receipt;
 pub mod requestor;
 pub mod store;
+#[cfg(feature = "test-support")]
+pub mod testsupport;
 pub mod vm;

@@ -6,196 +6,23 @@
 //! QEMU, the guest kernel or busybox skip with a printed reason when the host lacks them
 //! (`.ci/run` installs and fetches them), as `tests/vm.rs` does.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::activity::{ActivityError, Job, JobConfig, JobSpec};
 use agent::egress::{AddressPolicy, AuditLog, Limits};
 use agent::net::wire::{CommandResult, Outcome};
 use agent::store::DataDir;
+use agent::testsupport::{hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use agent::vm::{self, qemu::QemuOptions, Backend};
 use base64::Engine as _;
-use openssl::hash::{hash, MessageDigest};
+use openssl::hash::MessageDigest;
 use openssl::pkey::PKey;
 use openssl::ssl::{SslAcceptor, SslMethod};
 use openssl::x509::X509;
 use serde_json::{json, Value};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// `<target>/guest`: the static guest agent's own target dir (its RUSTFLAGS differ).
-fn guest_target_dir() -> PathBuf {
-    // <target>/debug/deps/activity-… → <target>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .unwrap()
-        .join("guest")
-}
-
-/// Builds the static guest agent once per test binary (as `tests/vm.rs` does).
-fn guest_agent() -> Result<PathBuf, String> {
-    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .current_dir(workspace())
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "guest",
-                    "--target",
-                    "x86_64-unknown-linux-gnu",
-                ])
-                .arg("--target-dir")
-                .arg(guest_target_dir())
-                .output()
-                .map_err(|e| format!("run cargo: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "building provider-guest failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            let p = guest_target_dir().join("x86_64-unknown-linux-gnu/release/provider-guest");
-            assert!(vm::is_static_elf(&p), "{} must be static", p.display());
-            Ok(p)
-        })
-        .clone()
-}
-
-/// Kernel, QEMU, busybox image and guest agent; `None` (after printing why) if the host
-/// lacks one of the system pieces.
-struct Env {
-    kernel: PathBuf,
-    agent: PathBuf,
-    image: PathBuf,
-    backend: Backend,
-    _dir: tempfile::TempDir,
-}
-
-fn env() -> Option<Env> {
-    let kernel = match vm::find_kernel(None) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            return None;
-        }
-    };
-    let info = vm::HostInfo::detect();
-    let (Some(qemu), Some(choice)) = (info.qemu.as_ref(), info.auto.as_ref()) else {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-        return None;
-    };
-    let backend = Backend::Qemu(QemuOptions {
-        binary: qemu.path.clone(),
-        accel: choice.accel,
-        sandbox: qemu.sandbox,
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("busybox.tar");
-    let out = Command::new(workspace().join("scripts/make-test-image.sh"))
-        .arg(&image)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "SKIP: no test image: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return None;
-    }
-    let agent = guest_agent().unwrap();
-    Some(Env {
-        kernel,
-        agent,
-        image,
-        backend,
-        _dir: dir,
-    })
-}
-
-fn hex_digest(md: MessageDigest, bytes: &[u8]) -> String {
-    hash(md, bytes)
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A small HTTP server on 127.0.0.1 answering every path with `body` (and
-/// `/allowed/file.bin` with `file`), over TLS when given an acceptor; counts the
-/// connections it got.
-fn upstream(
-    body: &'static str,
-    file: Arc<Vec<u8>>,
-    tls: Option<Arc<SslAcceptor>>,
-) -> (u16, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(c) = conn else { continue };
-            h.fetch_add(1, Ordering::SeqCst);
-            let file = file.clone();
-            let tls = tls.clone();
-            std::thread::spawn(move || match tls {
-                Some(acceptor) => {
-                    if let Ok(s) = acceptor.accept(c) {
-                        answer(s, body, &file);
-                    }
-                }
-                None => answer(c, body, &file),
-            });
-        }
-    });
-    (port, hits)
-}
-
-fn answer<S: Read + Write>(mut c: S, body: &str, file: &[u8]) {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&req)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned();
-    let content: &[u8] = if line.starts_with("GET /allowed/file.bin ") {
-        file
-    } else {
-        body.as_bytes()
-    };
-    let _ = write!(
-        c,
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        content.len()
-    );
-    let _ = c.write_all(content);
-    let _ = c.flush();
-}
 
 /// A TLS server identity for 127.0.0.1 (self-signed: the client trusts it as a root).
 fn tls_identity() -> (Arc<SslAcceptor>, String) {
@@ -209,20 +36,6 @@ fn tls_identity() -> (Arc<SslAcceptor>, String) {
     )
     .unwrap();
     (Arc::new(b.build()), pem)
-}
-
-fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains("qemu-system") && cmd.contains(&needle) {
-                found.push(cmd);
-            }
-        }
-    }
-    found
 }
 
 fn run(entry: &str, args: &[&str]) -> Value {
@@ -248,21 +61,28 @@ fn summary(r: &CommandResult) -> String {
 /// refused from inside the VM, transfers through the proxy, and the receipt at the end.
 #[test]
 fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
-    let Some(env) = env() else { return };
+    let Some(env) = vm_env() else { return };
     let data_dir = tempfile::tempdir().unwrap();
     let data = DataDir::new(data_dir.path());
     let audit_path = data_dir.path().join("audit.jsonl");
     let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
 
     let file: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
-    let (allowed_port, allowed_hits) =
-        upstream("hello from the allowed upstream\n", file.clone(), None);
-    let (other_port, other_hits) = upstream("you must not see this\n", file.clone(), None);
+    let upstream = |body: &str, tls| {
+        let u = http_server(
+            vec![("/allowed/file.bin".into(), file.to_vec())],
+            Some(body.as_bytes().to_vec()),
+            tls,
+        );
+        (u.port, u.connections)
+    };
+    let (allowed_port, allowed_hits) = upstream("hello from the allowed upstream\n", None);
+    let (other_port, other_hits) = upstream("you must not see this\n", None);
     let (acceptor, ca_pem) = tls_identity();
-    let (tls_port, tls_hits) = upstream("secure\n", file.clone(), Some(acceptor));
+    let (tls_port, tls_hits) = upstream("secure\n", Some(acceptor));
     // Listed in the manifest, but its certificate is not one the job trusts.
     let (untrusted, _) = tls_identity();
-    let (untrusted_port, _) = upstream("forged\n", file.clone(), Some(untrusted));
+    let (untrusted_port, _) = upstream("forged\n", Some(untrusted));
     let ca_file = data_dir.path().join("test-ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
 
@@ -849,7 +669,7 @@ fn a_job_is_refused_before_boot_for_what_fails_closed() {
 /// leaves no QEMU behind; an activity id cannot be reused while its directory exists.
 #[test]
 fn a_command_times_out_and_a_dropped_job_leaves_no_vm() {
-    let Some(env) = env() else { return };
+    let Some(env) = vm_env() else { return };
     let data_dir = tempfile::tempdir().unwrap();
     let data = DataDir::new(data_dir.path());
     let image = std::fs::read(&env.image).unwrap();

@@ -824,55 +824,9 @@ fn multicast_works() -> Result<(), String> {
     }
 }
 
-/// Runs the test `name` of this binary again inside a private network namespace with one
-/// veth pair, so multicast never leaves the machine (tests use loopback or namespaces of
-/// their own, never the host's network). Returns false when the caller is that re-run and
-/// should do the work; true when the re-run happened here (and passed, or was skipped with
-/// the reason printed).
-fn rerun_in_private_netns(name: &str) -> bool {
-    const MARK: &str = "PROVIDER_TEST_IN_NETNS";
-    if std::env::var_os(MARK).is_some() {
-        return false;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let script = format!(
-        "ip link set lo up && ip link add v0 type veth peer name v1 && \
-         ip addr add 10.77.0.1/24 dev v0 && ip link set v0 multicast on up && ip link set v1 up && \
-         ip route add 224.0.0.0/4 dev v0 && exec '{}' --exact {name} --nocapture --test-threads 1",
-        exe.display()
-    );
-    let out = std::process::Command::new("unshare")
-        .args(["--net", "sh", "-c", &script])
-        .env(MARK, "1")
-        .output();
-    match out {
-        // `--exact` with a misspelt name runs nothing and succeeds: insist on the one test.
-        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 1 passed") => {
-            eprintln!("{}", String::from_utf8_lossy(&o.stderr));
-            true
-        }
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("unshare failed") => {
-            eprintln!(
-                "SKIPPED {name}: no private network namespace here: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            true
-        }
-        Ok(o) => panic!(
-            "{name} failed in its network namespace:\n{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => {
-            eprintln!("SKIPPED {name}: cannot run unshare: {e}");
-            true
-        }
-    }
-}
-
 #[tokio::test]
 async fn mdns_discovers_a_local_peer() {
-    if rerun_in_private_netns("mdns_discovers_a_local_peer") {
+    if agent::testsupport::rerun_in_private_netns("mdns_discovers_a_local_peer") {
         return;
     }
     if let Err(why) = multicast_works() {

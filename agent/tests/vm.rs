@@ -5,121 +5,17 @@
 //! transfers. Tests that need QEMU, the guest kernel or busybox skip with a printed reason
 //! when the host genuinely lacks them; `.ci/run` installs and fetches them.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use agent::testsupport::{self, hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use agent::vm::{self, initramfs, qemu::QemuOptions, Backend, MachineSpec, RunSpec, Vm};
-use openssl::hash::{hash, MessageDigest};
+use openssl::hash::MessageDigest;
 
 const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// `<target>/guest`: the static guest agent's own target dir (its RUSTFLAGS differ).
-fn guest_target_dir() -> PathBuf {
-    // <target>/debug/provider → <target>
-    Path::new(PROVIDER)
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("guest")
-}
-
-/// Builds the static guest agent once per test binary; `Err` when it cannot be built.
-fn guest_agent() -> Result<PathBuf, String> {
-    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .current_dir(workspace())
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "guest",
-                    "--target",
-                    "x86_64-unknown-linux-gnu",
-                ])
-                .arg("--target-dir")
-                .arg(guest_target_dir())
-                .output()
-                .map_err(|e| format!("run cargo: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "building provider-guest failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            let p = guest_target_dir().join("x86_64-unknown-linux-gnu/release/provider-guest");
-            assert!(vm::is_static_elf(&p), "{} must be static", p.display());
-            Ok(p)
-        })
-        .clone()
-}
-
-/// Kernel, QEMU, busybox image and guest agent; `None` (after printing why) if the host
-/// lacks one of the system pieces.
-struct Env {
-    kernel: PathBuf,
-    agent: PathBuf,
-    image: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn env() -> Option<Env> {
-    let kernel = match vm::find_kernel(None) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            return None;
-        }
-    };
-    if vm::host::detect_qemu(&vm::host::qemu_binary()).is_none() {
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("busybox.tar");
-    let out = Command::new(workspace().join("scripts/make-test-image.sh"))
-        .arg(&image)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "SKIP: no test image: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return None;
-    }
-    let agent = guest_agent().unwrap();
-    Some(Env {
-        kernel,
-        agent,
-        image,
-        _dir: dir,
-    })
-}
-
-fn sha3_256(bytes: &[u8]) -> String {
-    hash(MessageDigest::sha3_256(), bytes)
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 fn provider(data: &Path, agent: &Path, args: &[&str]) -> Output {
     Command::new(PROVIDER)
@@ -130,47 +26,6 @@ fn provider(data: &Path, agent: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// A one-file HTTP server on 127.0.0.1: `/image.tar` is the body, anything else 404.
-/// Counts the requests for the image.
-fn serve(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&req)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            if line.starts_with("GET /image.tar ") {
-                h.fetch_add(1, Ordering::SeqCst);
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = c.write_all(&body);
-            } else {
-                let _ = c.write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-            }
-        }
-    });
-    (format!("http://{addr}"), hits)
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -179,11 +34,12 @@ fn stderr(o: &Output) -> String {
 /// only interface and the memory limit, with the image served from the store (one fetch).
 #[test]
 fn vm_run_streams_output_and_passes_exit_codes() {
-    let Some(env) = env() else { return };
+    let Some(env) = vm_env() else { return };
     let data = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(&env.image).unwrap();
-    let hash = format!("sha3:{}", sha3_256(&bytes));
-    let (base, hits) = serve(bytes);
+    let hash = format!("sha3:{}", hex_digest(MessageDigest::sha3_256(), &bytes));
+    let upstream = http_server(vec![("/image.tar".into(), bytes)], None, None);
+    let base = upstream.url();
     let url = format!("{base}/image.tar");
 
     let o = provider(
@@ -244,29 +100,15 @@ fn vm_run_streams_output_and_passes_exit_codes() {
         "MemTotal {kib} kB with --mem 256M"
     );
     assert_eq!(
-        hits.load(Ordering::SeqCst),
-        1,
+        upstream.paths(),
+        ["/image.tar"],
         "the second job must not download"
     );
 }
 
-fn qemu_processes_mentioning(dir: &Path) -> Vec<String> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains("qemu-system") && cmd.contains(&needle) {
-                found.push(cmd);
-            }
-        }
-    }
-    found
-}
-
 #[test]
 fn vm_run_kills_a_command_at_its_timeout_and_the_vm_is_gone() {
-    let Some(env) = env() else { return };
+    let Some(env) = vm_env() else { return };
     let data = tempfile::tempdir().unwrap();
     let o = provider(
         data.path(),
@@ -321,7 +163,8 @@ fn bad_images_are_refused_before_boot() {
         "no job may start on a wrong hash"
     );
 
-    let (base, _) = serve(Vec::new());
+    let empty = http_server(vec![("/image.tar".into(), Vec::new())], None, None);
+    let base = empty.url();
     let o = provider(
         &data,
         &agent,
@@ -360,7 +203,7 @@ fn bad_images_are_refused_before_boot() {
 /// A hostile tarball through the CLI: refused with the entry named, no VM started.
 #[test]
 fn unsafe_tarball_is_refused_naming_the_entry() {
-    let Ok(agent) = guest_agent() else {
+    let Ok(agent) = testsupport::guest_agent() else {
         eprintln!("SKIP: the guest agent cannot be built here");
         return;
     };
@@ -438,7 +281,7 @@ impl Write for Counter {
 /// egress proxy, a command that cannot start, and a deadline inside the session.
 #[test]
 fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
-    let Some(env) = env() else { return };
+    let Some(env) = vm_env() else { return };
     let job = tempfile::tempdir().unwrap();
     let initrd = job.path().join("initramfs.cpio");
     initramfs::build(&initrd, &env.agent, &env.image).unwrap();
@@ -493,11 +336,7 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
         )
         .unwrap();
     assert_eq!(st.code, Some(0));
-    let local_sum: String = hash(MessageDigest::sha256(), &data)
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let local_sum = hex_digest(MessageDigest::sha256(), &data);
     assert!(
         String::from_utf8_lossy(&sum).starts_with(&local_sum),
         "guest saw other bytes"

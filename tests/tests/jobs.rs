@@ -7,20 +7,22 @@
 
 use std::time::{Duration, Instant};
 
+use agent::testsupport::{
+    hex_digest, http_server, qemu_processes_mentioning, vm_env, Upstream, VmEnv,
+};
 use certs::testpki::{self, KeyKind, Validity};
+use openssl::hash::MessageDigest;
 use serde_json::{json, Value};
-use tests::util::{http_server, sha3_256, vm_env, write_signed, Provider, Run};
+use tests::util::{write_signed, Provider, Run};
 
 struct Job {
     p: Provider,
-    upstream: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    other_port: String,
+    upstream: Upstream,
+    other: Upstream,
     manifest: std::path::PathBuf,
     sig: std::path::PathBuf,
     cert: std::path::PathBuf,
-    guest: std::path::PathBuf,
-    _env: tests::util::VmEnv,
+    env: VmEnv,
 }
 
 /// A provider trusting a fresh CA for audited payloads with full outbound, an upstream
@@ -29,20 +31,25 @@ struct Job {
 fn job() -> Option<Job> {
     let env = vm_env()?;
     let image = std::fs::read(&env.image).unwrap();
-    let hash = sha3_256(&image);
-    let (upstream, seen) = http_server(vec![
-        ("/image.tar".into(), image),
-        (
-            "/allowed/hello.txt".into(),
-            b"hello from upstream\n".to_vec(),
-        ),
-        ("/secret.txt".into(), b"secret\n".to_vec()),
-    ]);
-    let (other, _) = http_server(vec![(
-        "/allowed/hello.txt".into(),
-        b"other port\n".to_vec(),
-    )]);
-    let other_port = other.rsplit(':').next().unwrap().to_owned();
+    let hash = hex_digest(MessageDigest::sha3_256(), &image);
+    let upstream = http_server(
+        vec![
+            ("/image.tar".into(), image),
+            (
+                "/allowed/hello.txt".into(),
+                b"hello from upstream\n".to_vec(),
+            ),
+            ("/secret.txt".into(), b"secret\n".to_vec()),
+        ],
+        None,
+        None,
+    );
+    let other = http_server(
+        vec![("/allowed/hello.txt".into(), b"other port\n".to_vec())],
+        None,
+        None,
+    );
+    let base = upstream.url();
 
     let p = Provider::new();
     let root = testpki::root("Job Root", KeyKind::EcP256, Validity::current());
@@ -73,26 +80,24 @@ fn job() -> Option<Job> {
         "expiresAt": "2100-01-01T00:00:00Z",
         "metadata": {"name": "job", "version": "1.0.0"},
         "payload": [{"platform": {"arch": "x86_64", "os": "linux"},
-                     "urls": [format!("{upstream}/image.tar")],
+                     "urls": [format!("{base}/image.tar")],
                      "hash": format!("sha3:{hash}")}],
         "compManifest": {"version": "0.1.0",
             "script": {"match": "regex", "commands": [
                 "run /bin/echo .*", "run /bin/wget .*", "run /bin/ls .*", "run /bin/sleep .*",
                 "run /bin/touch /tmp/skipped-ran"]},
-            "net": {"inet": {"out": {"protocols": ["http"], "urls": [format!("{upstream}/allowed")]}}}}
+            "net": {"inet": {"out": {"protocols": ["http"], "urls": [format!("{base}/allowed")]}}}}
     });
     let (manifest, sig, cert) =
         write_signed(&p, "job", &m, &author, &testpki::pem(&[&author.cert]));
     Some(Job {
         p,
         upstream,
-        seen,
-        other_port,
+        other,
         manifest,
         sig,
         cert,
-        guest: env.guest.clone(),
-        _env: env,
+        env,
     })
 }
 
@@ -138,7 +143,7 @@ fn daemon_args(j: &Job) -> Vec<String> {
         "--allow-cidr".into(),
         "127.0.0.0/8".into(),
         "--guest".into(),
-        j.guest.display().to_string(),
+        j.env.agent.display().to_string(),
     ]
 }
 
@@ -151,17 +156,15 @@ fn a_job_runs_gated_and_filtered_and_leaves_a_verified_receipt() {
     let wget = |url: String| run("/bin/wget", &["-q", "-O", "-", &url]);
     let batches = [
         json!([{"deploy": {}}, {"start": {}}, run("/bin/echo", &["hello", "vm"]),
-               wget(format!("{}/allowed/hello.txt", j.upstream))]),
+               wget(format!("{}/allowed/hello.txt", j.upstream.url()))]),
         // Another port of the same host, another host name, a path outside the allowed
         // prefix, then no proxy at all.
+        json!([wget(format!("{}/allowed/hello.txt", j.other.url()))]),
         json!([wget(format!(
-            "http://127.0.0.1:{}/allowed/hello.txt",
-            j.other_port
+            "http://localhost:{}/allowed/hello.txt",
+            j.upstream.port
         ))]),
-        json!([wget(
-            j.upstream.replace("127.0.0.1", "localhost") + "/allowed/hello.txt"
-        )]),
-        json!([wget(format!("{}/secret.txt", j.upstream))]),
+        json!([wget(format!("{}/secret.txt", j.upstream.url()))]),
         json!([run(
             "/bin/wget",
             &[
@@ -170,7 +173,7 @@ fn a_job_runs_gated_and_filtered_and_leaves_a_verified_receipt() {
                 "-q",
                 "-O",
                 "-",
-                &format!("{}/allowed/hello.txt", j.upstream)
+                &format!("{}/allowed/hello.txt", j.upstream.url())
             ]
         )]),
         // Denied: not in the manifest's script. The command after it is allowed but must
@@ -210,14 +213,10 @@ fn a_job_runs_gated_and_filtered_and_leaves_a_verified_receipt() {
         !ls.contains("denied-ran") && !ls.contains("skipped-ran"),
         "{ls}"
     );
-    // The upstream saw exactly the allowed fetch (plus the image download).
-    let seen = j.seen.lock().unwrap().clone();
-    assert_eq!(
-        seen.iter().filter(|p| *p == "/allowed/hello.txt").count(),
-        1,
-        "{seen:?}"
-    );
-    assert!(!seen.iter().any(|p| p == "/secret.txt"), "{seen:?}");
+    // The upstream saw exactly the allowed fetch (plus the image download); the other port
+    // was never reached.
+    assert_eq!(j.upstream.paths(), ["/image.tar", "/allowed/hello.txt"]);
+    assert_eq!(j.other.connections(), 0);
 
     // The receipt: saved, verified, and it records what happened.
     let receipt_event = events
@@ -265,35 +264,22 @@ fn a_job_runs_gated_and_filtered_and_leaves_a_verified_receipt() {
     }
 }
 
-/// The QEMU processes whose command line mentions `needle`.
-fn qemu_with(needle: &str) -> Vec<String> {
-    let out = std::process::Command::new("ps")
-        .args(["-eo", "pid,args"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("qemu-system") && l.contains(needle))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
     let Some(j) = job() else { return };
     let args = daemon_args(&j);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = j.p.daemon(&args);
-    let data = j.p.data_dir().display().to_string();
+    let data = j.p.data_dir();
     let submitter = start_long_job(&j, &d);
     tests::util::signal(d.pid(), "KILL");
     let _ = d.child.wait();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemu_with(&data).is_empty() {
+    while !qemu_processes_mentioning(&data).is_empty() {
         assert!(
             Instant::now() < deadline,
             "QEMU outlived the killed daemon: {:?}",
-            qemu_with(&data)
+            qemu_processes_mentioning(&data)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -329,9 +315,9 @@ fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
         .spawn()
         .unwrap();
     // The VM process appearing means the job started.
-    let data = j.p.data_dir().display().to_string();
+    let data = j.p.data_dir();
     let deadline = Instant::now() + Duration::from_secs(300);
-    while qemu_with(&data).is_empty() {
+    while qemu_processes_mentioning(&data).is_empty() {
         assert!(Instant::now() < deadline, "no VM started: {}", d.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -367,7 +353,7 @@ fn sigterm_ends_running_jobs_with_stored_receipts_and_no_vm_left() {
         t.elapsed() < Duration::from_secs(30),
         "SIGTERM waited out the command"
     );
-    assert!(qemu_with(&j.p.data_dir().display().to_string()).is_empty());
+    assert!(qemu_processes_mentioning(&j.p.data_dir()).is_empty());
     let receipts = stored_receipts(&j);
     assert_eq!(receipts.len(), 1, "{receipts:?}");
     let r = &receipts[0]["receipt"];
@@ -424,7 +410,7 @@ fn an_expired_agreement_ends_its_job() {
         "`sleep 600` ran {ran} s under a 20 s agreement: {r}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemu_with(&j.p.data_dir().display().to_string()).is_empty() {
+    while !qemu_processes_mentioning(&j.p.data_dir()).is_empty() {
         assert!(Instant::now() < deadline, "the VM outlived its agreement");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -41,8 +41,23 @@ fn setup() -> Setup {
     }
 }
 
+/// `requestor submit` of manifest `m` signed by the setup's author.
 fn submit(s: &Setup, d: &Daemon, stem: &str, m: &serde_json::Value, extra: &[&str]) -> Run {
-    let (mf, sig, cert) = write_signed(&s.p, stem, m, &s.author, &s.chain);
+    submit_signed(
+        s,
+        d,
+        write_signed(&s.p, stem, m, &s.author, &s.chain),
+        extra,
+    )
+}
+
+/// `requestor submit` of already written (manifest, signature, chain) files.
+fn submit_signed(
+    s: &Setup,
+    d: &Daemon,
+    (mf, sig, cert): (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf),
+    extra: &[&str],
+) -> Run {
     let mut args: Vec<String> = vec![
         "submit".into(),
         "--provider".into(),
@@ -92,26 +107,14 @@ fn every_reject_reaches_the_requestor_with_its_code() {
         false,
         Validity::current(),
     );
-    let (mf, sig, cert) = write_signed(
+    let files = write_signed(
         &s.p,
         "untrusted",
         &manifest(&[]),
         &stranger,
         &testpki::pem(&[&stranger.cert]),
     );
-    let r = s.p.requestor([
-        "submit",
-        "--provider",
-        &d.addr,
-        "--manifest",
-        mf.to_str().unwrap(),
-        "--sig",
-        sig.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--script",
-        s.script.to_str().unwrap(),
-    ]);
+    let r = submit_signed(&s, &d, files, &[]);
     assert_rejected(&r, "cert-chain-untrusted");
 
     // Bad signature: signed by a key that is not the certificate's.
@@ -122,21 +125,8 @@ fn every_reject_reaches_the_requestor_with_its_code() {
         false,
         Validity::current(),
     );
-    let (mf, sig, _) = write_signed(&s.p, "badsig", &manifest(&[]), &other, &s.chain);
-    let cert = s.p.write_input("author.pem", &s.chain);
-    let r = s.p.requestor([
-        "submit",
-        "--provider",
-        &d.addr,
-        "--manifest",
-        mf.to_str().unwrap(),
-        "--sig",
-        sig.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--script",
-        s.script.to_str().unwrap(),
-    ]);
+    let files = write_signed(&s.p, "badsig", &manifest(&[]), &other, &s.chain);
+    let r = submit_signed(&s, &d, files, &[]);
     assert_rejected(&r, "signature-invalid");
 
     // Expired manifest.
@@ -400,7 +390,8 @@ fn requestor_signs_a_manifest_the_provider_accepts() {
 
 #[test]
 fn requestor_offers_lists_a_provider_found_by_mdns() {
-    if tests::util::rerun_in_private_netns("requestor_offers_lists_a_provider_found_by_mdns") {
+    if agent::testsupport::rerun_in_private_netns("requestor_offers_lists_a_provider_found_by_mdns")
+    {
         return;
     }
     let s = setup();

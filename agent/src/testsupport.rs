@@ -1,0 +1,290 @@
+//! What the VM and job tests of several crates need from this host: the static guest
+//! agent built once, a busybox rootfs, the guest kernel and QEMU, and a small HTTP
+//! upstream on loopback. Compiled only with the `test-support` feature (the test crates
+//! enable it); nothing in the product uses it.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::vm::{self, qemu::QemuOptions, Backend};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("agent/ has a parent")
+        .to_owned()
+}
+
+/// `<target>/guest`: the static guest agent's own target dir (its RUSTFLAGS differ from
+/// the host build's, so it must not share a target dir with it). Found from the running
+/// test binary, `<target>/<profile>/deps/<name>`.
+fn guest_target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("test binaries live in <target>/<profile>/deps")
+        .join("guest")
+}
+
+/// Builds the static guest agent once per test process, where `vm::find_guest_agent`
+/// looks for it; `Err` with cargo's output when it does not build.
+pub fn guest_agent() -> Result<PathBuf, String> {
+    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .current_dir(workspace())
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+                .args(["build", "--release", "-p", "guest"])
+                .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+                .arg(guest_target_dir())
+                .output()
+                .map_err(|e| format!("run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building provider-guest failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let p = guest_target_dir().join("x86_64-unknown-linux-gnu/release/provider-guest");
+            if !vm::is_static_elf(&p) {
+                return Err(format!("{} is not a static executable", p.display()));
+            }
+            Ok(p)
+        })
+        .clone()
+}
+
+/// A VM-capable host: kernel, QEMU backend, a busybox rootfs tarball and the guest agent.
+pub struct VmEnv {
+    pub kernel: PathBuf,
+    pub agent: PathBuf,
+    pub image: PathBuf,
+    pub backend: Backend,
+    _dir: tempfile::TempDir,
+}
+
+/// The [`VmEnv`] of this host, or `None` after printing `SKIP: <why>` where it lacks a
+/// system piece (QEMU, the kernel, busybox); `.ci/run` installs and fetches them.
+pub fn vm_env() -> Option<VmEnv> {
+    let kernel = match vm::find_kernel(None) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+    };
+    let info = vm::HostInfo::detect();
+    let (Some(qemu), Some(choice)) = (info.qemu.as_ref(), info.auto.as_ref()) else {
+        eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return None;
+    };
+    let backend = Backend::Qemu(QemuOptions {
+        binary: qemu.path.clone(),
+        accel: choice.accel,
+        sandbox: qemu.sandbox,
+    });
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let image = dir.path().join("busybox.tar");
+    let out = Command::new(workspace().join("scripts/make-test-image.sh"))
+        .arg(&image)
+        .output()
+        .expect("run scripts/make-test-image.sh");
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: no test image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let agent = guest_agent().unwrap_or_else(|e| panic!("{e}"));
+    Some(VmEnv {
+        kernel,
+        agent,
+        image,
+        backend,
+        _dir: dir,
+    })
+}
+
+/// Lowercase hex of a digest.
+pub fn hex_digest(md: openssl::hash::MessageDigest, bytes: &[u8]) -> String {
+    openssl::hash::hash(md, bytes)
+        .expect("openssl hashes")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A running [`http_server`].
+pub struct Upstream {
+    pub port: u16,
+    /// TCP connections accepted (also those that never sent a request).
+    pub connections: Arc<AtomicUsize>,
+    /// The paths requested, in order.
+    pub paths: Arc<Mutex<Vec<String>>>,
+}
+
+impl Upstream {
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.paths.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// A small HTTP/1.1 server on 127.0.0.1 (over TLS when given an acceptor): `GET <path>`
+/// answers with the route's body, other paths with `fallback` (or 404 without one). One
+/// request per connection.
+pub fn http_server(
+    routes: Vec<(String, Vec<u8>)>,
+    fallback: Option<Vec<u8>>,
+    tls: Option<Arc<openssl::ssl::SslAcceptor>>,
+) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().expect("local addr").port();
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (log, count) = (paths.clone(), connections.clone());
+    let routes = Arc::new(routes);
+    let fallback = Arc::new(fallback);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(c) = conn else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let (routes, fallback, log, tls) =
+                (routes.clone(), fallback.clone(), log.clone(), tls.clone());
+            std::thread::spawn(move || match tls {
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(c) {
+                        answer(s, &routes, fallback.as_deref(), &log);
+                    }
+                }
+                None => answer(c, &routes, fallback.as_deref(), &log),
+            });
+        }
+    });
+    Upstream {
+        port,
+        connections,
+        paths,
+    }
+}
+
+fn answer<S: Read + Write>(
+    mut c: S,
+    routes: &[(String, Vec<u8>)],
+    fallback: Option<&[u8]>,
+    log: &Mutex<Vec<String>>,
+) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&req);
+    let path = head
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("")
+        .to_owned();
+    log.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path.clone());
+    let body = routes
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, b)| b.as_slice())
+        .or(fallback);
+    let _ = match body {
+        Some(b) => write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            b.len()
+        )
+        .and_then(|()| c.write_all(b)),
+        None => {
+            c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        }
+    };
+    let _ = c.flush();
+}
+
+/// The command lines of live QEMU processes that mention `needle` (a job's or data dir's
+/// path), to prove none outlived its job.
+pub fn qemu_processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+/// Runs the test `name` of the current test binary again inside a private network
+/// namespace with one veth pair, so multicast (mDNS) never touches the host's network.
+/// Returns false in that re-run (do the work); true where the re-run happened (it passed,
+/// or was skipped with the reason printed).
+pub fn rerun_in_private_netns(name: &str) -> bool {
+    const MARK: &str = "PROVIDER_TEST_IN_NETNS";
+    if std::env::var_os(MARK).is_some() {
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "ip link set lo up && ip link add v0 type veth peer name v1 && \
+         ip addr add 10.77.0.1/24 dev v0 && ip link set v0 multicast on up && ip link set v1 up && \
+         ip route add 224.0.0.0/4 dev v0 && exec '{}' --exact {name} --nocapture --test-threads 1",
+        exe.display()
+    );
+    match Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .env(MARK, "1")
+        .output()
+    {
+        // `--exact` with a misspelt name runs nothing and succeeds: insist on the one test.
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 1 passed") => {
+            true
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("unshare failed") => {
+            eprintln!(
+                "SKIPPED {name}: no private network namespace here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            true
+        }
+        Ok(o) => panic!(
+            "{name} failed in its network namespace:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            eprintln!("SKIPPED {name}: cannot run unshare: {e}");
+            true
+        }
+    }
+}
