@@ -272,3 +272,82 @@ fn bad_golem_input_is_one_line_exit_2_and_changes_nothing() {
     .unwrap();
     p.run(["keystore", "list"]).bad_input("broken.signed.json");
 }
+
+/// The partner rule over the network: the provider trusts yagna's root as a partner; a
+/// requestor sends a node descriptor issued (with yagna's partner key) for its own libp2p
+/// peer id. The daemon compares the descriptor's `nodeId` with the peer id from the noise
+/// handshake, so the same descriptor from another peer is refused.
+#[test]
+fn a_node_descriptor_for_the_requestors_peer_id_meets_the_partner_rule_over_the_network() {
+    use certs::testpki::golem::{descriptor, sign, to_bytes, yagna_key};
+    let p = Provider::new();
+    p.run(["rule", "set", "outbound", "everyone", "--mode", "none"])
+        .ok();
+    p.run([
+        "rule",
+        "set",
+        "outbound",
+        "partner",
+        "import-cert",
+        &cert("root-certificate.signed.json"),
+        "--mode",
+        "all",
+    ])
+    .ok();
+    let id_file = p.input("requestor.key");
+    let peer = p.requestor(["identity", "--identity", id_file.to_str().unwrap()]);
+    assert_eq!(peer.code, 0, "{peer:?}");
+    let peer = peer.stdout.trim().to_owned();
+    let partner: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cert("partner-certificate.signed.json")).unwrap())
+            .unwrap();
+    // Inside the partner certificate's validity, around today.
+    let d = sign(
+        "nodeDescriptor",
+        descriptor(
+            &peer,
+            ("2026-01-01T00:00:00Z", "2029-12-31T00:00:00Z"),
+            serde_json::json!({"outbound": {"urls": ["https://domain.com/"]}}),
+        ),
+        &yagna_key(&yagna("certs/partner-keypair.key")),
+        partner,
+    );
+    let d_file = p.write_input("descriptor.json", to_bytes(&d));
+    let m = p.write_input(
+        "m.json",
+        serde_json::to_vec(&manifest(&["https://domain.com/"])).unwrap(),
+    );
+    let daemon = p.daemon(&[]);
+    let submit = |identity: &str| {
+        p.requestor([
+            "--json",
+            "submit",
+            "--dry-run",
+            "--provider",
+            &daemon.addr,
+            "--manifest",
+            m.to_str().unwrap(),
+            "--node-descriptor",
+            d_file.to_str().unwrap(),
+            "--identity",
+            identity,
+        ])
+    };
+    let r = submit(id_file.to_str().unwrap());
+    assert_eq!(r.code, 0, "{r:?}\n{}", daemon.logs());
+    let proposal: serde_json::Value =
+        serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(proposal["event"], "proposal");
+    assert_eq!(proposal["matched_rule"]["rule"], "partner");
+    assert_eq!(proposal["matched_rule"]["cert_id"], ROOT_ID);
+
+    // The same descriptor from another peer.
+    let other = p.input("other.key");
+    let r = submit(other.to_str().unwrap());
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("rejected: node-id-mismatch: "), "{r:?}");
+    assert!(
+        r.stderr.contains(&peer),
+        "the message names the descriptor's node: {r:?}"
+    );
+}

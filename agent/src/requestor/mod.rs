@@ -124,8 +124,12 @@ pub struct SubmitArgs {
     constraints: String,
     /// An ExeScript batch (a JSON array of commands). Repeat it to run several batches,
     /// in order, in the same VM; each batch stops at its first denied or failed command.
-    #[arg(long, value_name = "BATCH.json", required = true)]
+    #[arg(long, value_name = "BATCH.json", required_unless_present = "dry_run")]
     script: Vec<PathBuf>,
+    /// Negotiate only: print the provider's verdict and stop before agreeing (exit 0 when
+    /// it would accept, 1 when it rejects).
+    #[arg(long)]
+    dry_run: bool,
     /// Where the receipt is saved.
     #[arg(long, value_name = "DIR", default_value = ".")]
     out_dir: PathBuf,
@@ -525,6 +529,9 @@ async fn session(
                 ),
                 json!({"proposal_id": proposal_id, "matched_rule": matched_rule}),
             );
+            if args.dry_run {
+                return Ok(0);
+            }
             proposal_id
         }
         MarketResponse::Rejected { reasons } => {
