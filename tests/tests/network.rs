@@ -414,3 +414,19 @@ fn requestor_offers_lists_a_provider_found_by_mdns() {
         "{found}"
     );
 }
+
+#[test]
+fn a_daemon_that_cannot_start_says_why_and_writes_nothing() {
+    let p = Provider::new();
+    let before = p.snapshot();
+    p.run(["run", "--listen", "not-an-address"])
+        .bad_input("not-an-address");
+    let cfg = p.write_input("c.json", r#"{"max_job": 2}"#);
+    p.run(["run", "--config", cfg.to_str().unwrap()])
+        .bad_input("max_job");
+    let cfg = p.write_input("c2.json", r#"{"agreement_ttl": "forever"}"#);
+    p.run(["run", "--config", cfg.to_str().unwrap()])
+        .bad_input("agreement_ttl");
+    assert_eq!(p.snapshot(), before, "a failed start changed the data dir");
+    assert!(!p.data_dir().join("identity.key").exists());
+}

@@ -53,6 +53,20 @@ pub async fn run(
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    // Everything that can be wrong with the input is checked before anything is written
+    // (identity key, audit log): a start that fails leaves the data dir as it was.
+    let listen: Vec<Multiaddr> = cfg
+        .listen
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .with_context(|| format!("--listen {a}: not a multiaddr"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // Refuse to start with rules that do not load: the operator learns now, not at the
+    // first demand.
+    data.load_judge()
+        .context("the operator's rules, whitelist or keystore do not load")?;
     std::fs::create_dir_all(data.root())
         .with_context(|| format!("create the data dir {}", data.root().display()))?;
     let identity = net::load_or_create_identity(&data.root().join("identity.key"))?;
@@ -61,10 +75,6 @@ pub async fn run(
         AuditLog::open(&data.audit_path())
             .with_context(|| format!("open {}", data.audit_path().display()))?,
     );
-    // Refuse to start with rules that do not load: the operator learns now, not at the
-    // first demand.
-    data.load_judge()
-        .context("the operator's rules, whitelist or keystore do not load")?;
     let runtime = (|| -> anyhow::Result<jobs::Runtime> {
         let (backend, why) = crate::cli::vm::backend_for(cfg.vmm, &crate::vm::HostInfo::detect())?;
         tracing::info!("{why}");
@@ -114,10 +124,7 @@ pub async fn run(
         },
     )?;
     let net_task = tokio::spawn(event_loop.run());
-    for addr in &cfg.listen {
-        let addr: Multiaddr = addr
-            .parse()
-            .with_context(|| format!("--listen {addr}: not a multiaddr"))?;
+    for addr in listen {
         let actual = client
             .listen(addr.clone())
             .await
