@@ -21,6 +21,9 @@ use crate::vm::Backend;
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A results page stops growing past this many output bytes (the response limit is 16 MiB).
 const PAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Output kept for one batch's results, all commands together; beyond it results carry no
+/// output (marked truncated).
+const BATCH_OUTPUT_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Default, Clone)]
 struct Progress {
@@ -138,10 +141,14 @@ pub(super) async fn handle(
             }
             let batch_id = new_id();
             let progress = Arc::new(watch::channel(Progress::default()).0);
-            slot.batches
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(batch_id.clone(), progress.clone());
+            {
+                // Results are kept until the next batch starts: a requestor reads a batch
+                // before it sends the next, and the daemon's memory stays bounded by one
+                // batch per job.
+                let mut batches = slot.batches.lock().unwrap_or_else(|p| p.into_inner());
+                batches.clear();
+                batches.insert(batch_id.clone(), progress.clone());
+            }
             let sent = slot.tx.send(JobCmd::Exec {
                 batch_id: batch_id.clone(),
                 batch,
@@ -393,7 +400,19 @@ fn job_thread(
                 len,
                 progress,
             } => {
-                let mut sink = |r: CommandResult| progress.send_modify(|p| p.results.push(r));
+                let mut kept = 0usize;
+                let mut sink = |mut r: CommandResult| {
+                    // Each command's output is already cut at `max_output`; a batch of many
+                    // commands is cut as a whole too, so one job cannot fill the daemon's
+                    // memory. The receipt's hashes still cover every byte.
+                    kept += r.stdout.len() + r.stderr.len();
+                    if kept > BATCH_OUTPUT_BYTES {
+                        r.stdout.clear();
+                        r.stderr.clear();
+                        r.truncated = true;
+                    }
+                    progress.send_modify(|p| p.results.push(r))
+                };
                 let outcome = job.exec(&batch_id, &batch, &mut sink);
                 progress.send_modify(|p| {
                     if let Err(e) = &outcome {
