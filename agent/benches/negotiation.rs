@@ -88,6 +88,8 @@ fn main() {
     let cfg = DaemonConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         mdns: false,
+        // Each requestor peer sends hundreds of demands and agrees to none.
+        max_proposals_per_peer: usize::MAX,
         ..DaemonConfig::default()
     };
     let daemon_data = data.clone();

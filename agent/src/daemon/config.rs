@@ -37,6 +37,8 @@ pub struct ConfigFile {
     pub max_transfer: Option<String>,
     pub agreement_ttl: Option<String>,
     pub proposal_ttl: Option<String>,
+    /// Open proposals one requestor peer may hold.
+    pub max_proposals_per_peer: Option<usize>,
     /// LDAP-style filter over demands' properties.
     pub constraints: Option<String>,
 }
@@ -59,6 +61,7 @@ pub struct DaemonConfig {
     pub max_transfer_bytes: u64,
     pub agreement_ttl: Duration,
     pub proposal_ttl: Duration,
+    pub max_proposals_per_peer: usize,
     pub constraints: Option<Filter>,
     /// The text `constraints` was parsed from (the offer carries it).
     pub constraints_text: String,
@@ -82,6 +85,7 @@ impl Default for DaemonConfig {
             max_transfer_bytes: 1024 * 1024 * 1024,
             agreement_ttl: Duration::from_secs(3600),
             proposal_ttl: Duration::from_secs(60),
+            max_proposals_per_peer: 100,
             constraints: None,
             constraints_text: String::new(),
         }
@@ -176,6 +180,12 @@ impl DaemonConfig {
         if let Some(v) = file.max_output {
             cfg.max_output_bytes =
                 parse_bytes("max_output", &v).map_err(|e| at("max_output", e))?;
+        }
+        if let Some(v) = file.max_proposals_per_peer {
+            if v == 0 {
+                return Err(at("max_proposals_per_peer", "must be at least 1".into()));
+            }
+            cfg.max_proposals_per_peer = v;
         }
         if let Some(v) = file.max_transfer {
             cfg.max_transfer_bytes =

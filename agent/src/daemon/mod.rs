@@ -108,6 +108,7 @@ pub async fn run(
             proposal_ttl: cfg.proposal_ttl,
             agreement_ttl: cfg.agreement_ttl,
             demand_filter: cfg.constraints.clone(),
+            max_proposals_per_peer: cfg.max_proposals_per_peer,
             ..MarketConfig::default()
         },
         audit.clone(),
@@ -125,14 +126,21 @@ pub async fn run(
     )?;
     let net_task = tokio::spawn(event_loop.run());
     for addr in listen {
-        let actual = client
+        client
             .listen(addr.clone())
             .await
             .with_context(|| format!("listen on {addr}"))?;
-        let full = actual
+    }
+    // An unspecified address (0.0.0.0) listens on every interface: announce each, since a
+    // requestor on another machine needs the LAN one, not loopback.
+    let mut announced = std::collections::BTreeSet::new();
+    for addr in client.listen_addrs().await? {
+        let full = addr
             .with_p2p(identity.public().to_peer_id())
             .unwrap_or_else(|a| a);
-        announce(&full);
+        if announced.insert(full.to_string()) {
+            announce(&full);
+        }
     }
     audit.write_event(&json!({
         "time": crate::egress::audit::now(),

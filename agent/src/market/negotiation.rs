@@ -36,6 +36,8 @@ pub struct MarketConfig {
     pub agreement_ttl: Duration,
     /// Open proposals kept at most; beyond it demands get `busy` until some expire.
     pub max_proposals: usize,
+    /// Open proposals one peer may hold, so one peer cannot take all of them.
+    pub max_proposals_per_peer: usize,
     /// Agreements kept at most (live ones; ended ones are forgotten).
     pub max_agreements: usize,
     /// The provider's constraints over a demand's properties.
@@ -48,6 +50,7 @@ impl Default for MarketConfig {
             proposal_ttl: Duration::from_secs(60),
             agreement_ttl: Duration::from_secs(3600),
             max_proposals: 10_000,
+            max_proposals_per_peer: 100,
             max_agreements: 1_000,
             demand_filter: None,
         }
@@ -326,6 +329,24 @@ impl Market {
         // burst of demands does not pay a full scan each), not only when the map is full.
         if proposals.len() % 256 == 255 {
             proposals.retain(|_, p| p.proposal_expires > now);
+        }
+        // Counting only matters once there are that many proposals at all.
+        if proposals.len() >= self.cfg.max_proposals_per_peer {
+            let mine = proposals
+                .values()
+                .filter(|p| p.peer == peer && p.proposal_expires > now)
+                .count();
+            if mine >= self.cfg.max_proposals_per_peer {
+                return MarketResponse::Rejected {
+                    reasons: vec![Reason::new(
+                        "busy",
+                        format!(
+                            "this peer already holds {mine} open proposals, the most one peer may; agree to one or wait {} s",
+                            self.cfg.proposal_ttl.as_secs()
+                        ),
+                    )],
+                };
+            }
         }
         if proposals.len() >= self.cfg.max_proposals {
             proposals.retain(|_, p| p.proposal_expires > now);
@@ -657,6 +678,25 @@ mod tests {
             log.contains(r#""event":"verdict""#) && log.contains(r#""event":"agreement""#),
             "{log}"
         );
+    }
+
+    #[test]
+    fn one_peer_cannot_hold_every_open_proposal() {
+        let mut f = fixture();
+        f.market.cfg.max_proposals_per_peer = 3;
+        for _ in 0..3 {
+            assert!(matches!(
+                demand(&f, PEER, &f.props, ""),
+                MarketResponse::Proposal { .. }
+            ));
+        }
+        let r = demand(&f, PEER, &f.props, "");
+        assert_eq!(codes(&r), ["busy"]);
+        // Others are still served.
+        assert!(matches!(
+            demand(&f, OTHER, &f.props, ""),
+            MarketResponse::Proposal { .. }
+        ));
     }
 
     #[test]
