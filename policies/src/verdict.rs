@@ -335,6 +335,16 @@ impl Judge {
         }
     }
 
+    /// `f` of the manifest whose base64 text is `base64_text`, from the same cache the
+    /// verdicts use (so a demand just judged is not parsed again); `None` if it is invalid.
+    pub fn with_manifest<R>(
+        &self,
+        base64_text: &str,
+        f: impl FnOnce(&ReceivedManifest) -> R,
+    ) -> Option<R> {
+        self.parsed(base64_text).received.as_ref().ok().map(f)
+    }
+
     fn parsed(&self, base64_text: &str) -> Arc<ParsedManifest> {
         let lock = || self.manifests.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hit) = lock().get(base64_text) {

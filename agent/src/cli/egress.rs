@@ -143,7 +143,7 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<Outcome> {
 }
 
 /// `1048576`, `64K`, `10M`, `2G`, `1T` (powers of 1024; a trailing `B` or `iB` is allowed).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let t = t
         .strip_suffix("iB")

@@ -3,7 +3,7 @@
 //! Exit codes: 0 success (or an accepted manifest), 1 a rejected manifest, 2 bad input, a
 //! usage error or an I/O error. Every error is one line on stderr.
 
-mod egress;
+pub(crate) mod egress;
 mod keystore;
 pub(crate) mod manifest;
 pub(crate) mod output;

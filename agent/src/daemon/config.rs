@@ -14,7 +14,7 @@ use crate::market::constraints::Filter;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct ConfigFile {
-    /// Multiaddrs to listen on (default `/ip4/127.0.0.1/tcp/0`... see `docs/daemon.md`).
+    /// Multiaddrs to listen on (default `/ip4/0.0.0.0/tcp/7465`).
     pub listen: Option<Vec<String>>,
     /// mDNS discovery on the local network.
     pub mdns: Option<bool>,
@@ -92,20 +92,6 @@ impl Default for DaemonConfig {
     }
 }
 
-fn parse_bytes(key: &str, text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1024u64),
-        Some('M') => (&t[..t.len() - 1], 1024 * 1024),
-        Some('G') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<u64>()
-        .map(|n| n.saturating_mul(mul))
-        .map_err(|_| format!("{key}: `{text}` is not a size like 1M"))
-}
-
 impl DaemonConfig {
     /// The defaults overridden by `file` (if given).
     pub fn from_file(path: Option<&Path>) -> Result<Self, String> {
@@ -179,7 +165,7 @@ impl DaemonConfig {
         }
         if let Some(v) = file.max_output {
             cfg.max_output_bytes =
-                parse_bytes("max_output", &v).map_err(|e| at("max_output", e))?;
+                crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_output", e))?;
         }
         if let Some(v) = file.max_proposals_per_peer {
             if v == 0 {
@@ -189,7 +175,7 @@ impl DaemonConfig {
         }
         if let Some(v) = file.max_transfer {
             cfg.max_transfer_bytes =
-                parse_bytes("max_transfer", &v).map_err(|e| at("max_transfer", e))?;
+                crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_transfer", e))?;
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use policies::{Judge, MatchedRule, ReceivedManifest, WhitelistMatcher};
+use policies::{Judge, MatchedRule, WhitelistMatcher};
 use serde_json::{json, Value};
 
 use super::constraints::{Filter, Properties};
@@ -287,14 +287,22 @@ impl Market {
                     reasons.push(Reason::new(r.code.as_str(), r.message.clone()));
                 }
                 if verdict.is_accept() {
-                    matched = Some((verdict.matched_rule.clone(), judge.whitelist().clone()));
+                    // Judged valid above, so it parses; its expiry bounds the agreement's.
+                    let expiry = manifest
+                        .and_then(|m| judge.with_manifest(m, |m| m.manifest.expires_at))
+                        .unwrap_or(now);
+                    matched = Some((
+                        verdict.matched_rule.clone(),
+                        judge.whitelist().clone(),
+                        expiry,
+                    ));
                 }
             }
         }
 
         let response = match (reasons.is_empty(), matched, manifest) {
-            (true, Some((rule, whitelist)), Some(manifest)) => {
-                self.propose(peer, manifest, rule, whitelist, now)
+            (true, Some((rule, whitelist, expiry)), Some(manifest)) => {
+                self.propose(peer, manifest, rule, whitelist, expiry, now)
             }
             (true, _, _) => MarketResponse::Rejected {
                 reasons: vec![Reason::new(
@@ -314,13 +322,10 @@ impl Market {
         manifest: &str,
         rule: Option<MatchedRule>,
         whitelist: WhitelistMatcher,
+        manifest_expiry: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> MarketResponse {
         let ttl = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-        // Judged valid above, so it parses; its expiry bounds the agreement's.
-        let manifest_expiry = ReceivedManifest::from_base64(manifest)
-            .map(|m| m.manifest.expires_at)
-            .unwrap_or(now);
         let expires_at = (now + ttl(self.cfg.agreement_ttl)).min(manifest_expiry);
         let proposal_expires = (now + ttl(self.cfg.proposal_ttl)).min(expires_at);
         let id = new_id();
