@@ -217,6 +217,22 @@ impl Gate {
     }
 
     fn check_at(&self, index: usize, command: &Command) -> Result<(), Denial> {
+        // Before any constraint, and also without a script section: what runs or is fetched
+        // must be exactly what the rendering says.
+        let problem = match command {
+            Command::Run(run) => crate::canonical::entry_point_problem(&run.entry_point)
+                .map(|why| DenialReason::EntryPointInvalid { why }),
+            Command::Transfer(t) => crate::canonical::transfer_problem(&t.from, &t.to)
+                .map(|why| DenialReason::TransferNotCanonical { why }),
+            _ => None,
+        };
+        if let Some(reason) = problem {
+            return Err(Denial {
+                index,
+                command: command.render(),
+                reason,
+            });
+        }
         let Some(tables) = &self.tables else {
             return Ok(());
         };
@@ -265,6 +281,18 @@ pub enum DenialReason {
         /// Positions in `commands`, ascending.
         constraints: Vec<usize>,
     },
+    /// A `run`'s entry point is relative, has `.`/`..`/empty segments, or whitespace or
+    /// control characters: what would run is not what the rendering says.
+    EntryPointInvalid {
+        /// What is wrong with it and what to send instead.
+        why: String,
+    },
+    /// A transfer's `from` is not a URL in canonical form (or has an encoded `.`, `/` or
+    /// `\` in its path), or its `to` path has dot or empty segments.
+    TransferNotCanonical {
+        /// What is wrong with it and what to send instead.
+        why: String,
+    },
 }
 
 impl DenialReason {
@@ -273,6 +301,8 @@ impl DenialReason {
         match self {
             DenialReason::NoMatch { .. } => "script-no-match",
             DenialReason::EnvDiffers { .. } => "script-env-differs",
+            DenialReason::EntryPointInvalid { .. } => "entry-point-invalid",
+            DenialReason::TransferNotCanonical { .. } => "transfer-not-canonical",
         }
     }
 }
@@ -301,6 +331,8 @@ impl fmt::Display for DenialReason {
                 }
                 f.write_str(", but the run's env differs from the env each of them names")
             }
+            DenialReason::EntryPointInvalid { why } => write!(f, "the entry point {why}"),
+            DenialReason::TransferNotCanonical { why } => write!(f, "the transfer's {why}"),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! yagna) are written down in `docs/exescript.md`.
 #![forbid(unsafe_code)]
 
+mod canonical;
 mod command;
 mod constraint;
 mod gate;

@@ -13,8 +13,12 @@ enum Want {
     NoMatch,
     /// Denied because the env differs from the env of these constraints.
     EnvDiffers(Vec<usize>),
+    /// Refused before any constraint: the entry point is not one the gate can vouch for.
+    BadEntryPoint,
+    /// Refused before any constraint: a transfer location is not in canonical form.
+    NotCanonical,
 }
-use Want::{Allow, EnvDiffers, NoMatch};
+use Want::{Allow, BadEntryPoint, EnvDiffers, NoMatch, NotCanonical};
 
 struct Case {
     name: &'static str,
@@ -56,6 +60,8 @@ fn check_table(cases: Vec<Case>) {
             Err(denial) => match denial.reason {
                 DenialReason::NoMatch { .. } => NoMatch,
                 DenialReason::EnvDiffers { constraints } => EnvDiffers(constraints),
+                DenialReason::EntryPointInvalid { .. } => BadEntryPoint,
+                DenialReason::TransferNotCanonical { .. } => NotCanonical,
             },
         };
         if got != c.want {
@@ -500,12 +506,13 @@ fn args_with_spaces_and_empty_args() {
             run("/bin/date", &["-R"]),
             Allow,
         ),
+        // It would render exactly like `/opt/my` run with the arguments `app/run`.
         case(
             "an entry point with a space",
             vec![s("run /opt/my app/run")],
             Strict,
             run("/opt/my app/run", &[]),
-            Allow,
+            BadEntryPoint,
         ),
     ]);
 }
@@ -572,7 +579,7 @@ fn transfers() {
             ],
             Strict,
             transfer("container:/out/../etc/passwd.txt", "http://req/up"),
-            NoMatch,
+            NotCanonical,
         ),
         case(
             "object regex alternation stays in its field",
@@ -601,6 +608,102 @@ fn transfers() {
             Regex,
             transfer("a", "b"),
             NoMatch,
+        ),
+    ]);
+}
+
+/// The URL crate removes dot segments, decodes `%2e` and turns `\\` into `/` before a
+/// fetch; a server may decode `%2f` or a double-encoded `%252e`. A transfer is gated on
+/// the text that is fetched, so any of these is refused before the constraints.
+#[test]
+fn transfers_are_gated_on_their_canonical_text() {
+    use Match::Regex;
+    let public = || vec![s(r"transfer http://127\.0\.0\.1:8080/public/.* container:/in/.*")];
+    let mut rows = vec![case(
+        "a canonical URL under the prefix",
+        public(),
+        Regex,
+        transfer("http://127.0.0.1:8080/public/a.txt", "container:/in/a.txt"),
+        Allow,
+    )];
+    for (name, from) in [
+        ("dot segments", "http://127.0.0.1:8080/public/../private/secret.txt"),
+        ("encoded dot segments", "http://127.0.0.1:8080/public/%2e%2e/private/secret.txt"),
+        ("backslashes", "http://127.0.0.1:8080/public/..\\private\\secret.txt"),
+        ("an encoded slash", "http://127.0.0.1:8080/public/..%2Fprivate/secret.txt"),
+        ("double encoding", "http://127.0.0.1:8080/public/%252e%252e/private/secret.txt"),
+        ("a single dot segment", "http://127.0.0.1:8080/public/./a.txt"),
+    ] {
+        rows.push(case(
+            name,
+            public(),
+            Regex,
+            transfer(from, "container:/in/a.txt"),
+            NotCanonical,
+        ));
+    }
+    rows.push(case(
+        "dot segments in the destination",
+        public(),
+        Regex,
+        transfer("http://127.0.0.1:8080/public/a.txt", "container:/in/../etc/passwd"),
+        NotCanonical,
+    ));
+    rows.push(case(
+        "without a script section too",
+        Vec::new(),
+        Regex,
+        transfer("http://127.0.0.1:8080/public/../private", "container:/in/a"),
+        NotCanonical,
+    ));
+    check_table(rows);
+}
+
+/// `/bin/.*` must not admit `/bin/../tmp/evil`; an entry point with a space must not
+/// render like an entry point plus an argument; a relative path is never resolved.
+#[test]
+fn entry_points_are_gated_on_what_runs() {
+    use Match::{Regex, Strict};
+    let bin = || vec![s("run /bin/.*")];
+    check_table(vec![
+        case("an absolute path", bin(), Regex, run("/bin/date", &[]), Allow),
+        case("dot-dot", bin(), Regex, run("/bin/../tmp/evil", &[]), BadEntryPoint),
+        case("dot", bin(), Regex, run("/bin/./date", &[]), BadEntryPoint),
+        case("empty segment", bin(), Regex, run("/bin//date", &[]), BadEntryPoint),
+        case(
+            "a space renders like an argument",
+            vec![s("run /bin/echo hi")],
+            Strict,
+            run("/bin/echo hi", &[]),
+            BadEntryPoint,
+        ),
+        case(
+            "the same with the argument where it belongs",
+            vec![s("run /bin/echo hi")],
+            Strict,
+            run("/bin/echo", &["hi"]),
+            Allow,
+        ),
+        case(
+            "relative with a slash",
+            vec![s("run .*")],
+            Regex,
+            run("./evil", &[]),
+            BadEntryPoint,
+        ),
+        case(
+            "a bare name is looked up in the guest's fixed PATH",
+            vec![s("run date")],
+            Strict,
+            run("date", &[]),
+            Allow,
+        ),
+        case(
+            "without a script section too",
+            Vec::new(),
+            Regex,
+            run("/bin/../tmp/evil", &[]),
+            BadEntryPoint,
         ),
     ]);
 }
@@ -665,7 +768,7 @@ fn anchoring_prefix_infix_suffix_never_suffice() {
             vec![s("transfer http://a/x container:/in/x")],
             Regex,
             transfer("http://a/x", "container:/in/x/../../etc/shadow"),
-            NoMatch,
+            NotCanonical,
         ),
         case(
             "top-level alternation covers the whole string: first",
@@ -704,9 +807,9 @@ fn anchoring_prefix_infix_suffix_never_suffice() {
         ),
         case(
             "inner multi-line flag does not unanchor",
-            vec![s("run (?m)/bin/date$")],
+            vec![s("run (?m)/bin/echo x$")],
             Regex,
-            run("/bin/date\nreboot", &[]),
+            run("/bin/echo", &["x\nreboot"]),
             NoMatch,
         ),
         case(
@@ -718,9 +821,9 @@ fn anchoring_prefix_infix_suffix_never_suffice() {
         ),
         case(
             "$ is the end of the text, not of a line",
-            vec![s("run /bin/date")],
+            vec![s("run /bin/echo x")],
             Regex,
-            run("/bin/date\n", &[]),
+            run("/bin/echo", &["x\n"]),
             NoMatch,
         ),
     ]);
@@ -828,7 +931,7 @@ fn empty_script_allows_no_run_and_no_transfer() {
 fn without_a_script_everything_passes() {
     let gate = Gate::allow_all();
     assert_eq!(gate.check(&run("/bin/sh", &["-c", "reboot"])), Ok(()));
-    assert_eq!(gate.check(&transfer("/etc/shadow", "http://x")), Ok(()));
+    assert_eq!(gate.check(&transfer("/etc/shadow", "http://x/")), Ok(()));
 }
 
 #[test]
