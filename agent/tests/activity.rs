@@ -87,6 +87,9 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     std::fs::write(&ca_file, &ca_pem).unwrap();
 
     let image = std::fs::read(&env.image).unwrap();
+    // Served on loopback, which the operator opens below: a requestor's payload is fetched
+    // only over http(s) and under the same address policy as the job's egress.
+    let image_server = http_server(vec![("/image.tar".into(), image.clone())], None, None);
     let now = chrono::Utc::now();
     let manifest = json!({
         "version": "0.1.0",
@@ -95,7 +98,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         "metadata": {"name": "activity test", "version": "1.0.0"},
         "payload": [{
             "platform": {"arch": "x86_64", "os": "linux"},
-            "urls": [format!("file://{}", env.image.display())],
+            "urls": [format!("{}/image.tar", image_server.url())],
             "hash": format!("sha3:{}", hex_digest(MessageDigest::sha3_256(), &image)),
         }],
         "compManifest": {
@@ -107,7 +110,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
                     "run /bin/wget .*",
                     "run /bin/touch /tmp/.*",
                     "run /bin/cat /tmp/.*",
-                    "transfer https?://127\\.0\\.0\\.1:[0-9]+/.* container:/tmp/.*",
+                    "transfer https?://127\\.0\\.0\\.1:[0-9]+/allowed/.* container:/tmp/.*",
                 ],
                 "match": "regex",
             },
@@ -145,6 +148,8 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         transfer_ca_files: vec![ca_file.clone()],
         // The upstreams are on the host's loopback: the operator opens it for this test.
         addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        max_image_bytes: 64 << 20,
+        image_disk_reserve: 0,
         limits: Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -365,6 +370,25 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     assert_eq!(why.code, "transfer-failed", "{why:?}");
     assert!(why.message.contains("TLS"), "{why:?}");
 
+    // The manifest's `net` allows the whole TLS upstream, so only the script constraint
+    // (`…/allowed/.*`) keeps its other paths out: what the URL parser would fetch for these
+    // lies outside `/allowed/`, and the gate refuses them before anything is fetched.
+    for (id, from) in [
+        ("t5", format!("https://127.0.0.1:{tls_port}/allowed/../secret.bin")),
+        ("t6", format!("https://127.0.0.1:{tls_port}/allowed/%2e%2e/secret.bin")),
+        ("t7", format!("https://127.0.0.1:{tls_port}/allowed/..\\secret.bin")),
+    ] {
+        let r = exec(
+            &job,
+            id,
+            json!([{"transfer": {"from": from, "to": "container:/tmp/secret.bin"}}]),
+        );
+        assert_eq!(r[0].outcome, Outcome::Denied, "{from}: {}", summary(&r[0]));
+        let why = r[0].reason.as_ref().unwrap();
+        assert_eq!(why.code, "transfer-not-canonical", "{from}: {why:?}");
+    }
+    assert_eq!(tls_hits.load(Ordering::SeqCst), 1, "a refused transfer was fetched");
+
     // Sixteen guest connections at once through the bridge. Small answers: data into the
     // guest crosses its emulated UART at tens of KiB/s under TCG.
     let many = format!(
@@ -582,7 +606,10 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         max_output_bytes: 4096,
         max_transfer_bytes: 1 << 20,
         transfer_ca_files: Vec::new(),
-        addresses: AddressPolicy::new(Vec::new()),
+        // The tests serve images on loopback; the operator opens it.
+        addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        max_image_bytes: 64 << 20,
+        image_disk_reserve: 0,
         limits: Limits::default(),
     }
 }
@@ -596,7 +623,8 @@ fn a_job_is_refused_before_boot_for_what_fails_closed() {
     let image = dir.path().join("image.tar");
     std::fs::write(&image, b"an image that is never unpacked").unwrap();
     let bytes = std::fs::read(&image).unwrap();
-    let url = format!("file://{}", image.display());
+    let server = http_server(vec![("/image.tar".into(), bytes.clone())], None, None);
+    let url = format!("{}/image.tar", server.url());
     let config = config_for(
         Backend::Qemu(QemuOptions {
             binary: dir.path().join("no-qemu"),
@@ -612,11 +640,12 @@ fn a_job_is_refused_before_boot_for_what_fails_closed() {
         .build()
         .unwrap();
     let audit = Arc::new(AuditLog::memory());
-    let start = |spec: JobSpec| {
-        Job::start(spec, &config, &data, audit.clone(), rt.handle().clone())
+    let start_with = |spec: JobSpec, config: &JobConfig| {
+        Job::start(spec, config, &data, audit.clone(), rt.handle().clone())
             .err()
             .expect("the job must not start")
     };
+    let start = |spec: JobSpec| start_with(spec, &config);
     let good = manifest_for(&url, &bytes, json!({"commands": ["run /bin/echo hi"]}));
     let hour = chrono::Duration::hours(1);
 
@@ -654,6 +683,44 @@ fn a_job_is_refused_before_boot_for_what_fails_closed() {
     wrong["payload"][0]["hash"] = json!(format!("sha3:{}", "ab".repeat(32)));
     let e = start(spec_for("wrong-hash", &wrong, hour));
     assert!(e.to_string().contains("hash mismatch"), "{e}");
+    assert_eq!(e.public_reason().code, "payload-hash-mismatch");
+
+    // The host never reads its own files for a requestor, nor says whether they exist.
+    let requests = server.paths().len();
+    let dir_text = dir.path().display().to_string();
+    for (id, file_url) in [
+        ("file-image", format!("file://{}", image.display())),
+        ("dev-zero", "file:///dev/zero".to_owned()),
+        ("missing-file", format!("file://{}/nothing-here", dir_text)),
+    ] {
+        let m = manifest_for(&file_url, &bytes, json!({"commands": []}));
+        let e = start(spec_for(id, &m, hour));
+        let reason = e.public_reason();
+        assert_eq!(reason.code, "payload-url-refused", "{id}: {e}");
+        assert!(!reason.message.contains("No such file"), "{id}: {reason:?}");
+    }
+    // Nor fetches from its own loopback unless the operator opened it (`--allow-cidr`).
+    let mut closed_config = config.clone();
+    closed_config.addresses = AddressPolicy::new(Vec::new());
+    let e = start_with(spec_for("loopback", &good, hour), &closed_config);
+    let reason = e.public_reason();
+    assert_eq!(reason.code, "payload-url-refused", "{e}");
+    assert_eq!(server.paths().len(), requests, "a refused image fetch reached the server");
+    // A port nothing listens on and a refusal by policy read the same to the requestor.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let m = manifest_for(&format!("http://127.0.0.1:{closed}/image.tar"), &bytes, json!({"commands": []}));
+    let reason = start(spec_for("closed-port", &m, hour)).public_reason();
+    assert_eq!(reason.code, "payload-fetch-failed", "{reason:?}");
+    assert!(!reason.message.to_lowercase().contains("refused"), "{reason:?}");
+    // An image beyond the operator's limit is cut off while it streams.
+    let mut small = config.clone();
+    small.max_image_bytes = 10;
+    let reason = start_with(spec_for("too-large", &good, hour), &small).public_reason();
+    assert_eq!(reason.code, "payload-too-large", "{reason:?}");
+    for entry in std::fs::read_dir(dir.path().join("data/images")).unwrap() {
+        let entry = entry.unwrap();
+        assert!(entry.file_type().unwrap().is_dir(), "left in the store: {entry:?}");
+    }
 
     assert!(
         !dir.path().join("data/jobs").exists()
@@ -673,8 +740,9 @@ fn a_command_times_out_and_a_dropped_job_leaves_no_vm() {
     let data_dir = tempfile::tempdir().unwrap();
     let data = DataDir::new(data_dir.path());
     let image = std::fs::read(&env.image).unwrap();
+    let server = http_server(vec![("/image.tar".into(), image.clone())], None, None);
     let manifest = manifest_for(
-        &format!("file://{}", env.image.display()),
+        &format!("{}/image.tar", server.url()),
         &image,
         json!({"commands": ["run /bin/sh -c .*", "run /bin/echo .*"], "match": "regex"}),
     );

@@ -45,6 +45,7 @@ pub enum Code {
     ConstraintsUnmet,
     PlatformUnsupported,
     NodeIdMismatch,
+    PayloadUrlRefused,
 }
 
 impl Code {
@@ -68,6 +69,7 @@ impl Code {
             Code::ConstraintsUnmet => "constraints-unmet",
             Code::PlatformUnsupported => "platform-unsupported",
             Code::NodeIdMismatch => "node-id-mismatch",
+            Code::PayloadUrlRefused => "payload-url-refused",
         }
     }
 }
@@ -265,6 +267,22 @@ impl Judge {
                                 offered.join(", ")
                             ),
                         ));
+                    }
+                    // The host fetches payloads for the requestor: never its own files.
+                    for (i, p) in m.manifest.payload.iter().enumerate() {
+                        for (j, u) in p.urls.iter().enumerate() {
+                            let scheme = u.split_once(':').map_or("", |(s, _)| s);
+                            if !scheme.eq_ignore_ascii_case("http")
+                                && !scheme.eq_ignore_ascii_case("https")
+                            {
+                                reasons.push(Reason::new(
+                                    Code::PayloadUrlRefused,
+                                    format!(
+                                        "payload[{i}].urls[{j}] `{u}`: a payload is fetched only over http or https (`{scheme}:` is not fetched for requestors)"
+                                    ),
+                                ));
+                            }
+                        }
                     }
                     if let Err(e) = &parsed.script {
                         reasons.push(Reason::new(Code::ScriptInvalid, e.clone()));

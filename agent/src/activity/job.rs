@@ -16,6 +16,7 @@ use crate::egress::{AuditLog, EgressPolicy, Proxy};
 use crate::net::wire::{CommandResult, Outcome, Reason};
 use crate::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
 use crate::store::DataDir;
+use crate::vm::fetch::FetchLimits;
 use crate::vm::image::{self, ImageStore};
 use crate::vm::{self, initramfs, MachineSpec, RunSpec, Vm};
 
@@ -128,7 +129,14 @@ impl Job {
         let tls = transfer::tls_connector(&config.transfer_ca_files)
             .map_err(ActivityError::TransferTls)?;
         let payload = image::select_payload(&manifest, &policies::Platform::host())?;
-        let mut store = ImageStore::new(data);
+        let mut store = ImageStore::for_requestor(
+            data,
+            FetchLimits {
+                addresses: config.addresses.clone(),
+                max_bytes: config.max_image_bytes,
+                disk_reserve: config.image_disk_reserve,
+            },
+        );
         store.progress = false;
         let image = store.fetch_payload(payload)?;
 

@@ -58,8 +58,13 @@ pub struct JobConfig {
     /// Trust anchors for `https://` transfers beside the system's (PEM files), e.g. an
     /// internal mirror's CA.
     pub transfer_ca_files: Vec<PathBuf>,
-    /// Address ranges the operator opens to payloads (`--allow-cidr`).
+    /// Address ranges the operator opens to payloads (`--allow-cidr`), for their egress and
+    /// for the fetch of their images alike.
     pub addresses: AddressPolicy,
+    /// Largest payload image fetched for a requestor (`max_image_size`).
+    pub max_image_bytes: u64,
+    /// Free disk an image fetch must leave in the data dir (`image_disk_reserve`).
+    pub image_disk_reserve: u64,
     /// Bounds on the job's egress proxy.
     pub limits: Limits,
 }
@@ -114,4 +119,30 @@ pub enum ActivityError {
     Stopped(String),
     #[error("the job's VM is gone ({0}); terminate the activity for its receipt")]
     VmGone(String),
+}
+
+impl ActivityError {
+    /// What the requestor is told when a job cannot start: a stable code and a message
+    /// without the provider's paths or socket errors (the audit log keeps the whole error).
+    pub fn public_reason(&self) -> crate::net::wire::Reason {
+        use crate::net::wire::Reason;
+        match self {
+            ActivityError::Image(e) => Reason::new(e.code(), e.public_message()),
+            ActivityError::Manifest(e) => Reason::new("manifest-invalid", e.to_string()),
+            ActivityError::Script(e) => Reason::new("script-invalid", e.to_string()),
+            ActivityError::Expired(_) => Reason::new("agreement-expired", self.to_string()),
+            ActivityError::BadActivityId(_) => Reason::new("job-start-failed", self.to_string()),
+            ActivityError::Initramfs(crate::vm::initramfs::InitramfsError::Image(e)) => {
+                Reason::new(e.code(), e.public_message())
+            }
+            ActivityError::Vm(_) => Reason::new(
+                "job-start-failed",
+                "the job's VM did not start (the provider's log has the cause)",
+            ),
+            _ => Reason::new(
+                "job-start-failed",
+                "the provider could not prepare the job (its log has the cause)",
+            ),
+        }
+    }
 }

@@ -35,6 +35,10 @@ pub struct ConfigFile {
     pub max_output: Option<String>,
     /// Largest file one `transfer` may move, e.g. `1G`.
     pub max_transfer: Option<String>,
+    /// Largest payload image fetched for a requestor, e.g. `4G`.
+    pub max_image_size: Option<String>,
+    /// Free disk an image fetch must leave in the data dir, e.g. `1G`.
+    pub image_disk_reserve: Option<String>,
     pub agreement_ttl: Option<String>,
     pub proposal_ttl: Option<String>,
     /// Open proposals one requestor peer may hold.
@@ -59,6 +63,8 @@ pub struct DaemonConfig {
     pub boot_timeout: Duration,
     pub max_output_bytes: u64,
     pub max_transfer_bytes: u64,
+    pub max_image_bytes: u64,
+    pub image_disk_reserve: u64,
     pub agreement_ttl: Duration,
     pub proposal_ttl: Duration,
     pub max_proposals_per_peer: usize,
@@ -83,6 +89,8 @@ impl Default for DaemonConfig {
             boot_timeout: Duration::from_secs(120),
             max_output_bytes: 1024 * 1024,
             max_transfer_bytes: 1024 * 1024 * 1024,
+            max_image_bytes: 4 << 30,
+            image_disk_reserve: 1 << 30,
             agreement_ttl: Duration::from_secs(3600),
             proposal_ttl: Duration::from_secs(60),
             max_proposals_per_peer: 100,
@@ -176,6 +184,14 @@ impl DaemonConfig {
         if let Some(v) = file.max_transfer {
             cfg.max_transfer_bytes =
                 crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_transfer", e))?;
+        }
+        if let Some(v) = file.max_image_size {
+            cfg.max_image_bytes =
+                crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_image_size", e))?;
+        }
+        if let Some(v) = file.image_disk_reserve {
+            cfg.image_disk_reserve =
+                crate::cli::egress::parse_bytes(&v).map_err(|e| at("image_disk_reserve", e))?;
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =

@@ -278,7 +278,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
         }
         slots.insert(activity_id.clone(), None);
     }
-    let (ready_tx, ready_rx) = oneshot::channel::<Result<JobStopper, String>>();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<JobStopper, Reason>>();
     let (tx, rx) = std::sync::mpsc::channel();
     let spec = JobSpec {
         activity_id: activity_id.clone(),
@@ -319,9 +319,9 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
             );
             ActivityResponse::Created { activity_id }
         }
-        Ok(Err(e)) => {
+        Ok(Err(reason)) => {
             shared.jobs.lock().remove(&activity_id);
-            error("job-start-failed", e)
+            ActivityResponse::Error { reason }
         }
         Err(_) => {
             shared.jobs.lock().remove(&activity_id);
@@ -349,6 +349,8 @@ fn job_config(shared: &Shared, runtime: Runtime) -> JobConfig {
         // extra CAs.
         transfer_ca_files: Vec::new(),
         addresses: crate::egress::AddressPolicy::new(c.allow_cidr.clone()),
+        max_image_bytes: c.max_image_bytes,
+        image_disk_reserve: c.image_disk_reserve,
         limits: crate::egress::Limits::default(),
     }
 }
@@ -359,7 +361,7 @@ fn job_thread(
     spec: JobSpec,
     cfg: JobConfig,
     rt: tokio::runtime::Handle,
-    ready: oneshot::Sender<Result<JobStopper, String>>,
+    ready: oneshot::Sender<Result<JobStopper, Reason>>,
     rx: std::sync::mpsc::Receiver<JobCmd>,
 ) {
     let activity_id = spec.activity_id.clone();
@@ -367,15 +369,18 @@ fn job_thread(
     let job = match Job::start(spec, &cfg, &shared.data, shared.audit.clone(), rt) {
         Ok(job) => job,
         Err(e) => {
-            let message = format!("{e:#}");
+            let reason = e.public_reason();
+            // The operator's audit line has the whole error; the requestor gets the code
+            // and a message without the host's paths or socket errors.
             shared.audit.write_event(&json!({
                 "time": crate::egress::audit::now(),
                 "event": "activity-failed",
                 "activity_id": activity_id,
                 "agreement_id": agreement_id,
-                "error": message,
+                "code": reason.code,
+                "error": format!("{e:#}"),
             }));
-            let _ = ready.send(Err(message));
+            let _ = ready.send(Err(reason));
             return;
         }
     };

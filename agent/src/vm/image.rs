@@ -1,7 +1,8 @@
-//! Payload images: fetch (`http(s)://`, `file://`, a local path), verify the manifest's
-//! `sha3:` hash before anything uses the bytes, store by hash in the data dir's `images/`,
-//! and read rootfs tarballs (`.tar`, `.tar.gz`) entry by entry with the guards that keep
-//! every entry inside the root.
+//! Payload images: fetch (for a requestor only `http(s)://` under [`FetchLimits`], see
+//! [`super::fetch`]; for the operator's own `provider vm run` also `file://` and a local
+//! path), verify the manifest's `sha3:` hash before anything uses the bytes, store by hash
+//! in the data dir's `images/`, and read rootfs tarballs (`.tar`, `.tar.gz`) entry by entry
+//! with the guards that keep every entry inside the root.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -12,6 +13,7 @@ use openssl::hash::{Hasher, MessageDigest};
 use policies::manifest::{Payload, PayloadHash, Sha3};
 use policies::{Platform, ReceivedManifest};
 
+use super::fetch::{self, FetchLimits};
 use crate::store::DataDir;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,21 @@ pub enum ImageError {
     },
     #[error("fetch {url}: {message}")]
     Fetch { url: String, message: String },
+    #[error("payload-url-refused: {url}: {why}")]
+    UrlRefused { url: String, why: String },
+    #[error("payload-too-large: {url} is larger than {limit} bytes, {why}")]
+    TooLarge {
+        url: String,
+        limit: u64,
+        why: &'static str,
+    },
+    /// Writing a requestor's image into the store failed; the cause is in the operator's
+    /// log, not in what the requestor is told.
+    #[error("the provider could not store the image")]
+    Store,
+    /// Every URL of the payload failed, each for its reason.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Several(Vec<ImageError>),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -42,6 +59,42 @@ pub enum ImageError {
     UnsafeEntry { entry: String, reason: String },
     #[error("image {path}: {message}")]
     Format { path: PathBuf, message: String },
+}
+
+impl ImageError {
+    /// The stable code a requestor is told (docs/verdicts.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImageError::PlatformUnsupported { .. } => "platform-unsupported",
+            ImageError::BadHash(_) => "manifest-invalid",
+            ImageError::HashMismatch { .. } => "payload-hash-mismatch",
+            ImageError::Fetch { .. } => "payload-fetch-failed",
+            ImageError::UrlRefused { .. } => "payload-url-refused",
+            ImageError::TooLarge { .. } => "payload-too-large",
+            ImageError::Io { .. } | ImageError::Store => "payload-store-failed",
+            ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => "payload-image-invalid",
+            ImageError::Several(all) => match all.first().map(ImageError::code) {
+                Some(first) if all.iter().all(|e| e.code() == first) => first,
+                _ => "payload-fetch-failed",
+            },
+        }
+    }
+
+    /// What a requestor is told: the operator's file system paths and errors stay out.
+    pub fn public_message(&self) -> String {
+        match self {
+            ImageError::Io { .. } | ImageError::Store => {
+                "the provider could not store the image (its operator's log has the cause)".into()
+            }
+            ImageError::Format { .. } => "the image is not a readable rootfs tarball".into(),
+            ImageError::Several(all) => all
+                .iter()
+                .map(|e| e.public_message())
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => other.to_string(),
+        }
+    }
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
@@ -114,13 +167,26 @@ pub struct ImageStore {
     dir: PathBuf,
     /// Show a progress bar on stderr for downloads (hidden when stderr is not a terminal).
     pub progress: bool,
+    /// `None`: the operator's own fetch (`provider vm run`): local paths, `file://`, any
+    /// address. `Some`: a requestor's manifest, fetched under these limits.
+    requestor: Option<FetchLimits>,
 }
 
 impl ImageStore {
+    /// The store for the operator's own commands.
     pub fn new(data: &DataDir) -> Self {
         Self {
             dir: data.root().join("images"),
             progress: true,
+            requestor: None,
+        }
+    }
+
+    /// The store for a requestor's payloads: only `http(s)`, under `limits`.
+    pub fn for_requestor(data: &DataDir, limits: FetchLimits) -> Self {
+        Self {
+            requestor: Some(limits),
+            ..Self::new(data)
         }
     }
 
@@ -149,14 +215,7 @@ impl ImageStore {
                 message: "the payload lists no URL".into(),
             }),
             1 => Err(errors.remove(0)),
-            _ => Err(ImageError::Fetch {
-                url: payload.urls.join(", "),
-                message: errors
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            }),
+            _ => Err(ImageError::Several(errors)),
         }
     }
 
@@ -179,6 +238,10 @@ impl ImageStore {
                 });
             }
         }
+        let requestor_url = match &self.requestor {
+            Some(_) => Some(fetch::requestor_url(source)?),
+            None => None,
+        };
         let alg = expected.map(|h| h.algorithm).unwrap_or(Sha3::Sha3_256);
         fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
         let tmp = tempfile::Builder::new()
@@ -193,7 +256,27 @@ impl ImageStore {
             })?,
             bytes: 0,
         };
-        self.copy_source(source, &mut sink)?;
+        match (&self.requestor, requestor_url) {
+            (Some(limits), Some(url)) => {
+                let cap = limits.cap(fs4::available_space(&self.dir).ok());
+                let bar = self.progress_bar();
+                let mut progress = |len: Option<u64>, n: u64| {
+                    if let Some(b) = &bar {
+                        if n == 0 {
+                            if let Some(len) = len {
+                                b.set_length(len);
+                            }
+                        }
+                        b.inc(n);
+                    }
+                };
+                fetch::fetch(url, limits, cap, &mut sink, &mut progress)?;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+            }
+            _ => self.copy_source(source, &mut sink)?,
+        }
         sink.inner.flush().map_err(io_err("write", tmp.path()))?;
         let actual = hex(&sink.hasher.finish().map_err(|e| ImageError::Format {
             path: tmp.path().to_owned(),
@@ -277,22 +360,10 @@ impl ImageStore {
         if !status.is_success() {
             return Err(fetch_err(format!("HTTP {status}")));
         }
-        let bar = if self.progress {
-            let bar = match resp.content_length() {
-                Some(n) => indicatif::ProgressBar::new(n),
-                None => indicatif::ProgressBar::new_spinner(),
-            };
-            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
-            ) {
-                bar.set_style(style);
-            }
-            bar.set_message("fetching image");
-            Some(bar)
-        } else {
-            None
-        };
+        let bar = self.progress_bar();
+        if let (Some(b), Some(n)) = (&bar, resp.content_length()) {
+            b.set_length(n);
+        }
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match resp.read(&mut buf) {
@@ -314,18 +385,24 @@ impl ImageStore {
     }
 }
 
-/// `reqwest` hides the cause (connection refused, DNS) in its source chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
+use fetch::error_chain;
+
+impl ImageStore {
+    /// A download's progress on stderr (hidden when stderr is not a terminal).
+    fn progress_bar(&self) -> Option<indicatif::ProgressBar> {
+        if !self.progress {
+            return None;
         }
-        cur = s.source();
+        let bar = indicatif::ProgressBar::no_length();
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+        {
+            bar.set_style(style);
+        }
+        bar.set_message("fetching image");
+        Some(bar)
     }
-    parts.join(": ")
 }
 
 struct HashingWriter<W: Write> {
@@ -666,6 +743,7 @@ mod tests {
         let store = ImageStore {
             dir: dir.path().join("images"),
             progress: false,
+            requestor: None,
         };
         let src = dir.path().join("img.tar");
         fs::write(&src, b"some image bytes").unwrap();
@@ -701,6 +779,7 @@ mod tests {
         let store = ImageStore {
             dir: dir.path().join("images"),
             progress: false,
+            requestor: None,
         };
         let src = dir.path().join("abc");
         fs::write(&src, b"abc").unwrap();

@@ -8,6 +8,7 @@
 //! `spec.console_log` and hands over the host end of the guest's `ttyS1` as a connected
 //! [`UnixStream`]. Everything above (the channel, [`Vm`]) works on that stream alone.
 
+pub mod fetch;
 pub mod host;
 pub mod image;
 pub mod initramfs;

@@ -264,6 +264,27 @@ fn platform_unsupported() {
     assert!(v.reasons[0].message.contains("x86_64/linux"), "{v:?}");
 }
 
+/// The provider's host fetches payloads for the requestor, so a manifest may not point it
+/// at its own files (`file:///etc/…`, `file:///dev/zero`) or at anything but http(s).
+#[test]
+fn payload_urls_other_than_http_and_https_are_refused() {
+    let j = judge(Rules::default(), &Whitelist::default(), &[]);
+    for url in ["file:///dev/zero", "FILE:///etc/hostname", "oci://registry/app:1"] {
+        let mut m = manifest(&[]);
+        m["payload"][0]["urls"] = serde_json::json!(["https://images.example.com/a.tar", url]);
+        let m = b64(m.to_string().as_bytes());
+        let v = j.judge(
+            &Demand {
+                manifest_base64: Some(&m),
+                ..Default::default()
+            },
+            Utc::now(),
+        );
+        assert_eq!(codes(&v), ["payload-url-refused"], "{url}");
+        assert!(v.reasons[0].message.contains("payload[0].urls[1]"), "{v:?}");
+    }
+}
+
 #[test]
 fn script_with_a_broken_regex_is_rejected_at_negotiation() {
     let j = judge(Rules::default(), &Whitelist::default(), &[]);
