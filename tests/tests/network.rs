@@ -137,6 +137,12 @@ fn every_reject_reaches_the_requestor_with_its_code() {
         "manifest-expired",
     );
 
+    // A payload the provider's host would fetch from its own files.
+    let mut local = manifest(&[]);
+    local["payload"][0]["urls"] = serde_json::json!(["file:///etc/hostname"]);
+    let r = submit(&s, &d, "local", &local, &[]);
+    assert_rejected(&r, "payload-url-refused");
+
     // The demand's constraints over the offer cannot be met.
     let r = submit(
         &s,
@@ -177,6 +183,7 @@ fn every_reject_reaches_the_requestor_with_its_code() {
         "cert-chain-untrusted",
         "signature-invalid",
         "manifest-expired",
+        "payload-url-refused",
         "constraints-unmet",
         "url-not-whitelisted",
         "blacklisted",
