@@ -374,9 +374,18 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
     // (`…/allowed/.*`) keeps its other paths out: what the URL parser would fetch for these
     // lies outside `/allowed/`, and the gate refuses them before anything is fetched.
     for (id, from) in [
-        ("t5", format!("https://127.0.0.1:{tls_port}/allowed/../secret.bin")),
-        ("t6", format!("https://127.0.0.1:{tls_port}/allowed/%2e%2e/secret.bin")),
-        ("t7", format!("https://127.0.0.1:{tls_port}/allowed/..\\secret.bin")),
+        (
+            "t5",
+            format!("https://127.0.0.1:{tls_port}/allowed/../secret.bin"),
+        ),
+        (
+            "t6",
+            format!("https://127.0.0.1:{tls_port}/allowed/%2e%2e/secret.bin"),
+        ),
+        (
+            "t7",
+            format!("https://127.0.0.1:{tls_port}/allowed/..\\secret.bin"),
+        ),
     ] {
         let r = exec(
             &job,
@@ -387,7 +396,11 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         let why = r[0].reason.as_ref().unwrap();
         assert_eq!(why.code, "transfer-not-canonical", "{from}: {why:?}");
     }
-    assert_eq!(tls_hits.load(Ordering::SeqCst), 1, "a refused transfer was fetched");
+    assert_eq!(
+        tls_hits.load(Ordering::SeqCst),
+        1,
+        "a refused transfer was fetched"
+    );
 
     // Sixteen guest connections at once through the bridge. Small answers: data into the
     // guest crosses its emulated UART at tens of KiB/s under TCG.
@@ -705,13 +718,28 @@ fn a_job_is_refused_before_boot_for_what_fails_closed() {
     let e = start_with(spec_for("loopback", &good, hour), &closed_config);
     let reason = e.public_reason();
     assert_eq!(reason.code, "payload-url-refused", "{e}");
-    assert_eq!(server.paths().len(), requests, "a refused image fetch reached the server");
+    assert_eq!(
+        server.paths().len(),
+        requests,
+        "a refused image fetch reached the server"
+    );
     // A port nothing listens on and a refusal by policy read the same to the requestor.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let m = manifest_for(&format!("http://127.0.0.1:{closed}/image.tar"), &bytes, json!({"commands": []}));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let m = manifest_for(
+        &format!("http://127.0.0.1:{closed}/image.tar"),
+        &bytes,
+        json!({"commands": []}),
+    );
     let reason = start(spec_for("closed-port", &m, hour)).public_reason();
     assert_eq!(reason.code, "payload-fetch-failed", "{reason:?}");
-    assert!(!reason.message.to_lowercase().contains("refused"), "{reason:?}");
+    assert!(
+        !reason.message.to_lowercase().contains("refused"),
+        "{reason:?}"
+    );
     // An image beyond the operator's limit is cut off while it streams.
     let mut small = config.clone();
     small.max_image_bytes = 10;
@@ -719,7 +747,10 @@ fn a_job_is_refused_before_boot_for_what_fails_closed() {
     assert_eq!(reason.code, "payload-too-large", "{reason:?}");
     for entry in std::fs::read_dir(dir.path().join("data/images")).unwrap() {
         let entry = entry.unwrap();
-        assert!(entry.file_type().unwrap().is_dir(), "left in the store: {entry:?}");
+        assert!(
+            entry.file_type().unwrap().is_dir(),
+            "left in the store: {entry:?}"
+        );
     }
 
     assert!(

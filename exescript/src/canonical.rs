@@ -56,7 +56,10 @@ fn encoded_separator(path: &str) -> Option<&str> {
             j += 2;
         }
         let pair = (lower(j), lower(j + 1));
-        if matches!(pair, (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c'))) {
+        if matches!(
+            pair,
+            (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c'))
+        ) {
             return Some(&path[start..j + 2]);
         }
     }

@@ -618,7 +618,11 @@ fn transfers() {
 #[test]
 fn transfers_are_gated_on_their_canonical_text() {
     use Match::Regex;
-    let public = || vec![s(r"transfer http://127\.0\.0\.1:8080/public/.* container:/in/.*")];
+    let public = || {
+        vec![s(
+            r"transfer http://127\.0\.0\.1:8080/public/.* container:/in/.*",
+        )]
+    };
     let mut rows = vec![case(
         "a canonical URL under the prefix",
         public(),
@@ -627,12 +631,30 @@ fn transfers_are_gated_on_their_canonical_text() {
         Allow,
     )];
     for (name, from) in [
-        ("dot segments", "http://127.0.0.1:8080/public/../private/secret.txt"),
-        ("encoded dot segments", "http://127.0.0.1:8080/public/%2e%2e/private/secret.txt"),
-        ("backslashes", "http://127.0.0.1:8080/public/..\\private\\secret.txt"),
-        ("an encoded slash", "http://127.0.0.1:8080/public/..%2Fprivate/secret.txt"),
-        ("double encoding", "http://127.0.0.1:8080/public/%252e%252e/private/secret.txt"),
-        ("a single dot segment", "http://127.0.0.1:8080/public/./a.txt"),
+        (
+            "dot segments",
+            "http://127.0.0.1:8080/public/../private/secret.txt",
+        ),
+        (
+            "encoded dot segments",
+            "http://127.0.0.1:8080/public/%2e%2e/private/secret.txt",
+        ),
+        (
+            "backslashes",
+            "http://127.0.0.1:8080/public/..\\private\\secret.txt",
+        ),
+        (
+            "an encoded slash",
+            "http://127.0.0.1:8080/public/..%2Fprivate/secret.txt",
+        ),
+        (
+            "double encoding",
+            "http://127.0.0.1:8080/public/%252e%252e/private/secret.txt",
+        ),
+        (
+            "a single dot segment",
+            "http://127.0.0.1:8080/public/./a.txt",
+        ),
     ] {
         rows.push(case(
             name,
@@ -646,7 +668,10 @@ fn transfers_are_gated_on_their_canonical_text() {
         "dot segments in the destination",
         public(),
         Regex,
-        transfer("http://127.0.0.1:8080/public/a.txt", "container:/in/../etc/passwd"),
+        transfer(
+            "http://127.0.0.1:8080/public/a.txt",
+            "container:/in/../etc/passwd",
+        ),
         NotCanonical,
     ));
     rows.push(case(
@@ -666,10 +691,28 @@ fn entry_points_are_gated_on_what_runs() {
     use Match::{Regex, Strict};
     let bin = || vec![s("run /bin/.*")];
     check_table(vec![
-        case("an absolute path", bin(), Regex, run("/bin/date", &[]), Allow),
-        case("dot-dot", bin(), Regex, run("/bin/../tmp/evil", &[]), BadEntryPoint),
+        case(
+            "an absolute path",
+            bin(),
+            Regex,
+            run("/bin/date", &[]),
+            Allow,
+        ),
+        case(
+            "dot-dot",
+            bin(),
+            Regex,
+            run("/bin/../tmp/evil", &[]),
+            BadEntryPoint,
+        ),
         case("dot", bin(), Regex, run("/bin/./date", &[]), BadEntryPoint),
-        case("empty segment", bin(), Regex, run("/bin//date", &[]), BadEntryPoint),
+        case(
+            "empty segment",
+            bin(),
+            Regex,
+            run("/bin//date", &[]),
+            BadEntryPoint,
+        ),
         case(
             "a space renders like an argument",
             vec![s("run /bin/echo hi")],

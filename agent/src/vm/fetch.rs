@@ -136,7 +136,10 @@ fn checked_addrs(url: &Url, policy: &AddressPolicy) -> Result<Vec<SocketAddr>, I
             return Err(not_public());
         }
     }
-    Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect())
+    Ok(ips
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect())
 }
 
 /// Streams `url` into `sink` under `limits`, at most `cap` bytes, following checked
@@ -170,7 +173,10 @@ pub(crate) fn fetch(
             }
         };
         let client = builder.build().map_err(|e| failed(&url, &e))?;
-        let mut resp = client.get(url.clone()).send().map_err(|e| failed(&url, &e))?;
+        let mut resp = client
+            .get(url.clone())
+            .send()
+            .map_err(|e| failed(&url, &e))?;
         let status = resp.status();
         if status.is_redirection() {
             let Some(location) = resp
@@ -269,7 +275,10 @@ mod tests {
 
     /// A server on `ip` answering every request with `respond(path)`'s raw bytes, then
     /// closing; counts connections.
-    fn server(ip: &str, respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> (u16, Arc<AtomicUsize>) {
+    fn server(
+        ip: &str,
+        respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+    ) -> (u16, Arc<AtomicUsize>) {
         let listener = TcpListener::bind((ip, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -333,7 +342,13 @@ mod tests {
 
     #[test]
     fn only_http_and_https_are_fetched_for_requestors() {
-        for url in ["file:///dev/zero", "file:///etc/hostname", "ftp://example.com/x", "/etc/passwd", "oci://r/x"] {
+        for url in [
+            "file:///dev/zero",
+            "file:///etc/hostname",
+            "ftp://example.com/x",
+            "/etc/passwd",
+            "oci://r/x",
+        ] {
             let e = requestor_url(url).unwrap_err();
             assert_eq!(e.code(), "payload-url-refused", "{url}: {e}");
         }
@@ -356,7 +371,10 @@ mod tests {
             assert!(!e.to_string().contains("127.0.0.1 is"), "{e}");
         }
         assert_eq!(hits.load(Ordering::SeqCst), 0, "a refused fetch connected");
-        assert_eq!(get(&url, &limits(&["127.0.0.0/8"]), 1 << 20).unwrap(), b"image");
+        assert_eq!(
+            get(&url, &limits(&["127.0.0.0/8"]), 1 << 20).unwrap(),
+            b"image"
+        );
     }
 
     #[test]
@@ -369,7 +387,11 @@ mod tests {
             "/loop" => redirect("/loop"),
             p if p.starts_with("/hop/") => {
                 let n: usize = p[5..].parse().unwrap();
-                if n == 0 { ok(b"image") } else { redirect(&format!("/hop/{}", n - 1)) }
+                if n == 0 {
+                    ok(b"image")
+                } else {
+                    redirect(&format!("/hop/{}", n - 1))
+                }
             }
             _ => ok(b"image"),
         });
@@ -383,7 +405,10 @@ mod tests {
         let e = get(&format!("{base}/loop"), &open, 1 << 20).unwrap_err();
         assert_eq!(e.code(), "payload-url-refused", "{e}");
         assert!(e.to_string().contains("redirects"), "{e}");
-        assert_eq!(get(&format!("{base}/hop/{MAX_REDIRECTS}"), &open, 1 << 20).unwrap(), b"image");
+        assert_eq!(
+            get(&format!("{base}/hop/{MAX_REDIRECTS}"), &open, 1 << 20).unwrap(),
+            b"image"
+        );
         let e = get(&format!("{base}/hop/{}", MAX_REDIRECTS + 1), &open, 1 << 20).unwrap_err();
         assert_eq!(e.code(), "payload-url-refused", "{e}");
     }
@@ -412,7 +437,11 @@ mod tests {
     fn socket_errors_do_not_tell_refused_from_reset() {
         let open = limits(&["127.0.0.0/8"]);
         // A port with nothing listening, and a server that closes without answering.
-        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let (reset, _) = server("127.0.0.1", |_| Vec::new());
         let a = get(&format!("http://127.0.0.1:{closed}/x"), &open, 100).unwrap_err();
         let b = get(&format!("http://127.0.0.1:{reset}/x"), &open, 100).unwrap_err();

@@ -395,9 +395,9 @@ impl ImageStore {
         }
         let bar = indicatif::ProgressBar::no_length();
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
-        {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
             bar.set_style(style);
         }
         bar.set_message("fetching image");

@@ -269,7 +269,11 @@ fn platform_unsupported() {
 #[test]
 fn payload_urls_other_than_http_and_https_are_refused() {
     let j = judge(Rules::default(), &Whitelist::default(), &[]);
-    for url in ["file:///dev/zero", "FILE:///etc/hostname", "oci://registry/app:1"] {
+    for url in [
+        "file:///dev/zero",
+        "FILE:///etc/hostname",
+        "oci://registry/app:1",
+    ] {
         let mut m = manifest(&[]);
         m["payload"][0]["urls"] = serde_json::json!(["https://images.example.com/a.tar", url]);
         let m = b64(m.to_string().as_bytes());
