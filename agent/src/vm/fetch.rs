@@ -49,6 +49,21 @@ impl Default for FetchLimits {
     }
 }
 
+impl FetchLimits {
+    /// The operator's own `provider vm run --image http…`: any address (a local mirror is
+    /// the operator's business) and no size limit beyond the free disk.
+    pub fn operator() -> Self {
+        Self {
+            addresses: AddressPolicy::new(vec![
+                crate::egress::Cidr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+                crate::egress::Cidr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
+            ]),
+            max_bytes: u64::MAX,
+            disk_reserve: 0,
+        }
+    }
+}
+
 /// The byte limit of one fetch and which setting set it, for the refusal.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Cap {
@@ -251,7 +266,7 @@ pub(crate) fn fetch(
 }
 
 /// `reqwest` hides the cause (connection refused, DNS) in its source chain.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(s) = cur {

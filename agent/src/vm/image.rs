@@ -238,9 +238,13 @@ impl ImageStore {
                 });
             }
         }
-        let requestor_url = match &self.requestor {
-            Some(_) => Some(fetch::requestor_url(source)?),
-            None => None,
+        // A requestor's source must be http(s); the operator's may also be a local file.
+        let http = match &self.requestor {
+            Some(limits) => Some((fetch::requestor_url(source)?, limits.clone())),
+            None => url::Url::parse(source)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .map(|u| (u, FetchLimits::operator())),
         };
         let alg = expected.map(|h| h.algorithm).unwrap_or(Sha3::Sha3_256);
         fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
@@ -256,8 +260,8 @@ impl ImageStore {
             })?,
             bytes: 0,
         };
-        match (&self.requestor, requestor_url) {
-            (Some(limits), Some(url)) => {
+        match http {
+            Some((url, limits)) => {
                 let cap = limits.cap(fs4::available_space(&self.dir).ok());
                 let bar = self.progress_bar();
                 let mut progress = |len: Option<u64>, n: u64| {
@@ -270,12 +274,12 @@ impl ImageStore {
                         b.inc(n);
                     }
                 };
-                fetch::fetch(url, limits, cap, &mut sink, &mut progress)?;
+                fetch::fetch(url, &limits, cap, &mut sink, &mut progress)?;
                 if let Some(b) = bar {
                     b.finish_and_clear();
                 }
             }
-            _ => self.copy_source(source, &mut sink)?,
+            None => self.copy_local(source, &mut sink)?,
         }
         sink.inner.flush().map_err(io_err("write", tmp.path()))?;
         let actual = hex(&sink.hasher.finish().map_err(|e| ImageError::Format {
@@ -316,7 +320,8 @@ impl ImageStore {
         })
     }
 
-    fn copy_source(&self, source: &str, sink: &mut dyn Write) -> Result<(), ImageError> {
+    /// The operator's own `file://` or path (http(s) went through [`fetch::fetch`]).
+    fn copy_local(&self, source: &str, sink: &mut dyn Write) -> Result<(), ImageError> {
         let fetch_err = |message: String| ImageError::Fetch {
             url: source.to_owned(),
             message,
@@ -324,7 +329,6 @@ impl ImageStore {
         let local = if source.contains("://") {
             let url = url::Url::parse(source).map_err(|e| fetch_err(e.to_string()))?;
             match url.scheme() {
-                "http" | "https" => return self.copy_http(&url, sink),
                 "file" => url
                     .to_file_path()
                     .map_err(|_| fetch_err("not a local file path".into()))?,
@@ -341,51 +345,7 @@ impl ImageStore {
         io::copy(&mut f, sink).map_err(io_err("read", &local))?;
         Ok(())
     }
-
-    fn copy_http(&self, url: &url::Url, sink: &mut dyn Write) -> Result<(), ImageError> {
-        let fetch_err = |message: String| ImageError::Fetch {
-            url: url.to_string(),
-            message,
-        };
-        let client = reqwest::blocking::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(15))
-            .timeout(None)
-            .build()
-            .map_err(|e| fetch_err(error_chain(&e)))?;
-        let mut resp = client
-            .get(url.clone())
-            .send()
-            .map_err(|e| fetch_err(error_chain(&e)))?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(fetch_err(format!("HTTP {status}")));
-        }
-        let bar = self.progress_bar();
-        if let (Some(b), Some(n)) = (&bar, resp.content_length()) {
-            b.set_length(n);
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match resp.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(fetch_err(format!("reading the body: {e}"))),
-            };
-            sink.write_all(&buf[..n])
-                .map_err(|e| fetch_err(format!("storing: {e}")))?;
-            if let Some(b) = &bar {
-                b.inc(n as u64);
-            }
-        }
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        Ok(())
-    }
 }
-
-use fetch::error_chain;
 
 impl ImageStore {
     /// A download's progress on stderr (hidden when stderr is not a terminal).
