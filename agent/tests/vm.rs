@@ -260,6 +260,30 @@ fn unsafe_tarball_is_refused_naming_the_entry() {
     }
 }
 
+/// Boots the busybox image in a VM whose files live in `job`, ready for requests.
+fn boot_session(env: &testsupport::VmEnv, job: &Path) -> Vm {
+    let initrd = job.join("initramfs.cpio");
+    initramfs::build(&initrd, &env.agent, &env.image).unwrap();
+    let info = vm::HostInfo::detect();
+    let choice = info.auto.clone().expect("a backend");
+    let backend = Backend::Qemu(QemuOptions {
+        binary: info.qemu.as_ref().unwrap().path.clone(),
+        accel: choice.accel,
+        sandbox: info.qemu.as_ref().unwrap().sandbox,
+    });
+    let spec = MachineSpec {
+        kernel: env.kernel.clone(),
+        initramfs: initrd,
+        cmdline: vm::CMDLINE.into(),
+        mem_mib: 512,
+        cpus: 1,
+        job_dir: job.to_owned(),
+        console_log: job.join("console.log"),
+    };
+    let machine = backend.launch(&spec).unwrap();
+    Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap()
+}
+
 struct Counter {
     n: u64,
     bad: u64,
@@ -283,26 +307,7 @@ impl Write for Counter {
 fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
     let Some(env) = vm_env() else { return };
     let job = tempfile::tempdir().unwrap();
-    let initrd = job.path().join("initramfs.cpio");
-    initramfs::build(&initrd, &env.agent, &env.image).unwrap();
-    let info = vm::HostInfo::detect();
-    let choice = info.auto.clone().expect("a backend");
-    let backend = Backend::Qemu(QemuOptions {
-        binary: info.qemu.as_ref().unwrap().path.clone(),
-        accel: choice.accel,
-        sandbox: info.qemu.as_ref().unwrap().sandbox,
-    });
-    let spec = MachineSpec {
-        kernel: env.kernel.clone(),
-        initramfs: initrd,
-        cmdline: vm::CMDLINE.into(),
-        mem_mib: 512,
-        cpus: 1,
-        job_dir: job.path().to_owned(),
-        console_log: job.path().join("console.log"),
-    };
-    let machine = backend.launch(&spec).unwrap();
-    let guest = Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap();
+    let guest = boot_session(&env, job.path());
 
     // 50 MiB of zeros, in large writes (busybox `yes` writes two bytes per syscall, which
     // under TCG measures the guest CPU rather than the channel).
