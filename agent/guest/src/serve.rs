@@ -136,6 +136,11 @@ fn run(mux: &Mux, spec: &RunSpec, stdout: u32, stderr: u32) -> Result<ExitStatus
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: `drop_payload_caps` only makes syscalls (async-signal-safe, no allocation),
+    // as code between fork and exec must.
+    unsafe {
+        cmd.pre_exec(crate::lockdown::drop_payload_caps);
+    }
     let deadline = spec.timeout.map(|t| Instant::now() + t);
     let mut child = reaper::spawn(&mut cmd).map_err(|e| format!("cannot start {program}: {e}"))?;
     let pid = reaper::pid(&child);
