@@ -432,9 +432,11 @@ fn assert_caps_dropped(what: &str, mask: u64) {
 /// One VM, a hostile payload: it looks for a way to the host channel (`ttyS1`) through the
 /// device node, `mknod`, PID 1's fds, a kernel helper it plants, writable `/sys` and
 /// `/proc/sys`, and sprays random bytes at every character device and at PID 1's fds; the
-/// session survives and the next command answers.
+/// session survives and the next command answers. Then the entry point: a requestor's
+/// `PATH` cannot pick which program `date` is, and relative or dotted entry points are
+/// refused by the guest itself.
 #[test]
-fn vm_payload_cannot_reach_the_channel() {
+fn vm_payload_cannot_reach_the_channel_and_path_cannot_pick_the_entry_point() {
     let Some(env) = vm_env() else { return };
     let job = tempfile::tempdir().unwrap();
     let guest = boot_session(&env, job.path());
@@ -535,5 +537,47 @@ fn vm_payload_cannot_reach_the_channel() {
     let (code, out, _) = sh(&guest, "echo still here");
     assert_eq!((code, out.as_str()), (Some(0), "still here\n"));
 
+    // A bare entry point is looked up in the fixed PATH, not in the requestor's.
+    let (code, _, _) = sh(
+        &guest,
+        "printf '#!/bin/sh\\necho planted\\n' > /tmp/date && chmod +x /tmp/date",
+    );
+    assert_eq!(code, Some(0));
+    let run = |argv: &[&str]| {
+        let mut spec = RunSpec::new(argv.iter().copied());
+        spec.env = vec![("PATH".into(), "/tmp".into())];
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        guest.run(&spec, &mut out, &mut err).map(|st| {
+            (
+                st.code,
+                String::from_utf8_lossy(&out).into_owned(),
+                String::from_utf8_lossy(&err).into_owned(),
+            )
+        })
+    };
+    let (code, out, err) = run(&["date", "+%Y"]).unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.contains("planted"), "PATH=/tmp picked /tmp/date");
+    assert!(
+        out.trim().parse::<u32>().is_ok(),
+        "not the real date: {out}"
+    );
+    // The requestor's PATH still reaches the command, and absolute paths are its own.
+    let (_, out, _) = run(&["sh", "-c", "echo $PATH"]).unwrap();
+    assert_eq!(out, "/tmp\n");
+    let (_, out, _) = run(&["/tmp/date"]).unwrap();
+    assert_eq!(out, "planted\n");
+    for (argv0, why) in [
+        ("./x", "relative entry point"),
+        ("bin/sh", "relative entry point"),
+        ("/bin/../tmp/date", "`.` or `..`"),
+        ("/bin/echo hi", "whitespace"),
+        ("nosuch", "not in the default PATH"),
+    ] {
+        let e = run(&[argv0]).expect_err(argv0).to_string();
+        assert!(e.contains(why) && e.contains(argv0), "{argv0}: {e}");
+    }
+    let (code, out, _) = sh(&guest, "echo still here");
+    assert_eq!((code, out.as_str()), (Some(0), "still here\n"));
     guest.shutdown(Duration::from_secs(20)).unwrap();
 }

@@ -9,6 +9,7 @@
 //! Whatever happens it ends by powering the VM off. Its own messages go to the console
 //! (`ttyS0`, the job's log).
 
+mod entry;
 mod lockdown;
 mod reaper;
 mod serve;
