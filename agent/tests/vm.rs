@@ -260,6 +260,30 @@ fn unsafe_tarball_is_refused_naming_the_entry() {
     }
 }
 
+/// Boots the busybox image in a VM whose files live in `job`, ready for requests.
+fn boot_session(env: &testsupport::VmEnv, job: &Path) -> Vm {
+    let initrd = job.join("initramfs.cpio");
+    initramfs::build(&initrd, &env.agent, &env.image).unwrap();
+    let info = vm::HostInfo::detect();
+    let choice = info.auto.clone().expect("a backend");
+    let backend = Backend::Qemu(QemuOptions {
+        binary: info.qemu.as_ref().unwrap().path.clone(),
+        accel: choice.accel,
+        sandbox: info.qemu.as_ref().unwrap().sandbox,
+    });
+    let spec = MachineSpec {
+        kernel: env.kernel.clone(),
+        initramfs: initrd,
+        cmdline: vm::CMDLINE.into(),
+        mem_mib: 512,
+        cpus: 1,
+        job_dir: job.to_owned(),
+        console_log: job.join("console.log"),
+    };
+    let machine = backend.launch(&spec).unwrap();
+    Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap()
+}
+
 struct Counter {
     n: u64,
     bad: u64,
@@ -283,26 +307,7 @@ impl Write for Counter {
 fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
     let Some(env) = vm_env() else { return };
     let job = tempfile::tempdir().unwrap();
-    let initrd = job.path().join("initramfs.cpio");
-    initramfs::build(&initrd, &env.agent, &env.image).unwrap();
-    let info = vm::HostInfo::detect();
-    let choice = info.auto.clone().expect("a backend");
-    let backend = Backend::Qemu(QemuOptions {
-        binary: info.qemu.as_ref().unwrap().path.clone(),
-        accel: choice.accel,
-        sandbox: info.qemu.as_ref().unwrap().sandbox,
-    });
-    let spec = MachineSpec {
-        kernel: env.kernel.clone(),
-        initramfs: initrd,
-        cmdline: vm::CMDLINE.into(),
-        mem_mib: 512,
-        cpus: 1,
-        job_dir: job.path().to_owned(),
-        console_log: job.path().join("console.log"),
-    };
-    let machine = backend.launch(&spec).unwrap();
-    let guest = Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap();
+    let guest = boot_session(&env, job.path());
 
     // 50 MiB of zeros, in large writes (busybox `yes` writes two bytes per syscall, which
     // under TCG measures the guest CPU rather than the channel).
@@ -389,4 +394,190 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "QEMU {pid} still exists"
     );
+}
+
+/// Runs `script` with `/bin/sh -c` in the session: (exit code, stdout, stderr). A dead
+/// channel panics naming the script, so the step that broke it is in the failure.
+fn sh(guest: &Vm, script: &str) -> (Option<i32>, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = guest
+        .run(&RunSpec::new(["/bin/sh", "-c", script]), &mut out, &mut err)
+        .unwrap_or_else(|e| panic!("the session broke running `{script}`: {e}"));
+    (
+        st.code,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+/// Capabilities a payload must not have (bit numbers of `linux/capability.h`).
+const DROPPED_CAPS: [(u32, &str); 8] = [
+    (16, "CAP_SYS_MODULE"),
+    (17, "CAP_SYS_RAWIO"),
+    (19, "CAP_SYS_PTRACE"),
+    (21, "CAP_SYS_ADMIN"),
+    (22, "CAP_SYS_BOOT"),
+    (27, "CAP_MKNOD"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+];
+
+fn assert_caps_dropped(what: &str, mask: u64) {
+    for (bit, name) in DROPPED_CAPS {
+        assert_eq!(mask & (1 << bit), 0, "{what} still has {name}: {mask:#x}");
+    }
+    assert_ne!(mask & 1, 0, "{what} lost CAP_CHOWN too: {mask:#x}");
+}
+
+/// One VM, a hostile payload: it looks for a way to the host channel (`ttyS1`) through the
+/// device node, `mknod`, PID 1's fds, a kernel helper it plants, writable `/sys` and
+/// `/proc/sys`, and sprays random bytes at every character device and at PID 1's fds; the
+/// session survives and the next command answers. Then the entry point: a requestor's
+/// `PATH` cannot pick which program `date` is, and relative or dotted entry points are
+/// refused by the guest itself.
+#[test]
+fn vm_payload_cannot_reach_the_channel_and_path_cannot_pick_the_entry_point() {
+    let Some(env) = vm_env() else { return };
+    let job = tempfile::tempdir().unwrap();
+    let guest = boot_session(&env, job.path());
+
+    // The node is gone, and /dev is not a scratch dir to put a look-alike in.
+    let (code, _, err) = sh(&guest, "ls -l /dev/ttyS1");
+    assert_ne!(code, Some(0), "/dev/ttyS1 is visible: {err}");
+    let (code, _, err) = sh(&guest, "echo x > /dev/ttyS1");
+    assert_ne!(code, Some(0), "writing /dev/ttyS1 succeeded");
+    assert!(err.contains("Read-only file system"), "{err}");
+
+    // No new device node, not even on a writable (nodev) tmpfs.
+    let (code, _, err) = sh(&guest, "mknod /tmp/t c 4 65");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("Operation not permitted"), "{err}");
+    let (code, _, err) = sh(&guest, "mknod /dev/t c 4 65");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("Read-only file system"), "{err}");
+
+    // PID 1's fds are listed but cannot be reopened or even read as links.
+    let (_, out, _) = sh(
+        &guest,
+        "ls /proc/1/fd | wc -l; for f in /proc/1/fd/*; do \
+           if (echo x > $f) 2>/dev/null; then echo opened $f; fi; \
+           readlink $f 2>/dev/null && echo readable $f; \
+         done; echo done",
+    );
+    let mut lines = out.lines();
+    let n: u32 = lines.next().and_then(|l| l.trim().parse().ok()).unwrap();
+    assert!(n >= 3, "PID 1 shows {n} fds: {out}");
+    assert_eq!(lines.collect::<Vec<_>>(), ["done"], "{out}");
+
+    // The payload's own fds: nothing of the channel leaked across exec.
+    let (_, out, _) = sh(&guest, "for f in /proc/$$/fd/*; do readlink $f; done");
+    assert!(!out.contains("ttyS1"), "{out}");
+
+    // Capabilities: gone from the bounding set (so from every later exec) and from the
+    // kernel's helpers (modprobe, core-dump pipes, request-key run with these).
+    let (_, out, _) = sh(
+        &guest,
+        "grep -E '^Cap(Prm|Eff|Bnd|Inh|Amb)' /proc/self/status; \
+         cat /proc/sys/kernel/usermodehelper/bset /proc/sys/kernel/usermodehelper/inheritable",
+    );
+    let mut lines = out.lines();
+    for name in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let line = lines.next().unwrap_or_default();
+        let hex = line
+            .strip_prefix(&format!("{name}:"))
+            .unwrap_or_else(|| panic!("{out}"));
+        let mask = u64::from_str_radix(hex.trim(), 16).unwrap();
+        match name {
+            "CapInh" | "CapAmb" => assert_eq!(mask, 0, "{name}: {out}"),
+            _ => assert_caps_dropped(name, mask),
+        }
+    }
+    for what in ["usermodehelper/bset", "usermodehelper/inheritable"] {
+        let words: Vec<u64> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect();
+        assert_eq!(words.len(), 2, "{out}");
+        assert_caps_dropped(what, words[0] | (words[1] << 32));
+    }
+
+    // A planted modprobe is never run by the kernel (exec of an unknown binary format asks
+    // for a module), and kernel settings and sysfs cannot be changed.
+    let (_, out, _) = sh(
+        &guest,
+        "printf '#!/bin/sh\\ngrep CapEff /proc/self/status > /tmp/helper-ran\\n' > /sbin/modprobe; \
+         chmod +x /sbin/modprobe; printf '\\377\\377\\377\\377' > /tmp/ff; chmod +x /tmp/ff; \
+         /tmp/ff 2>/dev/null; sleep 1; cat /tmp/helper-ran 2>/dev/null; \
+         echo /tmp/x > /proc/sys/kernel/modprobe || echo sysctl refused; \
+         echo serial8250 > /sys/bus/platform/drivers/serial8250/unbind || echo sysfs refused; \
+         mkdir -p /tmp/m; mount -t tmpfs t /tmp/m 2>&1 || echo mount refused",
+    );
+    // (busybox words EPERM from mount as "permission denied (are you root?)")
+    let (head, mount) = out.split_at(out.find("mount").unwrap_or(0));
+    assert_eq!(
+        head, "sysctl refused\nsysfs refused\n",
+        "a kernel helper ran or a setting changed: {out}"
+    );
+    assert!(
+        mount.to_lowercase().contains("permission denied") && mount.ends_with("mount refused\n"),
+        "{out}"
+    );
+
+    // Random bytes at every character device and at PID 1's fds (ttyS0 and the console
+    // only reach the job's log).
+    let (code, out, _) = sh(
+        &guest,
+        "for f in $(find /dev -type c) /proc/1/fd/*; do \
+           timeout 2 head -c 4000 /dev/urandom > $f 2>/dev/null; \
+         done; echo sprayed",
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "sprayed\n"));
+    let (code, out, _) = sh(&guest, "echo still here");
+    assert_eq!((code, out.as_str()), (Some(0), "still here\n"));
+
+    // A bare entry point is looked up in the fixed PATH, not in the requestor's.
+    let (code, _, _) = sh(
+        &guest,
+        "printf '#!/bin/sh\\necho planted\\n' > /tmp/date && chmod +x /tmp/date",
+    );
+    assert_eq!(code, Some(0));
+    let run = |argv: &[&str]| {
+        let mut spec = RunSpec::new(argv.iter().copied());
+        spec.env = vec![("PATH".into(), "/tmp".into())];
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        guest.run(&spec, &mut out, &mut err).map(|st| {
+            (
+                st.code,
+                String::from_utf8_lossy(&out).into_owned(),
+                String::from_utf8_lossy(&err).into_owned(),
+            )
+        })
+    };
+    let (code, out, err) = run(&["date", "+%Y"]).unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.contains("planted"), "PATH=/tmp picked /tmp/date");
+    assert!(
+        out.trim().parse::<u32>().is_ok(),
+        "not the real date: {out}"
+    );
+    // The requestor's PATH still reaches the command, and absolute paths are its own.
+    let (_, out, _) = run(&["sh", "-c", "echo $PATH"]).unwrap();
+    assert_eq!(out, "/tmp\n");
+    let (_, out, _) = run(&["/tmp/date"]).unwrap();
+    assert_eq!(out, "planted\n");
+    for (argv0, why) in [
+        ("./x", "relative entry point"),
+        ("bin/sh", "relative entry point"),
+        ("/bin/../tmp/date", "`.` or `..`"),
+        ("/bin/echo hi", "whitespace"),
+        ("nosuch", "not in the default PATH"),
+    ] {
+        let e = run(&[argv0]).expect_err(argv0).to_string();
+        assert!(e.contains(why) && e.contains(argv0), "{argv0}: {e}");
+    }
+    let (code, out, _) = sh(&guest, "echo still here");
+    assert_eq!((code, out.as_str()), (Some(0), "still here\n"));
+    guest.shutdown(Duration::from_secs(20)).unwrap();
 }

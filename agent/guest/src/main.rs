@@ -2,13 +2,15 @@
 //!
 //! The host builds the initramfs: this binary as `/init` and the payload's rootfs under
 //! `/rootfs`. At boot it mounts proc, sys, dev (devtmpfs, devpts) and a tmpfs on `/tmp`
-//! inside the payload root, brings `lo` up, opens the host channel (`/dev/ttyS1`, raw), and
-//! chroots itself into the payload root, so every command, path and transfer is relative to
-//! it. Then it answers the host's requests (run, upload, download, poweroff) and carries
+//! inside the payload root, brings `lo` up, opens the host channel (`/dev/ttyS1`, raw) and
+//! puts it out of the payload's reach ([`lockdown`]), and chroots itself into the payload
+//! root, so every command, path and transfer is relative to it. Then it answers the host's requests (run, upload, download, poweroff) and carries
 //! connections to its proxy listener (`127.0.0.1:3128`) to the host as channel streams.
 //! Whatever happens it ends by powering the VM off. Its own messages go to the console
 //! (`ttyS0`, the job's log).
 
+mod entry;
+mod lockdown;
 mod reaper;
 mod serve;
 mod setup;

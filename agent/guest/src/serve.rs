@@ -15,9 +15,8 @@ use channel::{ChannelError, ExitStatus, GuestMsg, HostMsg, Mux, Side};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::WaitStatus;
 
+use crate::entry::{self, DEFAULT_PATH};
 use crate::reaper;
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn serve(tty: File) -> Result<(), ChannelError> {
     reaper::start()?;
@@ -121,8 +120,12 @@ fn run(mux: &Mux, spec: &RunSpec, stdout: u32, stderr: u32) -> Result<ExitStatus
     let Some(program) = spec.argv.first() else {
         return Err("empty command".into());
     };
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..])
+    // Found in the fixed PATH, not the request's; argv[0] stays as given (busybox applets
+    // and programs that look at their name see what the requestor wrote).
+    let path = entry::resolve(program)?;
+    let mut cmd = Command::new(&path);
+    cmd.arg0(program)
+        .args(&spec.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", "/root")
@@ -136,6 +139,11 @@ fn run(mux: &Mux, spec: &RunSpec, stdout: u32, stderr: u32) -> Result<ExitStatus
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: `drop_payload_caps` only makes syscalls (async-signal-safe, no allocation),
+    // as code between fork and exec must.
+    unsafe {
+        cmd.pre_exec(crate::lockdown::drop_payload_caps);
+    }
     let deadline = spec.timeout.map(|t| Instant::now() + t);
     let mut child = reaper::spawn(&mut cmd).map_err(|e| format!("cannot start {program}: {e}"))?;
     let pid = reaper::pid(&child);

@@ -1,4 +1,5 @@
-//! Boot-time setup: mounts, loopback, the channel's serial port, the chroot; and power-off.
+//! Boot-time setup: mounts, loopback, the channel's serial port (kept from payloads), the
+//! chroot; and power-off.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -8,6 +9,8 @@ use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::termios::{self, SetArg};
+
+use crate::lockdown;
 
 /// Where the host put the payload's rootfs in the initramfs.
 pub const PAYLOAD_ROOT: &str = "/rootfs";
@@ -26,7 +29,8 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> i
     )
 }
 
-/// Mounts, `lo`, the raw channel tty, then chroot into the payload root.
+/// Mounts, `lo`, the raw channel tty (then hidden from payloads: see [`lockdown`]), then
+/// chroot into the payload root.
 pub fn setup() -> io::Result<File> {
     let root = Path::new(PAYLOAD_ROOT);
     if !root.is_dir() {
@@ -36,7 +40,9 @@ pub fn setup() -> io::Result<File> {
     }
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/rootfs/proc", nosuid, None)?;
-    mount_fs("sysfs", "/rootfs/sys", nosuid, None)?;
+    // Read-only: root may write most sysfs files without any capability (driver bind and
+    // unbind, device removal, module parameters).
+    mount_fs("sysfs", "/rootfs/sys", nosuid | MsFlags::MS_RDONLY, None)?;
     mount_fs(
         "devtmpfs",
         "/rootfs/dev",
@@ -49,6 +55,23 @@ pub fn setup() -> io::Result<File> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("ptmxmode=0666,mode=0620"),
     )?;
+    // /dev becomes read-only below, so what programs expect to find or create there is
+    // made now: POSIX shared memory and the fd links.
+    mount_fs("tmpfs", "/rootfs/dev/shm", nosuid, Some("mode=1777"))?;
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let at = Path::new("/rootfs/dev").join(link);
+        match std::os::unix::fs::symlink(target, &at) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io::Error::other(format!("symlink {}: {e}", at.display())));
+            }
+            _ => {}
+        }
+    }
     mount_fs(
         "tmpfs",
         "/rootfs/tmp",
@@ -57,17 +80,50 @@ pub fn setup() -> io::Result<File> {
     )?;
     loopback_up()?;
 
+    // std opens with O_CLOEXEC (and `try_clone` dups with F_DUPFD_CLOEXEC): no payload
+    // inherits the channel.
+    let channel = format!("{PAYLOAD_ROOT}{CHANNEL_TTY}");
     let tty = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOCTTY)
-        .open(format!("{PAYLOAD_ROOT}{CHANNEL_TTY}"))
+        .open(&channel)
         .map_err(|e| io::Error::other(format!("open {CHANNEL_TTY}: {e}")))?;
     raw_mode(&tty)?;
+    lockdown::hide_channel(&tty, Path::new(&channel))?;
+    read_only("/rootfs/dev", MsFlags::MS_NOSUID)?;
+    lockdown::non_dumpable()?;
+    lockdown::restrict_kernel(Path::new("/rootfs/proc/sys"))?;
+    ctx(
+        mount(
+            Some("/rootfs/proc/sys"),
+            "/rootfs/proc/sys",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ),
+        "bind /proc/sys",
+    )?;
+    read_only("/rootfs/proc/sys", nosuid)?;
 
     ctx(std::os::unix::fs::chroot(PAYLOAD_ROOT), "chroot")?;
     std::env::set_current_dir("/")?;
     Ok(tty)
+}
+
+/// Makes the mount at `target` read-only, keeping `flags`; only CAP_SYS_ADMIN, which no
+/// payload has, could make it writable again.
+fn read_only(target: &str, flags: MsFlags) -> io::Result<()> {
+    ctx(
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | flags,
+            None::<&str>,
+        ),
+        &format!("remount {target} read-only"),
+    )
 }
 
 /// 8-bit clean, no echo, no line discipline, no software or hardware flow control.
