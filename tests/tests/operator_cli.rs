@@ -1,11 +1,15 @@
 //! The operator's command line end to end: keystore, rules, whitelist and `manifest check`
 //! on real files in a throwaway data dir.
 
-use certs::testpki::{self, KeyKind, Validity};
-use tests::util::{b64, manifest, write_signed, yagna, Provider, OTHER_PEER, PEER};
+use certs::testpki::{self, KeyKind, LeafUsage, Validity};
+use tests::util::{
+    b64, manifest, write_signed, yagna, yagna_foo_inter, Provider, OTHER_PEER, PEER,
+};
 
 const FOO_INTER: &str = "55e451bd1a2f43570a25052b863af1d527fe6fd4bfd1482fdb241596432477f20eb2b2f3801fb5c6cd785f1a03c43ccf71fd8cdf0a974d1296be2326b0824673";
 
+/// yagna's goth demand as yagna sends it: signed by `foo_req`, a TLS server certificate
+/// (extendedKeyUsage serverAuth only), which may not sign manifests here.
 fn goth_check(p: &Provider) -> tests::util::Run {
     p.check(
         &yagna("goth-outbound/outbound_manifest.json"),
@@ -18,6 +22,46 @@ fn goth_check(p: &Provider) -> tests::util::Run {
     )
 }
 
+/// The same goth manifest signed (with `requestor manifest sign`) by a code-signing leaf
+/// issued by yagna's real `Foo Inter` CA.
+fn goth_code_signed_check(p: &Provider) -> tests::util::Run {
+    let leaf = testpki::issue_leaf(
+        &yagna_foo_inter(),
+        "Foo Code Signer",
+        KeyKind::Rsa2048,
+        Validity::current(),
+        &LeafUsage {
+            key_usage: Some(vec!["digitalSignature"]),
+            extended_key_usage: Some(vec!["codeSigning"]),
+        },
+    );
+    let key = p.write_input("signer.key", leaf.key.private_key_to_pem_pkcs8().unwrap());
+    let manifest = yagna("goth-outbound/outbound_manifest.json");
+    let sig = p.input("goth.sig");
+    p.requestor([
+        "manifest".as_ref(),
+        "sign".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--out".as_ref(),
+        sig.as_os_str(),
+    ])
+    .ok();
+    let chain = p.write_input("signer.pem", leaf.cert.to_pem().unwrap());
+    p.check(&manifest, Some((&sig, "sha256", &chain)), &[])
+}
+
+fn codes(r: &tests::util::Run) -> Vec<String> {
+    r.json()["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["code"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
     let p = Provider::new();
@@ -27,9 +71,9 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
     ])
     .ok();
     // Before any rule: everyone=whitelist with an empty whitelist refuses the URLs.
-    let before = goth_check(&p);
+    let before = goth_code_signed_check(&p);
     assert_eq!(before.code, 1, "{before:?}");
-    assert_eq!(before.json()["reasons"][0]["code"], "url-not-whitelisted");
+    assert_eq!(codes(&before), ["url-not-whitelisted"]);
 
     p.run([
         "rule",
@@ -42,7 +86,7 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
         "all",
     ])
     .ok();
-    let v = goth_check(&p).ok().json();
+    let v = goth_code_signed_check(&p).ok().json();
     assert_eq!(v["verdict"], "accept");
     assert_eq!(v["reasons"], serde_json::json!([]));
     assert_eq!(v["matched_rule"]["rule"], "audited-payload");
@@ -58,6 +102,39 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
 }
 
 #[test]
+fn yagna_goth_signature_by_the_tls_certificate_foo_req_is_cert_usage_invalid() {
+    let p = Provider::new();
+    p.keystore_add(&[
+        &yagna("certs/foo_ca.cert.pem"),
+        &yagna("certs/foo_inter.cert.pem"),
+    ])
+    .ok();
+    p.run([
+        "rule",
+        "set",
+        "outbound",
+        "audited-payload",
+        "cert-id",
+        "55e451",
+        "--mode",
+        "all",
+    ])
+    .ok();
+    // The chain reaches the keystore and the signature is yagna's valid one: the only
+    // problem is what foo_req is for. Without the grant the everyone rule answers too.
+    let r = goth_check(&p);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(codes(&r), ["cert-usage-invalid", "url-not-whitelisted"]);
+    let message = r.json()["reasons"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for needle in ["`Foo Req`", "extendedKeyUsage", "serverAuth", "codeSigning"] {
+        assert!(message.contains(needle), "`{needle}` missing: {message}");
+    }
+}
+
+#[test]
 fn yagna_goth_rules_json_works_as_a_data_dir_file() {
     let p = Provider::new();
     p.keystore_add(&[
@@ -70,7 +147,7 @@ fn yagna_goth_rules_json_works_as_a_data_dir_file() {
         p.data_dir().join("rules.json"),
     )
     .unwrap();
-    let v = goth_check(&p).ok().json();
+    let v = goth_code_signed_check(&p).ok().json();
     assert_eq!(v["matched_rule"]["cert_id"], FOO_INTER);
     let table = p.run(["rule", "list"]).ok().stdout;
     assert!(
@@ -304,14 +381,6 @@ fn generated_chains_cover_signature_and_certificate_codes() {
 
     let check = |m: &std::path::Path, s: &std::path::Path, alg: &str, c: &std::path::Path| {
         p.check(m, Some((s, alg, c)), &[])
-    };
-    let codes = |r: &tests::util::Run| -> Vec<String> {
-        r.json()["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["code"].as_str().unwrap().to_owned())
-            .collect()
     };
 
     // Audited-payload on the intermediate, set by importing its file.
