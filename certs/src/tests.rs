@@ -423,8 +423,16 @@ fn keystore_directory_loads_and_skips_hidden_files() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), read("certs/foo_ca.cert.pem")).unwrap();
     std::fs::write(dir.path().join(".ca.pem.tmp.1"), b"half-writ").unwrap();
+    // A temp whose writer died after writing it whole, before the rename: still not a
+    // certificate of the keystore.
+    std::fs::write(
+        dir.path().join(".inter.pem.tmp.4242"),
+        read("certs/foo_inter.cert.pem"),
+    )
+    .unwrap();
     let ks = Keystore::load(dir.path()).unwrap();
     assert_eq!(ks.len(), 1);
+    assert_eq!(ks.certs().next().unwrap().info.short_name(), "Foo Co");
     std::fs::write(
         dir.path().join("bad.pem"),
         b"-----BEGIN CERTIFICATE-----\nAAAA",

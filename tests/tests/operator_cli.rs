@@ -688,3 +688,168 @@ fn new_data_dir_defaults() {
         "{names:?}"
     );
 }
+
+/// A pid above any kernel's `pid_max` (at most 2^22): never a running process.
+const NEVER_A_PID: u32 = 2_000_000_000;
+
+/// Hidden `.<name>.tmp.<pid>` files of a directory.
+fn temps(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.contains(".tmp."))
+        .collect();
+    names.sort();
+    names
+}
+
+fn listed_ids(p: &Provider) -> std::collections::BTreeSet<String> {
+    p.run(["--json", "keystore", "list"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn temps_of_killed_writers_are_never_certificates_and_the_next_write_removes_them() {
+    let p = Provider::new();
+    p.keystore_add(&[&yagna("certs/foo_ca.cert.pem")]).ok();
+    let cert_dir = p.data_dir().join("cert-dir");
+    let foo_ca = listed_ids(&p);
+    // What writers killed before their rename leave: a whole certificate, a half-written
+    // one, a rules file; and the temp of a writer that is still running (this test).
+    let inter = std::fs::read(yagna("certs/foo_inter.cert.pem")).unwrap();
+    std::fs::write(cert_dir.join(format!(".a.pem.tmp.{NEVER_A_PID}")), &inter).unwrap();
+    std::fs::write(
+        cert_dir.join(format!(".b.pem.tmp.{NEVER_A_PID}")),
+        &inter[..100],
+    )
+    .unwrap();
+    std::fs::write(
+        p.data_dir().join(format!(".rules.json.tmp.{NEVER_A_PID}")),
+        b"{\"outbound\": {",
+    )
+    .unwrap();
+    let live = format!(".c.pem.tmp.{}", std::process::id());
+    std::fs::write(cert_dir.join(&live), &inter).unwrap();
+
+    // Readers skip them (and, holding no lock, leave them).
+    assert_eq!(listed_ids(&p), foo_ca);
+    assert_eq!(temps(&cert_dir).len(), 3);
+    let v = goth_check(&p);
+    assert_eq!(v.code, 1, "{v:?}");
+
+    // The next command that takes the lock removes the dead writers' temps, not the live one.
+    p.keystore_add(&[&yagna("certs/foo_inter.cert.pem")]).ok();
+    assert_eq!(temps(&cert_dir), [live.clone()]);
+    assert_eq!(temps(&p.data_dir()), Vec::<String>::new());
+    let ids = listed_ids(&p);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        ids.contains(FOO_INTER) && ids.is_superset(&foo_ca),
+        "{ids:?}"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&cert_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}.pem")).collect();
+    expected.sort();
+    assert_eq!(files, expected);
+}
+
+#[test]
+fn kill_9_during_keystore_add_leaves_no_temp_after_the_next_command() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let p = Provider::new();
+    let root = testpki::root("Kill Root", KeyKind::EcP256, Validity::current());
+    let mut all_ids = std::collections::BTreeSet::new();
+    let mut bundle = |name: &str| {
+        // Several certificates per file: several atomic writes per command, so a kill at a
+        // random moment often lands between a temp's creation and its rename.
+        let certs: Vec<_> = (0..8)
+            .map(|i| {
+                testpki::issue(
+                    &root,
+                    &format!("{name} {i}"),
+                    KeyKind::EcP256,
+                    false,
+                    Validity::current(),
+                )
+                .cert
+            })
+            .collect();
+        all_ids.extend(certs.iter().map(|c| certs::cert_id(c)));
+        p.write_input(
+            &format!("{name}.pem"),
+            testpki::pem(&certs.iter().collect::<Vec<_>>()),
+        )
+    };
+    let spawn = |path: &std::path::Path| {
+        Command::new(tests::util::bin("provider"))
+            .arg("--data-dir")
+            .arg(p.data_dir())
+            .args(["keystore", "add"])
+            .arg(path)
+            .env_remove("PROVIDER_DATA_DIR")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // How long one whole command takes here: the kills fall within that.
+    let first = bundle("first");
+    let started = Instant::now();
+    assert!(spawn(&first).wait().unwrap().success());
+    let span = started.elapsed().as_micros().max(1000) as u64;
+
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}, one command takes {span} µs");
+    let cert_dir = p.data_dir().join("cert-dir");
+    let mut left_behind = 0;
+    for i in 0..30 {
+        let path = bundle(&format!("batch{i}"));
+        let mut child = spawn(&path);
+        // xorshift64
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_micros(seed % span));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        left_behind += temps(&cert_dir).len();
+    }
+    eprintln!("temps seen after the kills (summed over iterations): {left_behind}");
+
+    // The next command that writes cleans up; the keystore holds exactly the certificates
+    // whose files were renamed into place, each whole.
+    let last = bundle("last");
+    p.keystore_add(&[&last]).ok();
+    assert_eq!(temps(&cert_dir), Vec::<String>::new());
+    assert_eq!(temps(&p.data_dir()), Vec::<String>::new());
+    let ids = listed_ids(&p);
+    assert!(ids.is_subset(&all_ids), "{ids:?}");
+    let mut files: Vec<String> = std::fs::read_dir(&cert_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}.pem")).collect();
+    expected.sort();
+    assert_eq!(files, expected);
+}
