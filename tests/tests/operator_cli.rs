@@ -747,7 +747,7 @@ fn temps_of_killed_writers_are_never_certificates_and_the_next_write_removes_the
 
     // The next command that takes the lock removes the dead writers' temps, not the live one.
     p.keystore_add(&[&yagna("certs/foo_inter.cert.pem")]).ok();
-    assert_eq!(temps(&cert_dir), [live.clone()]);
+    assert_eq!(temps(&cert_dir), vec![live]);
     assert_eq!(temps(&p.data_dir()), Vec::<String>::new());
     let ids = listed_ids(&p);
     assert_eq!(ids.len(), 2, "{ids:?}");
