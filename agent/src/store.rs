@@ -4,6 +4,10 @@
 //! directory) and happens under an exclusive lock on `<data-dir>/.lock`, so the CLI and a
 //! running daemon never see a torn file and two CLI invocations never lose each other's
 //! update. Reads need no lock: a rename replaces a file whole.
+//!
+//! A writer killed between creating its temp file and renaming it leaves the temp behind
+//! (`.<name>.tmp.<pid>`). Readers skip hidden files, so litter is never mistaken for data;
+//! whoever takes the lock next removes the temps of writers that no longer run.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -97,6 +101,9 @@ impl DataDir {
             .open(&path)
             .map_err(io("open", &path))?;
         file.lock_exclusive().map_err(io("lock", &path))?;
+        for dir in [self.root.clone(), self.cert_dir()] {
+            remove_stale_temps(&dir);
+        }
         Ok(WriteLock { _file: file })
     }
 
@@ -222,6 +229,65 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result
 }
 
+/// The pid in the name of a temp file that [`atomic_write`] (`.<name>.tmp.<pid>`) or the
+/// identity file's creation (`.<name>.tmp.<pid>.<peer id>`) leaves when its writer dies
+/// before the rename; `None` for any other name.
+fn temp_writer_pid(file_name: &str) -> Option<i32> {
+    let rest = file_name.strip_prefix('.')?;
+    let (target, tail) = rest.rsplit_once(".tmp.")?;
+    if target.is_empty() {
+        return None;
+    }
+    let digits = tail.split_once('.').map_or(tail, |(pid, _)| pid);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<i32>().ok().filter(|&pid| pid > 0)
+}
+
+/// Whether no process has id `pid` (in this pid namespace). A process we may not signal
+/// (`EPERM`) exists.
+fn process_is_gone(pid: i32) -> bool {
+    matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+/// Removes, from `dir`, the temp files of writers that are no longer running. Called with
+/// the data dir's lock held, so no writer that takes the lock is between its create and its
+/// rename; a writer that does not (the daemon creating `identity.key`) is alive while its
+/// temp exists, and temps of live processes are never touched — nor this process's own. A
+/// dead writer's pid reused by an unrelated process only delays the clean-up. Best effort:
+/// litter is harmless (readers skip hidden files), so a failure here fails no command.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let own = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_writer_pid) else {
+            continue;
+        };
+        if u32::try_from(pid).is_ok_and(|p| p == own) || !process_is_gone(pid) {
+            continue;
+        }
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), pid, "removed the temp file of a writer that died")
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot remove a stale temp file")
+            }
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -244,6 +310,78 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("rules.json")]);
+    }
+
+    /// A pid above any kernel's `pid_max` (at most 2^22): never a running process.
+    const NEVER_A_PID: u32 = 2_000_000_000;
+
+    #[test]
+    fn temp_file_names_are_recognised_and_nothing_else() {
+        assert_eq!(temp_writer_pid(".abc.pem.tmp.123"), Some(123));
+        assert_eq!(temp_writer_pid(".rules.json.tmp.7"), Some(7));
+        assert_eq!(
+            temp_writer_pid(".identity.key.tmp.42.12D3KooWHk6JmCpT1YgUp1wYm4"),
+            Some(42)
+        );
+        assert_eq!(temp_writer_pid(".a.tmp.pem.tmp.9"), Some(9));
+        for name in [
+            "abc.pem.tmp.123", // not hidden: an operator's file, never ours
+            ".abc.pem",
+            ".lock",
+            ".tmp.5",
+            ".abc.tmp.",
+            ".abc.tmp.12x",
+            ".abc.tmp.-3",
+            ".abc.tmp.0",
+            ".abc.tmp.99999999999",
+            ".abc.pem.swp",
+        ] {
+            assert_eq!(temp_writer_pid(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_lock_holder_removes_temps_of_dead_writers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let certs = data.cert_dir();
+        fs::create_dir_all(&certs).unwrap();
+        // A writer that really ran and is gone.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = [
+            certs.join(format!(".aa.pem.tmp.{dead}")),
+            certs.join(format!(".bb.pem.tmp.{NEVER_A_PID}")),
+            dir.path().join(format!(".rules.json.tmp.{NEVER_A_PID}")),
+            dir.path()
+                .join(format!(".identity.key.tmp.{NEVER_A_PID}.12D3KooWHk6JmCpT")),
+        ];
+        // Live writers (the process that started this test, and this process itself) and
+        // files that are not temps.
+        let live = [
+            certs.join(format!(
+                ".cc.pem.tmp.{}",
+                std::os::unix::process::parent_id()
+            )),
+            certs.join(format!(".dd.pem.tmp.{}", std::process::id())),
+            certs.join("ee.pem"),
+            certs.join(".hidden-by-the-operator"),
+            dir.path().join("rules.json"),
+        ];
+        for p in stale.iter().chain(&live) {
+            fs::write(p, b"x").unwrap();
+        }
+        fs::create_dir(certs.join(format!(".dir.tmp.{NEVER_A_PID}"))).unwrap();
+        let lock = data.lock().unwrap();
+        for p in &stale {
+            assert!(!p.exists(), "{} was left", p.display());
+        }
+        for p in &live {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        assert!(certs.join(format!(".dir.tmp.{NEVER_A_PID}")).is_dir());
+        drop(lock);
     }
 
     #[test]

@@ -10,6 +10,8 @@ use openssl::x509::{X509StoreContext, X509};
 
 use crate::keystore::Keystore;
 use crate::parse::{common_name, parse_certificates, CertInfo, ParseError};
+use crate::signature::{SignatureAlgorithm, SignatureError};
+use crate::usage::{check_signer_usage, UsageError};
 
 /// Cached chains are small (a few KiB of PEM as key); past this many the cache starts over,
 /// which bounds memory against a requestor that sends a new chain with every demand.
@@ -51,10 +53,33 @@ impl From<ParseError> for ChainError {
 pub struct VerifiedChain {
     /// Leaf first, trust anchor last.
     pub certs: Vec<CertInfo>,
-    pub leaf_key: PKey<Public>,
+    /// Only [`VerifiedChain::verify_signature`] uses it, so no caller can check a
+    /// signature without the leaf's key usage.
+    pub(crate) leaf_key: PKey<Public>,
+    /// Whether the leaf's key usage extensions allow signing manifests; decided once, when
+    /// the chain is built (the answer cannot change while the chain is cached).
+    signer_usage: Result<(), UsageError>,
 }
 
 impl VerifiedChain {
+    /// Verifies the manifest signature with the leaf's key. The leaf must be meant for
+    /// signing (keyUsage with digitalSignature and extendedKeyUsage with codeSigning or
+    /// anyExtendedKeyUsage, where present): a key certified for something else, such as a
+    /// TLS server or key agreement, does not vouch for a manifest even when the signature
+    /// is mathematically valid. The usage is checked first, because a new certificate
+    /// means a new key and a new signature anyway.
+    pub fn verify_signature(
+        &self,
+        algorithm: SignatureAlgorithm,
+        data: &[u8],
+        signature: &[u8],
+    ) -> Result<(), SignatureError> {
+        self.signer_usage
+            .clone()
+            .map_err(SignatureError::CertUsage)?;
+        crate::signature::verify_signature(&self.leaf_key, algorithm, data, signature)
+    }
+
     /// Every certificate of the path must be valid at `now`; the first one that is not is
     /// named (leaf first, so the requestor learns about its own certificate before a CA's).
     pub fn check_time(&self, now: DateTime<Utc>) -> Result<(), ChainError> {
@@ -167,6 +192,7 @@ impl ChainVerifier {
             Ok(path) if !path.is_empty() => Ok(VerifiedChain {
                 certs: path,
                 leaf_key: leaf.public_key().map_err(openssl_untrusted(leaf))?,
+                signer_usage: check_signer_usage(leaf),
             }),
             Ok(_) => Err(ChainError::Untrusted {
                 subject: common_name(leaf),

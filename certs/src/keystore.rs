@@ -162,9 +162,11 @@ impl std::fmt::Debug for Keystore {
 }
 
 impl Keystore {
-    /// Reads every regular, non-hidden file of `dir`. A missing directory is an empty
-    /// keystore (a new data dir has none yet); an unreadable or corrupt file is an error that
-    /// names it, because silently skipping it could drop a CA the operator relies on.
+    /// Reads every regular, non-hidden file of `dir`: hidden files, such as the temps of
+    /// atomic writes, are skipped (the writer that next takes the data dir's lock removes
+    /// stale ones). A missing directory is an empty keystore (a new data dir has none yet);
+    /// an unreadable or corrupt file is an error that names it, because silently skipping it
+    /// could drop a CA the operator relies on.
     pub fn load(dir: &Path) -> Result<Self, KeystoreError> {
         let mut files = Vec::new();
         match std::fs::read_dir(dir) {
@@ -176,7 +178,10 @@ impl Keystore {
                     })?;
                     let name = entry.file_name();
                     if name.to_string_lossy().starts_with('.') {
-                        continue; // temp files of an atomic write in progress, editor swap files
+                        // Temp files of an atomic write in progress or of a writer killed
+                        // before its rename (`.<name>.tmp.<pid>`, even when complete),
+                        // editor swap files: never certificates.
+                        continue;
                     }
                     let path = entry.path();
                     if !path.is_file() {

@@ -4,7 +4,8 @@
 //! keystore (a directory of PEM or DER files). A requestor sends the author's certificate
 //! chain with the demand; [`ChainVerifier`] builds a path from the chain's leaf to a
 //! keystore root with openssl, checks every certificate's validity at an injectable "now",
-//! and checks the manifest signature with the leaf's public key.
+//! and [`VerifiedChain::verify_signature`] checks the manifest signature with the leaf's
+//! public key once the leaf's key usage says it may sign.
 //!
 //! [`golem`] verifies Golem's JSON certificates and node descriptors, the credentials of
 //! the `partner` outbound rule; the keystore holds both kinds.
@@ -21,6 +22,7 @@ mod signature;
 pub mod testpki;
 #[cfg(test)]
 mod tests;
+mod usage;
 
 pub use chain::{ChainError, ChainVerifier, VerifiedChain};
 pub use keystore::{
@@ -29,3 +31,4 @@ pub use keystore::{
 };
 pub use parse::{cert_id, is_ca, parse_certificates, CertInfo, ParseError};
 pub use signature::{verify_signature, SignatureAlgorithm, SignatureError};
+pub use usage::{check_signer_usage, UsageError, UsageProblem};

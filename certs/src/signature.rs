@@ -5,6 +5,8 @@ use openssl::hash::MessageDigest;
 use openssl::pkey::{Id, PKeyRef, Public};
 use openssl::sign::Verifier;
 
+use crate::usage::UsageError;
+
 /// Why a signature was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
@@ -14,6 +16,9 @@ pub enum SignatureError {
     UnsupportedKey(String),
     #[error("the signature does not match the manifest and the signing certificate's key")]
     Invalid,
+    /// The signing certificate is not meant for signing (see [`crate::check_signer_usage`]).
+    #[error(transparent)]
+    CertUsage(#[from] UsageError),
 }
 
 /// Digest used with the author's key.
@@ -52,7 +57,9 @@ impl SignatureAlgorithm {
     }
 }
 
-/// Verifies `signature` (raw bytes: PKCS#1 v1.5 for RSA, DER for ECDSA) over `data`.
+/// Verifies `signature` (raw bytes: PKCS#1 v1.5 for RSA, DER for ECDSA) over `data` with a
+/// bare key. A manifest signature is checked with [`crate::VerifiedChain::verify_signature`],
+/// which also checks that the leaf certificate may sign.
 pub fn verify_signature(
     key: &PKeyRef<Public>,
     algorithm: SignatureAlgorithm,

@@ -10,7 +10,9 @@ use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::rsa::Rsa;
 use openssl::sign::Signer;
-use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectKeyIdentifier};
+use openssl::x509::extension::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectKeyIdentifier,
+};
 use openssl::x509::{X509Builder, X509NameBuilder, X509};
 
 /// Key types the product must accept.
@@ -76,11 +78,86 @@ impl Validity {
     }
 }
 
+/// The key usage extensions of an author's (leaf) certificate, by openssl's configuration
+/// names: `keyUsage` values such as `digitalSignature` or `keyAgreement`, and
+/// `extendedKeyUsage` values such as `codeSigning`, `serverAuth`, `anyExtendedKeyUsage` or
+/// a dotted OID. `None` leaves the extension out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeafUsage {
+    pub key_usage: Option<Vec<&'static str>>,
+    pub extended_key_usage: Option<Vec<&'static str>>,
+}
+
+impl LeafUsage {
+    /// What [`issue`] gives a leaf: `keyUsage=critical,digitalSignature`, no EKU.
+    pub fn signing() -> Self {
+        Self {
+            key_usage: Some(vec!["digitalSignature"]),
+            extended_key_usage: None,
+        }
+    }
+
+    /// Neither extension: the leaf's key may be used for anything.
+    pub fn unrestricted() -> Self {
+        Self::default()
+    }
+
+    pub fn key_usage(values: &[&'static str]) -> Self {
+        Self {
+            key_usage: Some(values.to_vec()),
+            extended_key_usage: None,
+        }
+    }
+
+    pub fn extended_key_usage(values: &[&'static str]) -> Self {
+        Self {
+            key_usage: None,
+            extended_key_usage: Some(values.to_vec()),
+        }
+    }
+}
+
+fn key_usage_extension(values: &[&str]) -> openssl::x509::X509Extension {
+    let mut ku = KeyUsage::new();
+    ku.critical();
+    for v in values {
+        match *v {
+            "digitalSignature" => ku.digital_signature(),
+            "nonRepudiation" => ku.non_repudiation(),
+            "keyEncipherment" => ku.key_encipherment(),
+            "dataEncipherment" => ku.data_encipherment(),
+            "keyAgreement" => ku.key_agreement(),
+            "keyCertSign" => ku.key_cert_sign(),
+            "cRLSign" => ku.crl_sign(),
+            "encipherOnly" => ku.encipher_only(),
+            "decipherOnly" => ku.decipher_only(),
+            other => panic!("unknown keyUsage value `{other}`"),
+        };
+    }
+    ku.build().unwrap()
+}
+
+fn extended_key_usage_extension(values: &[&str]) -> openssl::x509::X509Extension {
+    let mut eku = ExtendedKeyUsage::new();
+    for v in values {
+        // openssl takes its short names (`codeSigning`, `anyExtendedKeyUsage`) and dotted
+        // OIDs alike.
+        eku.other(v);
+    }
+    eku.build().unwrap()
+}
+
+/// What a test certificate is for.
+enum Profile<'a> {
+    Ca,
+    Leaf(&'a LeafUsage),
+}
+
 fn build(
     cn: &str,
     key: &PKey<Private>,
     issuer: Option<&Issued>,
-    ca: bool,
+    profile: Profile<'_>,
     validity: Validity,
 ) -> X509 {
     let mut name = X509NameBuilder::new().unwrap();
@@ -104,29 +181,24 @@ fn build(
         .unwrap();
     b.set_not_after(&Asn1Time::from_unix(validity.not_after.timestamp()).unwrap())
         .unwrap();
-    if ca {
-        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-            .unwrap();
-        b.append_extension(
-            KeyUsage::new()
-                .critical()
-                .key_cert_sign()
-                .crl_sign()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-    } else {
-        b.append_extension(BasicConstraints::new().critical().build().unwrap())
-            .unwrap();
-        b.append_extension(
-            KeyUsage::new()
-                .critical()
-                .digital_signature()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
+    match profile {
+        Profile::Ca => {
+            b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+                .unwrap();
+            b.append_extension(key_usage_extension(&["keyCertSign", "cRLSign"]))
+                .unwrap();
+        }
+        Profile::Leaf(usage) => {
+            b.append_extension(BasicConstraints::new().critical().build().unwrap())
+                .unwrap();
+            if let Some(values) = &usage.key_usage {
+                b.append_extension(key_usage_extension(values)).unwrap();
+            }
+            if let Some(values) = &usage.extended_key_usage {
+                b.append_extension(extended_key_usage_extension(values))
+                    .unwrap();
+            }
+        }
     }
     let ski = SubjectKeyIdentifier::new()
         .build(&b.x509v3_context(issuer.map(|i| i.cert.as_ref()), None))
@@ -140,14 +212,32 @@ fn build(
 /// A self-signed root CA.
 pub fn root(cn: &str, kind: KeyKind, validity: Validity) -> Issued {
     let key = kind.generate();
-    let cert = build(cn, &key, None, true, validity);
+    let cert = build(cn, &key, None, Profile::Ca, validity);
     Issued { cert, key }
 }
 
-/// A certificate issued by `issuer`: an intermediate CA when `ca`, else an author's leaf.
+/// A certificate issued by `issuer`: an intermediate CA when `ca`, else an author's leaf
+/// with [`LeafUsage::signing`].
 pub fn issue(issuer: &Issued, cn: &str, kind: KeyKind, ca: bool, validity: Validity) -> Issued {
+    if ca {
+        let key = kind.generate();
+        let cert = build(cn, &key, Some(issuer), Profile::Ca, validity);
+        Issued { cert, key }
+    } else {
+        issue_leaf(issuer, cn, kind, validity, &LeafUsage::signing())
+    }
+}
+
+/// An author's leaf issued by `issuer` with the given key usage extensions.
+pub fn issue_leaf(
+    issuer: &Issued,
+    cn: &str,
+    kind: KeyKind,
+    validity: Validity,
+    usage: &LeafUsage,
+) -> Issued {
     let key = kind.generate();
-    let cert = build(cn, &key, Some(issuer), ca, validity);
+    let cert = build(cn, &key, Some(issuer), Profile::Leaf(usage), validity);
     Issued { cert, key }
 }
 

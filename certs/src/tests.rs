@@ -38,6 +38,9 @@ fn foo_req_signature_over_base64_text_verifies_and_unknown_signer_does_not() {
         .verify(&read("certs/foo_req.cert.pem"), Utc::now())
         .unwrap();
     assert_eq!(chain.certs.len(), 3, "foo_req → foo_inter → foo_ca");
+    // The signature format and the chain are yagna's; the key check below is the bare
+    // one, because foo_req is a TLS server certificate and may not sign manifests here
+    // (see `yagna_foo_req_is_a_tls_certificate_and_may_not_sign_manifests`).
     let data = read("signatures/data.json.base64");
     let good = b64(&read(
         "signatures/data.json.base64.foo_req_sign.sha256.base64",
@@ -55,6 +58,164 @@ fn foo_req_signature_over_base64_text_verifies_and_unknown_signer_does_not() {
         verify_signature(&chain.leaf_key, SignatureAlgorithm::Sha512, &data, &good),
         Err(SignatureError::Invalid)
     );
+}
+
+#[test]
+fn yagna_foo_req_is_a_tls_certificate_and_may_not_sign_manifests() {
+    let verifier = ChainVerifier::new(keystore_of(&["certs/foo_ca.cert.pem"]));
+    let data = read("signatures/data.json.base64");
+    let good = b64(&read(
+        "signatures/data.json.base64.foo_req_sign.sha256.base64",
+    ));
+    for (file, with_inter) in [
+        ("certs/foo_inter_req-chain.cert.pem", false),
+        ("goth-outbound/outbound_certificate.cert", true),
+    ] {
+        let mut pem = read(file);
+        if with_inter {
+            pem.extend(read("certs/foo_inter.cert.pem"));
+        }
+        let chain = verifier.verify(&pem, Utc::now()).unwrap();
+        assert_eq!(chain.certs[0].short_name(), "Foo Req", "{file}");
+        let err = chain
+            .verify_signature(SignatureAlgorithm::Sha256, &data, &good)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SignatureError::CertUsage(UsageError {
+                subject: "Foo Req".into(),
+                problem: UsageProblem::ExtendedKeyUsage(vec!["serverAuth"]),
+            }),
+            "{file}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with("certificate `Foo Req` may not sign manifests: its extendedKeyUsage lacks codeSigning (it has serverAuth); issue the author a leaf certificate with extendedKeyUsage codeSigning"),
+            "{message}"
+        );
+    }
+    // Its keyUsage alone would do (digitalSignature, keyEncipherment); yagna's CAs carry
+    // keyUsage digitalSignature, keyCertSign, cRLSign and no extendedKeyUsage.
+    for file in [
+        "certs/foo_ca.cert.pem",
+        "certs/foo_inter.cert.pem",
+        "certs/dummy_inter.cert.pem",
+    ] {
+        let cert = parse_certificates(&read(file)).unwrap().remove(0);
+        check_signer_usage(&cert).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
+
+#[test]
+fn signer_usage_rule_on_generated_leaves() {
+    use crate::testpki::LeafUsage;
+    let root = testpki::root("Root", KeyKind::EcP256, Validity::current());
+    let leaf = |usage: LeafUsage| {
+        testpki::issue_leaf(
+            &root,
+            "Author",
+            KeyKind::EcP256,
+            Validity::current(),
+            &usage,
+        )
+        .cert
+    };
+    let ok = [
+        LeafUsage::unrestricted(),
+        LeafUsage::signing(),
+        LeafUsage::key_usage(&["digitalSignature", "keyAgreement"]),
+        LeafUsage::extended_key_usage(&["codeSigning"]),
+        LeafUsage::extended_key_usage(&["anyExtendedKeyUsage"]),
+        LeafUsage::extended_key_usage(&["1.3.6.1.4.1.55555.1", "codeSigning"]),
+    ];
+    for usage in ok {
+        check_signer_usage(&leaf(usage.clone())).unwrap_or_else(|e| panic!("{usage:?}: {e}"));
+    }
+    let refused = [
+        (
+            LeafUsage::key_usage(&["keyAgreement"]),
+            UsageProblem::KeyUsage(vec!["keyAgreement"]),
+        ),
+        (
+            LeafUsage::key_usage(&["nonRepudiation", "keyEncipherment"]),
+            UsageProblem::KeyUsage(vec!["nonRepudiation", "keyEncipherment"]),
+        ),
+        (
+            LeafUsage::extended_key_usage(&["serverAuth"]),
+            UsageProblem::ExtendedKeyUsage(vec!["serverAuth"]),
+        ),
+        (
+            LeafUsage::extended_key_usage(&["clientAuth", "emailProtection"]),
+            UsageProblem::ExtendedKeyUsage(vec!["clientAuth", "emailProtection"]),
+        ),
+        (
+            LeafUsage::extended_key_usage(&["1.3.6.1.4.1.55555.1"]),
+            UsageProblem::ExtendedKeyUsage(vec![]),
+        ),
+        (
+            LeafUsage {
+                key_usage: Some(vec!["keyAgreement"]),
+                extended_key_usage: Some(vec!["serverAuth"]),
+            },
+            UsageProblem::KeyUsage(vec!["keyAgreement"]),
+        ),
+    ];
+    for (usage, problem) in refused {
+        let err = check_signer_usage(&leaf(usage.clone())).unwrap_err();
+        assert_eq!(err.subject, "Author", "{usage:?}");
+        assert_eq!(err.problem, problem, "{usage:?}");
+    }
+    let unknown = check_signer_usage(&leaf(LeafUsage::extended_key_usage(&[
+        "1.3.6.1.4.1.55555.1",
+    ])))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        unknown.contains("it has only purposes other than codeSigning and anyExtendedKeyUsage"),
+        "{unknown}"
+    );
+}
+
+#[test]
+fn a_chain_verifies_but_its_signature_does_not_count_when_the_leaf_may_not_sign() {
+    use crate::testpki::LeafUsage;
+    let root = testpki::root("Root", KeyKind::EcP256, Validity::current());
+    let ks = Keystore::from_files(vec![("r".into(), root.cert.to_pem().unwrap())]).unwrap();
+    let verifier = ChainVerifier::new(Arc::new(ks));
+    let ecdh = testpki::issue_leaf(
+        &root,
+        "ECDH Key",
+        KeyKind::EcP256,
+        Validity::current(),
+        &LeafUsage::key_usage(&["keyAgreement"]),
+    );
+    let sig = testpki::sign(&ecdh.key, MessageDigest::sha256(), b"bWFuaWZlc3Q=");
+    let chain = verifier
+        .verify(&testpki::pem(&[&ecdh.cert]), Utc::now())
+        .unwrap();
+    // The signature is mathematically valid, and still refused, on every (cached) call.
+    verify_signature(
+        &chain.leaf_key,
+        SignatureAlgorithm::Sha256,
+        b"bWFuaWZlc3Q=",
+        &sig,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let chain = verifier
+            .verify(&testpki::pem(&[&ecdh.cert]), Utc::now())
+            .unwrap();
+        match chain.verify_signature(SignatureAlgorithm::Sha256, b"bWFuaWZlc3Q=", &sig) {
+            Err(SignatureError::CertUsage(e)) => {
+                assert_eq!(e.problem, UsageProblem::KeyUsage(vec!["keyAgreement"]));
+                assert_eq!(
+                    e.to_string(),
+                    "certificate `ECDH Key` may not sign manifests: its keyUsage lacks digitalSignature (it has keyAgreement); issue the author a leaf certificate with keyUsage digitalSignature"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -189,10 +350,11 @@ fn generated_chains_of_every_key_kind_verify_with_every_digest() {
             (SignatureAlgorithm::Sha512, MessageDigest::sha512()),
         ] {
             let sig = testpki::sign(&leaf.key, md, b"bWFuaWZlc3Q=");
-            verify_signature(&chain.leaf_key, alg, b"bWFuaWZlc3Q=", &sig)
+            chain
+                .verify_signature(alg, b"bWFuaWZlc3Q=", &sig)
                 .unwrap_or_else(|e| panic!("{kind:?} {alg:?}: {e}"));
             assert_eq!(
-                verify_signature(&chain.leaf_key, alg, b"bWFuaWZlc3Q!", &sig),
+                chain.verify_signature(alg, b"bWFuaWZlc3Q!", &sig),
                 Err(SignatureError::Invalid)
             );
         }
@@ -261,8 +423,16 @@ fn keystore_directory_loads_and_skips_hidden_files() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), read("certs/foo_ca.cert.pem")).unwrap();
     std::fs::write(dir.path().join(".ca.pem.tmp.1"), b"half-writ").unwrap();
+    // A temp whose writer died after writing it whole, before the rename: still not a
+    // certificate of the keystore.
+    std::fs::write(
+        dir.path().join(".inter.pem.tmp.4242"),
+        read("certs/foo_inter.cert.pem"),
+    )
+    .unwrap();
     let ks = Keystore::load(dir.path()).unwrap();
     assert_eq!(ks.len(), 1);
+    assert_eq!(ks.certs().next().unwrap().info.short_name(), "Foo Co");
     std::fs::write(
         dir.path().join("bad.pem"),
         b"-----BEGIN CERTIFICATE-----\nAAAA",

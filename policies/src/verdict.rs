@@ -36,6 +36,7 @@ pub enum Code {
     CertChainUntrusted,
     CertExpired,
     CertNotYetValid,
+    CertUsageInvalid,
     OutboundDisabled,
     OutboundRuleNone,
     UrlNotWhitelisted,
@@ -60,6 +61,7 @@ impl Code {
             Code::CertChainUntrusted => "cert-chain-untrusted",
             Code::CertExpired => "cert-expired",
             Code::CertNotYetValid => "cert-not-yet-valid",
+            Code::CertUsageInvalid => "cert-usage-invalid",
             Code::OutboundDisabled => "outbound-disabled",
             Code::OutboundRuleNone => "outbound-rule-none",
             Code::UrlNotWhitelisted => "url-not-whitelisted",
@@ -454,13 +456,13 @@ impl Judge {
             }
         };
         // The signed text is the manifest's base64 as sent, byte for byte.
-        match certs::verify_signature(
-            &verified.leaf_key,
-            algorithm,
-            manifest_b64.trim().as_bytes(),
-            &raw_sig,
-        ) {
+        match verified.verify_signature(algorithm, manifest_b64.trim().as_bytes(), &raw_sig) {
             Ok(()) => Some(verified),
+            // Names the certificate already.
+            Err(SignatureError::CertUsage(e)) => {
+                reasons.push(Reason::new(Code::CertUsageInvalid, e.to_string()));
+                None
+            }
             Err(e) => {
                 let code = match e {
                     SignatureError::Invalid => Code::SignatureInvalid,

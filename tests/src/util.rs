@@ -38,6 +38,21 @@ pub fn yagna(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// yagna's real intermediate CA `Foo Inter` with its private key (the key file is encrypted
+/// with the passphrase in `pass.txt`), to issue leaves under yagna's own chain.
+pub fn yagna_foo_inter() -> Issued {
+    let cert =
+        openssl::x509::X509::from_pem(&std::fs::read(yagna("certs/foo_inter.cert.pem")).unwrap())
+            .unwrap();
+    let pass = std::fs::read_to_string(yagna("certs/pass.txt")).unwrap();
+    let key = openssl::pkey::PKey::private_key_from_pem_passphrase(
+        &std::fs::read(yagna("certs/foo_inter.key.pem")).unwrap(),
+        pass.trim().as_bytes(),
+    )
+    .unwrap();
+    Issued { cert, key }
+}
+
 /// A throwaway provider data dir plus a scratch dir for input files.
 pub struct Provider {
     pub home: tempfile::TempDir,

@@ -1,11 +1,15 @@
 //! The operator's command line end to end: keystore, rules, whitelist and `manifest check`
 //! on real files in a throwaway data dir.
 
-use certs::testpki::{self, KeyKind, Validity};
-use tests::util::{b64, manifest, write_signed, yagna, Provider, OTHER_PEER, PEER};
+use certs::testpki::{self, KeyKind, LeafUsage, Validity};
+use tests::util::{
+    b64, manifest, write_signed, yagna, yagna_foo_inter, Provider, OTHER_PEER, PEER,
+};
 
 const FOO_INTER: &str = "55e451bd1a2f43570a25052b863af1d527fe6fd4bfd1482fdb241596432477f20eb2b2f3801fb5c6cd785f1a03c43ccf71fd8cdf0a974d1296be2326b0824673";
 
+/// yagna's goth demand as yagna sends it: signed by `foo_req`, a TLS server certificate
+/// (extendedKeyUsage serverAuth only), which may not sign manifests here.
 fn goth_check(p: &Provider) -> tests::util::Run {
     p.check(
         &yagna("goth-outbound/outbound_manifest.json"),
@@ -18,6 +22,46 @@ fn goth_check(p: &Provider) -> tests::util::Run {
     )
 }
 
+/// The same goth manifest signed (with `requestor manifest sign`) by a code-signing leaf
+/// issued by yagna's real `Foo Inter` CA.
+fn goth_code_signed_check(p: &Provider) -> tests::util::Run {
+    let leaf = testpki::issue_leaf(
+        &yagna_foo_inter(),
+        "Foo Code Signer",
+        KeyKind::Rsa2048,
+        Validity::current(),
+        &LeafUsage {
+            key_usage: Some(vec!["digitalSignature"]),
+            extended_key_usage: Some(vec!["codeSigning"]),
+        },
+    );
+    let key = p.write_input("signer.key", leaf.key.private_key_to_pem_pkcs8().unwrap());
+    let manifest = yagna("goth-outbound/outbound_manifest.json");
+    let sig = p.input("goth.sig");
+    p.requestor([
+        "manifest".as_ref(),
+        "sign".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--out".as_ref(),
+        sig.as_os_str(),
+    ])
+    .ok();
+    let chain = p.write_input("signer.pem", leaf.cert.to_pem().unwrap());
+    p.check(&manifest, Some((&sig, "sha256", &chain)), &[])
+}
+
+fn codes(r: &tests::util::Run) -> Vec<String> {
+    r.json()["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["code"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
     let p = Provider::new();
@@ -27,9 +71,9 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
     ])
     .ok();
     // Before any rule: everyone=whitelist with an empty whitelist refuses the URLs.
-    let before = goth_check(&p);
+    let before = goth_code_signed_check(&p);
     assert_eq!(before.code, 1, "{before:?}");
-    assert_eq!(before.json()["reasons"][0]["code"], "url-not-whitelisted");
+    assert_eq!(codes(&before), ["url-not-whitelisted"]);
 
     p.run([
         "rule",
@@ -42,7 +86,7 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
         "all",
     ])
     .ok();
-    let v = goth_check(&p).ok().json();
+    let v = goth_code_signed_check(&p).ok().json();
     assert_eq!(v["verdict"], "accept");
     assert_eq!(v["reasons"], serde_json::json!([]));
     assert_eq!(v["matched_rule"]["rule"], "audited-payload");
@@ -58,6 +102,39 @@ fn yagna_goth_outbound_manifest_is_accepted_under_an_audited_payload_rule() {
 }
 
 #[test]
+fn yagna_goth_signature_by_the_tls_certificate_foo_req_is_cert_usage_invalid() {
+    let p = Provider::new();
+    p.keystore_add(&[
+        &yagna("certs/foo_ca.cert.pem"),
+        &yagna("certs/foo_inter.cert.pem"),
+    ])
+    .ok();
+    p.run([
+        "rule",
+        "set",
+        "outbound",
+        "audited-payload",
+        "cert-id",
+        "55e451",
+        "--mode",
+        "all",
+    ])
+    .ok();
+    // The chain reaches the keystore and the signature is yagna's valid one: the only
+    // problem is what foo_req is for. Without the grant the everyone rule answers too.
+    let r = goth_check(&p);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(codes(&r), ["cert-usage-invalid", "url-not-whitelisted"]);
+    let message = r.json()["reasons"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for needle in ["`Foo Req`", "extendedKeyUsage", "serverAuth", "codeSigning"] {
+        assert!(message.contains(needle), "`{needle}` missing: {message}");
+    }
+}
+
+#[test]
 fn yagna_goth_rules_json_works_as_a_data_dir_file() {
     let p = Provider::new();
     p.keystore_add(&[
@@ -70,7 +147,7 @@ fn yagna_goth_rules_json_works_as_a_data_dir_file() {
         p.data_dir().join("rules.json"),
     )
     .unwrap();
-    let v = goth_check(&p).ok().json();
+    let v = goth_code_signed_check(&p).ok().json();
     assert_eq!(v["matched_rule"]["cert_id"], FOO_INTER);
     let table = p.run(["rule", "list"]).ok().stdout;
     assert!(
@@ -304,14 +381,6 @@ fn generated_chains_cover_signature_and_certificate_codes() {
 
     let check = |m: &std::path::Path, s: &std::path::Path, alg: &str, c: &std::path::Path| {
         p.check(m, Some((s, alg, c)), &[])
-    };
-    let codes = |r: &tests::util::Run| -> Vec<String> {
-        r.json()["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["code"].as_str().unwrap().to_owned())
-            .collect()
     };
 
     // Audited-payload on the intermediate, set by importing its file.
@@ -618,4 +687,169 @@ fn new_data_dir_defaults() {
         names.iter().all(|n| !n.to_string_lossy().contains(".tmp")),
         "{names:?}"
     );
+}
+
+/// A pid above any kernel's `pid_max` (at most 2^22): never a running process.
+const NEVER_A_PID: u32 = 2_000_000_000;
+
+/// Hidden `.<name>.tmp.<pid>` files of a directory.
+fn temps(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.contains(".tmp."))
+        .collect();
+    names.sort();
+    names
+}
+
+fn listed_ids(p: &Provider) -> std::collections::BTreeSet<String> {
+    p.run(["--json", "keystore", "list"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn temps_of_killed_writers_are_never_certificates_and_the_next_write_removes_them() {
+    let p = Provider::new();
+    p.keystore_add(&[&yagna("certs/foo_ca.cert.pem")]).ok();
+    let cert_dir = p.data_dir().join("cert-dir");
+    let foo_ca = listed_ids(&p);
+    // What writers killed before their rename leave: a whole certificate, a half-written
+    // one, a rules file; and the temp of a writer that is still running (this test).
+    let inter = std::fs::read(yagna("certs/foo_inter.cert.pem")).unwrap();
+    std::fs::write(cert_dir.join(format!(".a.pem.tmp.{NEVER_A_PID}")), &inter).unwrap();
+    std::fs::write(
+        cert_dir.join(format!(".b.pem.tmp.{NEVER_A_PID}")),
+        &inter[..100],
+    )
+    .unwrap();
+    std::fs::write(
+        p.data_dir().join(format!(".rules.json.tmp.{NEVER_A_PID}")),
+        b"{\"outbound\": {",
+    )
+    .unwrap();
+    let live = format!(".c.pem.tmp.{}", std::process::id());
+    std::fs::write(cert_dir.join(&live), &inter).unwrap();
+
+    // Readers skip them (and, holding no lock, leave them).
+    assert_eq!(listed_ids(&p), foo_ca);
+    assert_eq!(temps(&cert_dir).len(), 3);
+    let v = goth_check(&p);
+    assert_eq!(v.code, 1, "{v:?}");
+
+    // The next command that takes the lock removes the dead writers' temps, not the live one.
+    p.keystore_add(&[&yagna("certs/foo_inter.cert.pem")]).ok();
+    assert_eq!(temps(&cert_dir), vec![live]);
+    assert_eq!(temps(&p.data_dir()), Vec::<String>::new());
+    let ids = listed_ids(&p);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        ids.contains(FOO_INTER) && ids.is_superset(&foo_ca),
+        "{ids:?}"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&cert_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}.pem")).collect();
+    expected.sort();
+    assert_eq!(files, expected);
+}
+
+#[test]
+fn kill_9_during_keystore_add_leaves_no_temp_after_the_next_command() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let p = Provider::new();
+    let root = testpki::root("Kill Root", KeyKind::EcP256, Validity::current());
+    let mut all_ids = std::collections::BTreeSet::new();
+    let mut bundle = |name: &str| {
+        // Several certificates per file: several atomic writes per command, so a kill at a
+        // random moment often lands between a temp's creation and its rename.
+        let certs: Vec<_> = (0..8)
+            .map(|i| {
+                testpki::issue(
+                    &root,
+                    &format!("{name} {i}"),
+                    KeyKind::EcP256,
+                    false,
+                    Validity::current(),
+                )
+                .cert
+            })
+            .collect();
+        all_ids.extend(certs.iter().map(|c| certs::cert_id(c)));
+        p.write_input(
+            &format!("{name}.pem"),
+            testpki::pem(&certs.iter().collect::<Vec<_>>()),
+        )
+    };
+    let spawn = |path: &std::path::Path| {
+        Command::new(tests::util::bin("provider"))
+            .arg("--data-dir")
+            .arg(p.data_dir())
+            .args(["keystore", "add"])
+            .arg(path)
+            .env_remove("PROVIDER_DATA_DIR")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // How long one whole command takes here: the kills fall within that.
+    let first = bundle("first");
+    let started = Instant::now();
+    assert!(spawn(&first).wait().unwrap().success());
+    let span = started.elapsed().as_micros().max(1000) as u64;
+
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}, one command takes {span} µs");
+    let cert_dir = p.data_dir().join("cert-dir");
+    let mut left_behind = 0;
+    for i in 0..30 {
+        let path = bundle(&format!("batch{i}"));
+        let mut child = spawn(&path);
+        // xorshift64
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_micros(seed % span));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        left_behind += temps(&cert_dir).len();
+    }
+    eprintln!("temps seen after the kills (summed over iterations): {left_behind}");
+
+    // The next command that writes cleans up; the keystore holds exactly the certificates
+    // whose files were renamed into place, each whole.
+    let last = bundle("last");
+    p.keystore_add(&[&last]).ok();
+    assert_eq!(temps(&cert_dir), Vec::<String>::new());
+    assert_eq!(temps(&p.data_dir()), Vec::<String>::new());
+    let ids = listed_ids(&p);
+    assert!(ids.is_subset(&all_ids), "{ids:?}");
+    let mut files: Vec<String> = std::fs::read_dir(&cert_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}.pem")).collect();
+    expected.sort();
+    assert_eq!(files, expected);
 }

@@ -4,4 +4,5 @@ mod judge;
 mod manifest;
 mod partner;
 mod rules_whitelist;
+mod signer_usage;
 mod util;
