@@ -864,6 +864,56 @@ async fn redirects_are_passed_to_the_client_not_followed() {
     assert_eq!(elsewhere.hits.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test]
+async fn path_tricks_below_a_prefix_are_refused_before_the_upstream() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let p = start(
+        manifest(&[format!("http://localhost:{port}/allowed/")]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let request = |path: &str| {
+        format!(
+            "GET http://localhost:{port}{path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for path in [
+        "/allowed/%2e%2e/admin",
+        "/allowed/%252e%252e/admin",
+        "/allowed/%252E%252E%252Fadmin",
+        "/allowed/..;/admin",
+        "/allowed/..;foo/admin",
+        "/allowed/.;x/admin",
+        "/allowed/%c0%ae%c0%ae/admin",
+        "/allowed/..%c0%afadmin",
+        "/allowed/%e0%80%ae%e0%80%ae/admin",
+    ] {
+        let out = raw(p.addr, request(path).as_bytes()).await;
+        assert_eq!(status_of(&out), 403, "{path}: {out}");
+        assert!(out.contains("x-egress-deny: path-not-allowed"), "{path}: {out}");
+        let destination = format!("http://localhost:{port}{path}");
+        let r = p
+            .audited(|r| r.decision == "deny" && r.destination == destination)
+            .await;
+        assert_eq!((r.rule.as_str(), r.status), ("path-not-allowed", 403));
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+    // Ordinary names pass, unchanged.
+    for path in [
+        "/allowed/a%20b.txt",
+        "/allowed/file.tar.gz",
+        "/allowed/v1.2/x",
+        "/allowed/caf%C3%A9/%E2%82%AC.txt",
+        "/allowed/100%25.txt",
+    ] {
+        let out = raw(p.addr, request(path).as_bytes()).await;
+        assert_eq!(status_of(&out), 200, "{path}: {out}");
+        assert!(out.ends_with(&format!("path={path}")), "{path}: {out}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Bad input never stops the proxy
 
