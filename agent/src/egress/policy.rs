@@ -223,6 +223,8 @@ pub enum DenyCode {
     NotTls,
     /// The request is not something this proxy serves.
     BadRequest,
+    /// The request line and headers are longer than the limit.
+    HeadTooLarge,
     /// The job already has its maximum of concurrent tunnels.
     TooManyTunnels,
     /// The job has used its byte budget.
@@ -253,6 +255,7 @@ impl DenyCode {
             DenyCode::SniMismatch => "sni-mismatch",
             DenyCode::NotTls => "not-tls",
             DenyCode::BadRequest => "bad-request",
+            DenyCode::HeadTooLarge => "head-too-large",
             DenyCode::TooManyTunnels => "too-many-tunnels",
             DenyCode::ByteBudget => "byte-budget",
             DenyCode::TooManyConnections => "too-many-connections",
@@ -261,11 +264,12 @@ impl DenyCode {
         }
     }
 
-    /// The HTTP status a client gets: 403 policy, 400 bad input, 429/503 limits, 502
+    /// The HTTP status a client gets: 403 policy, 400 bad input, 431/429/503 limits, 502
     /// upstream trouble.
     pub fn status(self) -> u16 {
         match self {
             DenyCode::BadRequest => 400,
+            DenyCode::HeadTooLarge => 431,
             DenyCode::TooManyTunnels => 429,
             DenyCode::ByteBudget | DenyCode::TooManyConnections => 503,
             DenyCode::DnsFailed | DenyCode::UpstreamFailed => 502,
@@ -312,7 +316,8 @@ pub struct Limits {
     pub max_bytes: u64,
     /// A connection with no byte moving in either direction for this long is closed.
     pub idle_timeout: Duration,
-    /// The request line and headers together (hyper's read buffer; at least 8 KiB).
+    /// The request line and headers together, up to and including the empty line that
+    /// ends them: a longer request head gets 431 and the connection is closed.
     pub max_header_bytes: usize,
     /// Time to establish the TCP connection to an upstream address.
     pub connect_timeout: Duration,

@@ -36,6 +36,8 @@ use super::sni::{self, SniError};
 /// Tunnel copy buffers, per direction. Large enough that a bulk transfer moves in few
 /// syscalls; small enough that a thousand idle tunnels stay cheap.
 const TUNNEL_BUF: usize = 64 * 1024;
+/// Header fields hyper accepts in one request head (its default; more get 431).
+const MAX_HEADER_FIELDS: usize = 100;
 /// The `Via` token this proxy adds, and refuses to see twice.
 const VIA: &str = "1.1 provider-egress";
 const VIA_TOKEN: &str = "provider-egress";
@@ -282,7 +284,7 @@ where
     let limits = proxy.policy.limits().clone();
     let io = TokioIo::new(Metered::new(stream, limits.idle_timeout, None));
     let conn = Arc::new(Conn::<S> {
-        proxy,
+        proxy: proxy.clone(),
         pooled: Mutex::new(None),
         _stream: PhantomData,
     });
@@ -290,15 +292,65 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
+    let started = Instant::now();
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
+        // `max_buf_size` alone does not bound the head: hyper checks it only while a head
+        // is incomplete, and one read may fill more than it (the buffer's spare capacity
+        // after growing), so a head that arrives at once was parsed whatever its size.
+        // `max_header_size` is checked on the complete head as well.
         .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
         .preserve_header_case(true)
         .serve_connection(io, service)
         .with_upgrades()
-        .await?;
+        .await
+        .inspect_err(|e| audit_unparsed(&proxy, e, started))?;
     Ok(())
+}
+
+/// Audits a request hyper refused before the proxy saw it (it answered 400, 414 or 431
+/// itself and closes the connection): there is no method or destination to name.
+fn audit_unparsed(proxy: &Proxy, e: &hyper::Error, started: Instant) {
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return;
+    }
+    let limit = proxy.policy.limits().max_header_bytes;
+    let (d, status) = if e.is_parse_too_large() {
+        // The same kind covers a URI over hyper's own limit (64 KiB - 2), answered 414.
+        let uri = e.to_string().contains("URI");
+        let d = Denial::new(
+            DenyCode::HeadTooLarge,
+            format!(
+                "the request line and headers exceed the limit ({limit} bytes, {MAX_HEADER_FIELDS} fields)"
+            ),
+        );
+        (d, if uri { 414 } else { 431 })
+    } else {
+        let d = Denial::new(
+            DenyCode::BadRequest,
+            format!("the request could not be parsed: {e}"),
+        );
+        (d, 400)
+    };
+    let ask = Ask {
+        method: String::new(),
+        destination: String::new(),
+        started,
+    };
+    proxy.audit(
+        &ask,
+        Outcome {
+            resolved: None,
+            decision: "deny",
+            rule: d.code.as_str(),
+            reason: d.message,
+            status,
+            up: 0,
+            down: 0,
+        },
+    );
 }
 
 /// Accepts connections and serves each on its own task, forever. Accept errors (out of

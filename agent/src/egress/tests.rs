@@ -914,6 +914,53 @@ async fn path_tricks_below_a_prefix_are_refused_before_the_upstream() {
     }
 }
 
+/// A request head of exactly `len` bytes: the request line, Host, and one `X-Fill` header
+/// that makes up the rest.
+fn head_of_len(port: u16, len: usize) -> String {
+    let start = format!(
+        "GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\nX-Fill: "
+    );
+    let end = "\r\n\r\n";
+    let fill = len - start.len() - end.len();
+    let head = format!("{start}{}{end}", "a".repeat(fill));
+    assert_eq!(head.len(), len);
+    head
+}
+
+#[tokio::test]
+async fn request_heads_over_the_limit_get_431_and_an_audit_line() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let p = start(
+        manifest(&[format!("http://localhost:{port}/")]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let limit = Limits::default().max_header_bytes;
+    assert_eq!(limit, 64 << 10);
+    // One 100 KiB header.
+    let out = raw(p.addr, head_of_len(port, 100 << 10).as_bytes()).await;
+    assert_eq!(status_of(&out), 431, "{}", &out[..out.len().min(200)]);
+    let r = p.denied("head-too-large").await;
+    assert_eq!(r.status, 431);
+    // One byte over the limit, and many headers that add up to more.
+    let out = raw(p.addr, head_of_len(port, limit + 1).as_bytes()).await;
+    assert_eq!(status_of(&out), 431, "{}", &out[..out.len().min(200)]);
+    let mut many = format!("GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}\r\n");
+    for i in 0..90 {
+        many.push_str(&format!("X-Part-{i}: {}\r\n", "b".repeat(1000)));
+    }
+    many.push_str("\r\n");
+    let out = raw(p.addr, many.as_bytes()).await;
+    assert_eq!(status_of(&out), 431, "{}", &out[..out.len().min(200)]);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+    // Exactly the limit passes.
+    let out = raw(p.addr, head_of_len(port, limit).as_bytes()).await;
+    assert_eq!(status_of(&out), 200, "{}", &out[..out.len().min(200)]);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Bad input never stops the proxy
 
@@ -932,6 +979,11 @@ async fn bad_input_gets_an_error_status_and_the_proxy_keeps_serving() {
     .await;
     let out = raw(p.addr, b"\x16\x03\x01garbage that is not HTTP\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // Refused by the HTTP parser, before there is a destination: audited all the same.
+    let r = p
+        .audited(|r| r.rule == "bad-request" && r.reason.contains("could not be parsed"))
+        .await;
+    assert_eq!((r.decision.as_str(), r.status), ("deny", 400));
 
     let mut line = b"GET http://localhost/".to_vec();
     line.extend(std::iter::repeat_n(b'a', 1 << 20));
