@@ -261,11 +261,19 @@ fn oversized_request_heads_are_refused_and_audited() {
         )
     };
     let big = request(p.addr, &head(100 << 10));
-    assert!(big.starts_with("HTTP/1.1 431"), "{}", &big[..big.len().min(200)]);
+    assert!(
+        big.starts_with("HTTP/1.1 431"),
+        "{}",
+        &big[..big.len().min(200)]
+    );
     let under = head((64 << 10) - 200);
     assert!(under.len() < 64 << 10);
     let ok = request(p.addr, &under);
-    assert!(ok.starts_with("HTTP/1.1 200"), "{}", &ok[..ok.len().min(200)]);
+    assert!(
+        ok.starts_with("HTTP/1.1 200"),
+        "{}",
+        &ok[..ok.len().min(200)]
+    );
 
     let lines = audit_lines(&data.join("audit.jsonl"), 2);
     assert_eq!(lines.len(), 2, "{lines:?}");

@@ -652,7 +652,9 @@ pub fn path_trick(path: &str) -> Option<&'static str> {
             return Some("a control character");
         }
         if form.split(|b| *b == b'/').any(dot_segment) {
-            return Some("a dot segment (`.` or `..`, also with `;` parameters or trailing spaces)");
+            return Some(
+                "a dot segment (`.` or `..`, also with `;` parameters or trailing spaces)",
+            );
         }
         let mut decoded = Vec::with_capacity(form.len());
         let mut escapes = false;
@@ -820,7 +822,10 @@ mod tests {
     /// code as plain dot segments, whatever layer of encoding hides them.
     #[test]
     fn path_tricks_below_a_prefix_are_refused() {
-        let p = policy(&["http://h.example/allowed/", "http://h.example/v1"], Mode::All);
+        let p = policy(
+            &["http://h.example/allowed/", "http://h.example/v1"],
+            Mode::All,
+        );
         for path in [
             // dot segments and encoded dots, slashes, backslashes (the rule before)
             "/allowed/../admin",
@@ -898,7 +903,9 @@ mod tests {
         }
         // Below `/` nothing can leave the prefix, so nothing is refused for its form.
         let root = policy(&["http://h.example/"], Mode::All);
-        assert!(root.check(&http("h.example", 80, "/%252e%252e/..;/x")).is_ok());
+        assert!(root
+            .check(&http("h.example", 80, "/%252e%252e/..;/x"))
+            .is_ok());
     }
 
     #[test]

@@ -892,7 +892,10 @@ async fn path_tricks_below_a_prefix_are_refused_before_the_upstream() {
     ] {
         let out = raw(p.addr, request(path).as_bytes()).await;
         assert_eq!(status_of(&out), 403, "{path}: {out}");
-        assert!(out.contains("x-egress-deny: path-not-allowed"), "{path}: {out}");
+        assert!(
+            out.contains("x-egress-deny: path-not-allowed"),
+            "{path}: {out}"
+        );
         let destination = format!("http://localhost:{port}{path}");
         let r = p
             .audited(|r| r.decision == "deny" && r.destination == destination)
