@@ -225,6 +225,12 @@ pub enum DenyCode {
     BadRequest,
     /// The request line and headers are longer than the limit.
     HeadTooLarge,
+    /// The request asks to switch protocols, and no `ws` URL (or protocol) allows a
+    /// WebSocket upgrade to the destination, or it asks for another protocol.
+    UpgradeNotAllowed,
+    /// The upstream answered `101 Switching Protocols` to a request that did not ask for
+    /// it, or switched to another protocol than the one asked for.
+    UnrequestedUpgrade,
     /// The job already has its maximum of concurrent tunnels.
     TooManyTunnels,
     /// The job has used its byte budget.
@@ -256,6 +262,8 @@ impl DenyCode {
             DenyCode::NotTls => "not-tls",
             DenyCode::BadRequest => "bad-request",
             DenyCode::HeadTooLarge => "head-too-large",
+            DenyCode::UpgradeNotAllowed => "upgrade-not-allowed",
+            DenyCode::UnrequestedUpgrade => "unrequested-upgrade",
             DenyCode::TooManyTunnels => "too-many-tunnels",
             DenyCode::ByteBudget => "byte-budget",
             DenyCode::TooManyConnections => "too-many-connections",
@@ -272,7 +280,7 @@ impl DenyCode {
             DenyCode::HeadTooLarge => 431,
             DenyCode::TooManyTunnels => 429,
             DenyCode::ByteBudget | DenyCode::TooManyConnections => 503,
-            DenyCode::DnsFailed | DenyCode::UpstreamFailed => 502,
+            DenyCode::DnsFailed | DenyCode::UpstreamFailed | DenyCode::UnrequestedUpgrade => 502,
             _ => 403,
         }
     }
@@ -477,7 +485,25 @@ impl EgressPolicy {
     }
 
     /// Which rule allows the destination (its text, for the audit log), or why none does.
+    ///
+    /// A WebSocket upgrade to a destination that is listed, but not by a `ws` URL (or, when
+    /// unrestricted, without the `ws` protocol), is `upgrade-not-allowed`: after the `101`
+    /// the connection carries whatever the two ends speak, so only a manifest that asked
+    /// for WebSocket gets one.
     pub fn check(&self, dest: &Destination) -> Result<String, Denial> {
+        self.check_access(dest).map_err(|d| match (&dest.access, d.code) {
+            (Access::WebSocket { .. }, DenyCode::WrongScheme) => Denial::new(
+                DenyCode::UpgradeNotAllowed,
+                format!(
+                    "a WebSocket upgrade to {}:{} needs a ws:// URL for it (or the ws protocol) in the manifest; {}",
+                    dest.host, dest.port, d.message
+                ),
+            ),
+            _ => d,
+        })
+    }
+
+    fn check_access(&self, dest: &Destination) -> Result<String, Denial> {
         match &self.allowlist {
             Allowlist::Nothing { code, why } => Err(Denial::new(*code, why.clone())),
             Allowlist::Unrestricted {
@@ -906,6 +932,40 @@ mod tests {
         assert!(root
             .check(&http("h.example", 80, "/%252e%252e/..;/x"))
             .is_ok());
+    }
+
+    #[test]
+    fn upgrades_need_a_ws_url_or_the_ws_protocol() {
+        let ws = |host: &str, path: &str| Destination {
+            host: Host::parse(host).unwrap(),
+            port: 80,
+            access: Access::WebSocket { path: path.into() },
+        };
+        let p = policy(
+            &["http://h.example/", "https://h.example", "ws://w.example/s"],
+            Mode::All,
+        );
+        assert_eq!(code(p.check(&ws("h.example", "/"))), "upgrade-not-allowed");
+        assert!(p.check(&ws("w.example", "/s")).is_ok());
+        assert_eq!(code(p.check(&ws("w.example", "/t"))), "path-not-allowed");
+        assert_eq!(code(p.check(&ws("x.example", "/"))), "not-listed");
+        let unrestricted = |protocols: &[&str]| {
+            EgressPolicy::new(
+                "job",
+                &Outbound::Unrestricted {
+                    protocols: protocols.iter().map(|p| (*p).to_owned()).collect(),
+                },
+                Mode::All,
+                &whitelist(&[]),
+                AddressPolicy::default(),
+                Limits::default(),
+            )
+        };
+        assert_eq!(
+            code(unrestricted(&["http", "https", "wss"]).check(&ws("any.example", "/"))),
+            "upgrade-not-allowed"
+        );
+        assert!(unrestricted(&["ws"]).check(&ws("any.example", "/")).is_ok());
     }
 
     #[test]

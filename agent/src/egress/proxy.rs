@@ -1,11 +1,12 @@
 //! The proxy service: one job's [`Proxy`], served over any byte stream.
 //!
 //! Order of checks for every request, cheapest and least revealing first: the request's
-//! form (absolute-form or CONNECT with a port), `Host` against the URI, loops, the
-//! allowlist, the job's limits; then the name is resolved once, every resolved address is
+//! form (absolute-form or CONNECT with a port), `Host` against the URI, upgrades (only a
+//! WebSocket handshake), loops, the allowlist, the job's limits; then the name is resolved once, every resolved address is
 //! checked (against the proxy's own addresses and the denied ranges), and only a checked
 //! address is dialed. A CONNECT tunnel then waits for the client's TLS ClientHello and
-//! forwards nothing until its SNI names the CONNECT host. Redirects are passed to the
+//! forwards nothing until its SNI names the CONNECT host. An upstream's `101` is passed on
+//! only in answer to an allowed WebSocket handshake. Redirects are passed to the
 //! client untouched: the proxy never follows them, the client's next request is checked on
 //! its own.
 
@@ -588,7 +589,13 @@ where
         if let Err(d) = check_host_header(req.headers(), &host, port, scheme) {
             return proxy.refuse(&ask, None, d);
         }
-        let websocket = is_websocket_upgrade(req.headers());
+        let websocket = match upgrade_request(&req) {
+            Upgrade::None => false,
+            Upgrade::WebSocket => true,
+            Upgrade::Other(why) => {
+                return proxy.refuse(&ask, None, Denial::new(DenyCode::UpgradeNotAllowed, why))
+            }
+        };
         if scheme == Scheme::Ws && !websocket {
             return proxy.refuse(
                 &ask,
@@ -658,6 +665,18 @@ where
             Err((d, addr)) => return proxy.refuse(&ask, addr, d),
         };
 
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Err(d) = switched_as_asked(resp.headers(), websocket) {
+                // The upstream connection is given up: after its 101 it speaks something
+                // else.
+                drop(resp);
+                self.pooled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take_if(|p| p.addr == addr);
+                return proxy.refuse(&ask, Some(addr), d);
+            }
+        }
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, resp.status())
         {
@@ -820,14 +839,75 @@ fn check_host_header(
     }
 }
 
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let has = |name, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
+/// What a request asks to switch to.
+enum Upgrade {
+    /// No `Upgrade` header: a plain request.
+    None,
+    /// A WebSocket opening handshake (RFC 6455 4.1): `GET`, HTTP/1.1, `Upgrade: websocket`,
+    /// `Connection: upgrade`.
+    WebSocket,
+    /// Anything else with an `Upgrade` header (`h2c`, TLS, a handshake missing a part):
+    /// refused, not stripped, so the client learns that it will not get it.
+    Other(String),
+}
+
+fn upgrade_request<B>(req: &Request<B>) -> Upgrade {
+    let headers = req.headers();
+    if !headers.contains_key(header::UPGRADE) {
+        return Upgrade::None;
+    }
+    let asked: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not text)"))
+        .collect();
+    let asked = asked.join(", ");
+    let only = "the proxy relays only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket, Connection: upgrade)";
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Upgrade::Other(format!("{only}; this request asks for `{asked}`"));
+    }
+    let missing = if req.method() != Method::GET {
+        "is not a GET"
+    } else if req.version() != http::Version::HTTP_11 {
+        "is not HTTP/1.1"
+    } else if !has_token(headers, header::CONNECTION, "upgrade") {
+        "has no `Connection: upgrade`"
+    } else {
+        return Upgrade::WebSocket;
     };
-    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+    Upgrade::Other(format!("{only}; this upgrade request {missing}"))
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// An upstream's `101` must answer a WebSocket handshake, with `Upgrade: websocket`: a 101
+/// nobody asked for would turn the connection into a tunnel no check was made for.
+fn switched_as_asked(headers: &HeaderMap, websocket: bool) -> Result<(), Denial> {
+    let to: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not text)"))
+        .collect();
+    let to = to.join(", ");
+    if !websocket {
+        return Err(Denial::new(
+            DenyCode::UnrequestedUpgrade,
+            format!("the upstream switched protocols (101, Upgrade: `{to}`) although the request asked for no upgrade"),
+        ));
+    }
+    if !to.trim().eq_ignore_ascii_case("websocket") {
+        return Err(Denial::new(
+            DenyCode::UnrequestedUpgrade,
+            format!("the upstream switched to `{to}`, the request asked for websocket"),
+        ));
+    }
+    Ok(())
 }
 
 fn origin_form(uri: &Uri) -> Uri {
@@ -864,6 +944,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
     if keep_upgrade {
+        // Only what was checked goes on: a client's `Upgrade: websocket, h2c` must not let
+        // the upstream pick the other one.
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::CONNECTION);

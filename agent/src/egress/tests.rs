@@ -864,6 +864,17 @@ async fn redirects_are_passed_to_the_client_not_followed() {
     assert_eq!(elsewhere.hits.load(Ordering::SeqCst), 0);
 }
 
+/// Sends one raw request head on a new connection and returns the response head (and
+/// nothing after it, so an upgraded stream stays unread).
+async fn raw_head(proxy: SocketAddr, head: &str) -> String {
+    bounded(async {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        read_head(&mut s).await
+    })
+    .await
+}
+
 #[tokio::test]
 async fn path_tricks_below_a_prefix_are_refused_before_the_upstream() {
     let up = http_upstream().await;
@@ -962,6 +973,157 @@ async fn request_heads_over_the_limit_get_431_and_an_audit_line() {
     let out = raw(p.addr, head_of_len(port, limit).as_bytes()).await;
     assert_eq!(status_of(&out), 200, "{}", &out[..out.len().min(200)]);
     assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upgrades_are_refused_unless_a_ws_url_allows_them() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let p = start(
+        manifest(&[
+            format!("http://127.0.0.1:{port}/"),
+            format!("http://localhost:{port}/"),
+            format!("ws://localhost:{port}/socket"),
+        ]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    for (line, headers) in [
+        // A WebSocket upgrade where only plain HTTP is listed.
+        (format!("GET http://127.0.0.1:{port}/"), ws.to_owned()),
+        (format!("GET ws://127.0.0.1:{port}/"), ws.to_owned()),
+        // Other protocols, even where a ws URL is listed.
+        (
+            format!("GET http://localhost:{port}/"),
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n".to_owned(),
+        ),
+        (
+            format!("GET http://localhost:{port}/socket"),
+            "Connection: Upgrade\r\nUpgrade: tls/1.3\r\n".to_owned(),
+        ),
+        // Not a WebSocket handshake: no `Connection: upgrade`, not a GET.
+        (
+            format!("GET http://localhost:{port}/socket"),
+            "Upgrade: websocket\r\n".to_owned(),
+        ),
+        (format!("POST http://localhost:{port}/socket"), ws.to_owned()),
+    ] {
+        let host = line.split('/').nth(2).unwrap();
+        let head = raw_head(
+            p.addr,
+            &format!("{line} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n{headers}\r\n"),
+        )
+        .await;
+        assert_eq!(status_of(&head), 403, "{line} {headers}: {head}");
+        assert!(
+            head.contains("x-egress-deny: upgrade-not-allowed"),
+            "{line} {headers}: {head}"
+        );
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+    let r = p.denied("upgrade-not-allowed").await;
+    assert_eq!(r.status, 403);
+    // The allowed twins: a plain GET where plain HTTP is listed, an upgrade where ws is.
+    assert_eq!(
+        get(p.addr, &format!("http://127.0.0.1:{port}/")).await.0,
+        StatusCode::OK
+    );
+    let head = raw_head(
+        p.addr,
+        &format!(
+            "GET http://localhost:{port}/socket HTTP/1.1\r\nHost: localhost:{port}\r\n{ws}\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&head), 101, "{head}");
+}
+
+/// An upstream that answers every request with `101 Switching Protocols` (to `protocol`)
+/// and then bytes of that protocol.
+async fn switching_upstream(protocol: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 1];
+                while !got.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    got.push(b[0]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: {protocol}\r\n\r\nsmuggled"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let mut sink = [0u8; 4096];
+                while stream.read(&mut sink).await.unwrap_or(0) > 0 {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_101_nobody_asked_for_is_refused() {
+    let h2c = switching_upstream("h2c").await;
+    let p = start(
+        manifest(&[
+            format!("http://localhost:{}/", h2c.port()),
+            format!("ws://localhost:{}/socket", h2c.port()),
+        ]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    // A plain request, and a WebSocket upgrade answered with another protocol.
+    for (path, headers) in [
+        ("/", ""),
+        ("/socket", "Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+    ] {
+        let head = raw_head(
+            p.addr,
+            &format!(
+                "GET http://localhost:{port}{path} HTTP/1.1\r\nHost: localhost:{port}\r\n{headers}\r\n",
+                port = h2c.port()
+            ),
+        )
+        .await;
+        assert_eq!(status_of(&head), 502, "{path}: {head}");
+        assert!(
+            head.contains("x-egress-deny: unrequested-upgrade"),
+            "{head}"
+        );
+        let destination = format!("http://localhost:{}{path}", h2c.port());
+        let r = p
+            .audited(|r| r.rule == "unrequested-upgrade" && r.destination == destination)
+            .await;
+        assert_eq!((r.decision.as_str(), r.status), ("deny", 502));
+    }
+    // The twin: the same kind of upstream switching to websocket, as asked.
+    let ws = switching_upstream("websocket").await;
+    let p = start(
+        manifest(&[format!("ws://localhost:{}/socket", ws.port())]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let head = raw_head(
+        p.addr,
+        &format!(
+            "GET http://localhost:{port}/socket HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            port = ws.port()
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&head), 101, "{head}");
 }
 
 // ---------------------------------------------------------------------------------------
