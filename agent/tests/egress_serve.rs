@@ -244,3 +244,41 @@ fn a_broken_manifest_is_a_one_line_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-a-cidr"));
 }
+
+#[test]
+fn oversized_request_heads_are_refused_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream();
+    let port = up.port();
+    let m = manifest(dir.path(), &[format!("http://localhost:{port}/")]);
+    let data = dir.path().join("data");
+    let p = serve(&data, &m, &["--mode", "all", "--allow-cidr", "127.0.0.0/8"]);
+    // One header of 100 KiB, then a head just under the documented 64 KiB.
+    let head = |fill: usize| {
+        format!(
+            "GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\nX-Fill: {}\r\n\r\n",
+            "a".repeat(fill)
+        )
+    };
+    let big = request(p.addr, &head(100 << 10));
+    assert!(
+        big.starts_with("HTTP/1.1 431"),
+        "{}",
+        &big[..big.len().min(200)]
+    );
+    let under = head((64 << 10) - 200);
+    assert!(under.len() < 64 << 10);
+    let ok = request(p.addr, &under);
+    assert!(
+        ok.starts_with("HTTP/1.1 200"),
+        "{}",
+        &ok[..ok.len().min(200)]
+    );
+
+    let lines = audit_lines(&data.join("audit.jsonl"), 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let deny = lines.iter().find(|l| l["decision"] == "deny").unwrap();
+    assert_eq!(deny["rule"], "head-too-large");
+    assert_eq!(deny["status"], 431);
+    assert!(lines.iter().any(|l| l["decision"] == "allow"), "{lines:?}");
+}

@@ -12,8 +12,10 @@
 //!
 //! The defences (resolve once and dial only checked addresses, denied address ranges, IP
 //! literals only by IP-literal URLs, SNI equal to the CONNECT host, `Host` equal to the
-//! URI's host, no requests to the proxy itself, no redirect following) and the audit
-//! format are described in `docs/egress.md`.
+//! URI's host, no requests to the proxy itself, no redirect following, upgrades only to
+//! WebSocket where a `ws` URL allows it, request paths that cannot be decoded out of their
+//! prefix, an exact request-head limit) and the audit format are described in
+//! `docs/egress.md`.
 
 pub mod addr;
 pub mod audit;

@@ -223,6 +223,14 @@ pub enum DenyCode {
     NotTls,
     /// The request is not something this proxy serves.
     BadRequest,
+    /// The request line and headers are longer than the limit.
+    HeadTooLarge,
+    /// The request asks to switch protocols, and no `ws` URL (or protocol) allows a
+    /// WebSocket upgrade to the destination, or it asks for another protocol.
+    UpgradeNotAllowed,
+    /// The upstream answered `101 Switching Protocols` to a request that did not ask for
+    /// it, or switched to another protocol than the one asked for.
+    UnrequestedUpgrade,
     /// The job already has its maximum of concurrent tunnels.
     TooManyTunnels,
     /// The job has used its byte budget.
@@ -253,6 +261,9 @@ impl DenyCode {
             DenyCode::SniMismatch => "sni-mismatch",
             DenyCode::NotTls => "not-tls",
             DenyCode::BadRequest => "bad-request",
+            DenyCode::HeadTooLarge => "head-too-large",
+            DenyCode::UpgradeNotAllowed => "upgrade-not-allowed",
+            DenyCode::UnrequestedUpgrade => "unrequested-upgrade",
             DenyCode::TooManyTunnels => "too-many-tunnels",
             DenyCode::ByteBudget => "byte-budget",
             DenyCode::TooManyConnections => "too-many-connections",
@@ -261,14 +272,15 @@ impl DenyCode {
         }
     }
 
-    /// The HTTP status a client gets: 403 policy, 400 bad input, 429/503 limits, 502
+    /// The HTTP status a client gets: 403 policy, 400 bad input, 431/429/503 limits, 502
     /// upstream trouble.
     pub fn status(self) -> u16 {
         match self {
             DenyCode::BadRequest => 400,
+            DenyCode::HeadTooLarge => 431,
             DenyCode::TooManyTunnels => 429,
             DenyCode::ByteBudget | DenyCode::TooManyConnections => 503,
-            DenyCode::DnsFailed | DenyCode::UpstreamFailed => 502,
+            DenyCode::DnsFailed | DenyCode::UpstreamFailed | DenyCode::UnrequestedUpgrade => 502,
             _ => 403,
         }
     }
@@ -312,7 +324,8 @@ pub struct Limits {
     pub max_bytes: u64,
     /// A connection with no byte moving in either direction for this long is closed.
     pub idle_timeout: Duration,
-    /// The request line and headers together (hyper's read buffer; at least 8 KiB).
+    /// The request line and headers together, up to and including the empty line that
+    /// ends them: a longer request head gets 431 and the connection is closed.
     pub max_header_bytes: usize,
     /// Time to establish the TCP connection to an upstream address.
     pub connect_timeout: Duration,
@@ -472,7 +485,25 @@ impl EgressPolicy {
     }
 
     /// Which rule allows the destination (its text, for the audit log), or why none does.
+    ///
+    /// A WebSocket upgrade to a destination that is listed, but not by a `ws` URL (or, when
+    /// unrestricted, without the `ws` protocol), is `upgrade-not-allowed`: after the `101`
+    /// the connection carries whatever the two ends speak, so only a manifest that asked
+    /// for WebSocket gets one.
     pub fn check(&self, dest: &Destination) -> Result<String, Denial> {
+        self.check_access(dest).map_err(|d| match (&dest.access, d.code) {
+            (Access::WebSocket { .. }, DenyCode::WrongScheme) => Denial::new(
+                DenyCode::UpgradeNotAllowed,
+                format!(
+                    "a WebSocket upgrade to {}:{} needs a ws:// URL for it (or the ws protocol) in the manifest; {}",
+                    dest.host, dest.port, d.message
+                ),
+            ),
+            _ => d,
+        })
+    }
+
+    fn check_access(&self, dest: &Destination) -> Result<String, Denial> {
         match &self.allowlist {
             Allowlist::Nothing { code, why } => Err(Denial::new(*code, why.clone())),
             Allowlist::Unrestricted {
@@ -572,12 +603,19 @@ fn best_match<'r>(rules: &'r [UrlRule], dest: &Destination) -> Result<&'r UrlRul
     }
     let reason = closest.1;
     let message = match reason {
-        DenyCode::PathNotAllowed => format!(
-            "{}:{} is listed, but not for the path {}",
-            dest.host,
-            dest.port,
-            dest.access.path().unwrap_or("")
-        ),
+        DenyCode::PathNotAllowed => {
+            let path = dest.access.path().unwrap_or("");
+            match path_trick(path) {
+                Some(why) => format!(
+                    "{}:{} is listed under a path prefix, and the path {path} has {why}: an upstream may read it as a path outside the prefix",
+                    dest.host, dest.port
+                ),
+                None => format!(
+                    "{}:{} is listed, but not for the path {path}",
+                    dest.host, dest.port
+                ),
+            }
+        }
         DenyCode::WrongPort => format!("{} is listed, but not on port {}", dest.host, dest.port),
         _ => format!(
             "{} is listed, but not for {} on port {}",
@@ -591,13 +629,13 @@ fn best_match<'r>(rules: &'r [UrlRule], dest: &Destination) -> Result<&'r UrlRul
 
 /// `prefix` (a URL path) allows `path` when `path` is `prefix` or continues it at a segment
 /// boundary: `/v1` allows `/v1`, `/v1/x`, not `/v1x`. Below a prefix other than `/`, a path
-/// that an upstream could normalize out of the prefix (dot segments, encoded slashes or
-/// dots, backslashes) is refused rather than interpreted.
+/// that an upstream could read as another path ([`path_trick`]) is refused rather than
+/// interpreted.
 pub fn path_allowed(prefix: &str, path: &str) -> bool {
     if prefix == "/" || prefix.is_empty() {
         return true;
     }
-    if !path_is_plain(path) {
+    if path_trick(path).is_some() {
         return false;
     }
     match path.strip_prefix(prefix) {
@@ -606,15 +644,86 @@ pub fn path_allowed(prefix: &str, path: &str) -> bool {
     }
 }
 
-fn path_is_plain(path: &str) -> bool {
-    if path.contains('\\') {
-        return false;
+/// Why an upstream might read `path` as another path than its text says (and so possibly
+/// one outside the prefix that was checked), or `None` for a plain path.
+///
+/// The rule: take the path as sent, then percent-decode it (every valid `%XX` once), then
+/// decode that again, and so on while escapes are left; each of these forms must be plain.
+/// A form is plain when
+///
+/// - it is valid UTF-8 (so no overlong encodings such as `%c0%ae` for `.` or `%c0%af` for
+///   `/`, no surrogates, no stray bytes);
+/// - it has no backslash and no control character (U+0000 to U+001F, U+007F);
+/// - none of its escapes decodes to `.`, `/` or `\` (so `%2e`, and on the next form the
+///   `%2e` that `%252e` becomes);
+/// - no segment (between `/`s), with any `;` parameters cut off as Tomcat, Jetty and Spring
+///   do, is made only of dots and spaces with at least one dot (`.`, `..`, `..;x`, `.;`,
+///   `...`, `.. ` that Windows file systems turn into `..`);
+///
+/// and in the form as sent every `%` starts an escape of two hex digits (a literal `%` is
+/// `%25`). Decoding always ends: each round removes two bytes per escape.
+pub fn path_trick(path: &str) -> Option<&'static str> {
+    let mut form = path.as_bytes().to_vec();
+    let mut first = true;
+    loop {
+        if std::str::from_utf8(&form).is_err() {
+            return Some(
+                "bytes that are not valid UTF-8 once percent-decoded (as overlong encodings of `.` and `/` are)",
+            );
+        }
+        if form.contains(&b'\\') {
+            return Some("a backslash, which some servers read as `/`");
+        }
+        if form.iter().any(|b| b.is_ascii_control()) {
+            return Some("a control character");
+        }
+        if form.split(|b| *b == b'/').any(dot_segment) {
+            return Some(
+                "a dot segment (`.` or `..`, also with `;` parameters or trailing spaces)",
+            );
+        }
+        let mut decoded = Vec::with_capacity(form.len());
+        let mut escapes = false;
+        let mut i = 0;
+        while i < form.len() {
+            let escape = (form[i] == b'%')
+                .then(|| Some((hex(*form.get(i + 1)?)? << 4) | hex(*form.get(i + 2)?)?))
+                .flatten();
+            match escape {
+                Some(b'.' | b'/' | b'\\') => {
+                    return Some("an encoded `.`, `/` or `\\` (at any depth of percent-encoding)")
+                }
+                Some(b) => {
+                    decoded.push(b);
+                    escapes = true;
+                    i += 3;
+                }
+                None if first && form[i] == b'%' => {
+                    return Some("a `%` that starts no escape of two hex digits")
+                }
+                None => {
+                    decoded.push(form[i]);
+                    i += 1;
+                }
+            }
+        }
+        if !escapes {
+            return None;
+        }
+        form = decoded;
+        first = false;
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") {
-        return false;
-    }
-    !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// A segment that some upstream reads as `.` or `..`: only dots and spaces, at least one
+/// dot, once `;` parameters are cut off.
+fn dot_segment(segment: &[u8]) -> bool {
+    let name = segment.split(|b| *b == b';').next().unwrap_or_default();
+    name.contains(&b'.') && name.iter().all(|b| matches!(b, b'.' | b' '))
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
 }
 
 #[cfg(test)]
@@ -733,6 +842,130 @@ mod tests {
             .is_ok());
         assert_eq!(code(p.check(&http("h.example", 81, "/v1"))), "wrong-port");
         assert_eq!(code(p.check(&tunnel("h.example", 80))), "wrong-scheme");
+    }
+
+    /// Paths an upstream may decode or normalize out of the prefix: refused with the same
+    /// code as plain dot segments, whatever layer of encoding hides them.
+    #[test]
+    fn path_tricks_below_a_prefix_are_refused() {
+        let p = policy(
+            &["http://h.example/allowed/", "http://h.example/v1"],
+            Mode::All,
+        );
+        for path in [
+            // dot segments and encoded dots, slashes, backslashes (the rule before)
+            "/allowed/../admin",
+            "/allowed/./x",
+            "/allowed/%2e%2e/admin",
+            "/allowed/%2E./admin",
+            "/allowed/..%2fadmin",
+            "/allowed/..%5cadmin",
+            "/allowed/..\\admin",
+            // double and triple percent-encoding
+            "/allowed/%252e%252e/admin",
+            "/allowed/%252E%252E/admin",
+            "/allowed/%25252e%25252e/admin",
+            "/allowed/..%252fadmin",
+            "/allowed/..%255cadmin",
+            "/allowed/%25%32%65%25%32%65/admin",
+            // path parameters that Tomcat, Jetty and Spring strip before normalizing
+            "/allowed/..;/admin",
+            "/allowed/..;foo/admin",
+            "/allowed/.;x/admin",
+            "/allowed/..%3b/admin",
+            "/allowed/..%253b/admin",
+            "/v1/..;/admin",
+            // overlong UTF-8 for `.`, `/` and `\`, and other invalid UTF-8
+            "/allowed/%c0%ae%c0%ae/admin",
+            "/allowed/%C0%AE%C0%AE/admin",
+            "/allowed/..%c0%afadmin",
+            "/allowed/..%c1%9cadmin",
+            "/allowed/%e0%80%ae%e0%80%ae/admin",
+            "/allowed/%f0%80%80%ae%f0%80%80%ae/admin",
+            "/allowed/%25c0%25ae%25c0%25ae/admin",
+            "/allowed/%ed%a0%80",
+            "/allowed/%ff",
+            // escapes that are not escapes, control characters
+            "/allowed/%zz",
+            "/allowed/100%",
+            "/allowed/%2",
+            "/allowed/.%00./admin",
+            "/allowed/x%0a",
+            // segments that Windows filesystems reduce to `..`
+            "/allowed/..%20/admin",
+            "/allowed/.../admin",
+            "/allowed/. ./admin",
+        ] {
+            assert_eq!(
+                code(p.check(&http("h.example", 80, path))),
+                "path-not-allowed",
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn ordinary_paths_below_a_prefix_pass() {
+        let p = policy(&["http://h.example/allowed/"], Mode::All);
+        for path in [
+            "/allowed/",
+            "/allowed/a%20b.txt",
+            "/allowed/file.tar.gz",
+            "/allowed/v1.2/x",
+            "/allowed/.hidden",
+            "/allowed/..foo",
+            "/allowed/a..b/c.",
+            "/allowed/caf%C3%A9.txt",
+            "/allowed/%e2%82%ac/%F0%9F%98%80.png",
+            "/allowed/caf\u{e9}.txt",
+            "/allowed/100%25.txt",
+            "/allowed/100%25%20off",
+            "/allowed/%2541",
+            "/allowed/x;jsessionid=1/y",
+            "/allowed/a//b",
+            "/allowed/%20",
+        ] {
+            assert!(p.check(&http("h.example", 80, path)).is_ok(), "{path}");
+        }
+        // Below `/` nothing can leave the prefix, so nothing is refused for its form.
+        let root = policy(&["http://h.example/"], Mode::All);
+        assert!(root
+            .check(&http("h.example", 80, "/%252e%252e/..;/x"))
+            .is_ok());
+    }
+
+    #[test]
+    fn upgrades_need_a_ws_url_or_the_ws_protocol() {
+        let ws = |host: &str, path: &str| Destination {
+            host: Host::parse(host).unwrap(),
+            port: 80,
+            access: Access::WebSocket { path: path.into() },
+        };
+        let p = policy(
+            &["http://h.example/", "https://h.example", "ws://w.example/s"],
+            Mode::All,
+        );
+        assert_eq!(code(p.check(&ws("h.example", "/"))), "upgrade-not-allowed");
+        assert!(p.check(&ws("w.example", "/s")).is_ok());
+        assert_eq!(code(p.check(&ws("w.example", "/t"))), "path-not-allowed");
+        assert_eq!(code(p.check(&ws("x.example", "/"))), "not-listed");
+        let unrestricted = |protocols: &[&str]| {
+            EgressPolicy::new(
+                "job",
+                &Outbound::Unrestricted {
+                    protocols: protocols.iter().map(|p| (*p).to_owned()).collect(),
+                },
+                Mode::All,
+                &whitelist(&[]),
+                AddressPolicy::default(),
+                Limits::default(),
+            )
+        };
+        assert_eq!(
+            code(unrestricted(&["http", "https", "wss"]).check(&ws("any.example", "/"))),
+            "upgrade-not-allowed"
+        );
+        assert!(unrestricted(&["ws"]).check(&ws("any.example", "/")).is_ok());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The proxy service: one job's [`Proxy`], served over any byte stream.
 //!
 //! Order of checks for every request, cheapest and least revealing first: the request's
-//! form (absolute-form or CONNECT with a port), `Host` against the URI, loops, the
-//! allowlist, the job's limits; then the name is resolved once, every resolved address is
+//! form (absolute-form or CONNECT with a port), `Host` against the URI, upgrades (only a
+//! WebSocket handshake), loops, the allowlist, the job's limits; then the name is resolved once, every resolved address is
 //! checked (against the proxy's own addresses and the denied ranges), and only a checked
 //! address is dialed. A CONNECT tunnel then waits for the client's TLS ClientHello and
-//! forwards nothing until its SNI names the CONNECT host. Redirects are passed to the
+//! forwards nothing until its SNI names the CONNECT host. An upstream's `101` is passed on
+//! only in answer to an allowed WebSocket handshake. Redirects are passed to the
 //! client untouched: the proxy never follows them, the client's next request is checked on
 //! its own.
 
@@ -36,6 +37,8 @@ use super::sni::{self, SniError};
 /// Tunnel copy buffers, per direction. Large enough that a bulk transfer moves in few
 /// syscalls; small enough that a thousand idle tunnels stay cheap.
 const TUNNEL_BUF: usize = 64 * 1024;
+/// Header fields hyper accepts in one request head (its default; more get 431).
+const MAX_HEADER_FIELDS: usize = 100;
 /// The `Via` token this proxy adds, and refuses to see twice.
 const VIA: &str = "1.1 provider-egress";
 const VIA_TOKEN: &str = "provider-egress";
@@ -282,7 +285,7 @@ where
     let limits = proxy.policy.limits().clone();
     let io = TokioIo::new(Metered::new(stream, limits.idle_timeout, None));
     let conn = Arc::new(Conn::<S> {
-        proxy,
+        proxy: proxy.clone(),
         pooled: Mutex::new(None),
         _stream: PhantomData,
     });
@@ -290,15 +293,65 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
+    let started = Instant::now();
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
+        // `max_buf_size` alone does not bound the head: hyper checks it only while a head
+        // is incomplete, and one read may fill more than it (the buffer's spare capacity
+        // after growing), so a head that arrives at once was parsed whatever its size.
+        // `max_header_size` is checked on the complete head as well.
         .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
         .preserve_header_case(true)
         .serve_connection(io, service)
         .with_upgrades()
-        .await?;
+        .await
+        .inspect_err(|e| audit_unparsed(&proxy, e, started))?;
     Ok(())
+}
+
+/// Audits a request hyper refused before the proxy saw it (it answered 400, 414 or 431
+/// itself and closes the connection): there is no method or destination to name.
+fn audit_unparsed(proxy: &Proxy, e: &hyper::Error, started: Instant) {
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return;
+    }
+    let limit = proxy.policy.limits().max_header_bytes;
+    let (d, status) = if e.is_parse_too_large() {
+        // The same kind covers a URI over hyper's own limit (64 KiB - 2), answered 414.
+        let uri = e.to_string().contains("URI");
+        let d = Denial::new(
+            DenyCode::HeadTooLarge,
+            format!(
+                "the request line and headers exceed the limit ({limit} bytes, {MAX_HEADER_FIELDS} fields)"
+            ),
+        );
+        (d, if uri { 414 } else { 431 })
+    } else {
+        let d = Denial::new(
+            DenyCode::BadRequest,
+            format!("the request could not be parsed: {e}"),
+        );
+        (d, 400)
+    };
+    let ask = Ask {
+        method: String::new(),
+        destination: String::new(),
+        started,
+    };
+    proxy.audit(
+        &ask,
+        Outcome {
+            resolved: None,
+            decision: "deny",
+            rule: d.code.as_str(),
+            reason: d.message,
+            status,
+            up: 0,
+            down: 0,
+        },
+    );
 }
 
 /// Accepts connections and serves each on its own task, forever. Accept errors (out of
@@ -536,7 +589,13 @@ where
         if let Err(d) = check_host_header(req.headers(), &host, port, scheme) {
             return proxy.refuse(&ask, None, d);
         }
-        let websocket = is_websocket_upgrade(req.headers());
+        let websocket = match upgrade_request(&req) {
+            Upgrade::None => false,
+            Upgrade::WebSocket => true,
+            Upgrade::Other(why) => {
+                return proxy.refuse(&ask, None, Denial::new(DenyCode::UpgradeNotAllowed, why))
+            }
+        };
         if scheme == Scheme::Ws && !websocket {
             return proxy.refuse(
                 &ask,
@@ -606,6 +665,18 @@ where
             Err((d, addr)) => return proxy.refuse(&ask, addr, d),
         };
 
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Err(d) = switched_as_asked(resp.headers(), websocket) {
+                // The upstream connection is given up: after its 101 it speaks something
+                // else.
+                drop(resp);
+                self.pooled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take_if(|p| p.addr == addr);
+                return proxy.refuse(&ask, Some(addr), d);
+            }
+        }
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, resp.status())
         {
@@ -768,14 +839,75 @@ fn check_host_header(
     }
 }
 
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let has = |name, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
+/// What a request asks to switch to.
+enum Upgrade {
+    /// No `Upgrade` header: a plain request.
+    None,
+    /// A WebSocket opening handshake (RFC 6455 4.1): `GET`, HTTP/1.1, `Upgrade: websocket`,
+    /// `Connection: upgrade`.
+    WebSocket,
+    /// Anything else with an `Upgrade` header (`h2c`, TLS, a handshake missing a part):
+    /// refused, not stripped, so the client learns that it will not get it.
+    Other(String),
+}
+
+fn upgrade_request<B>(req: &Request<B>) -> Upgrade {
+    let headers = req.headers();
+    if !headers.contains_key(header::UPGRADE) {
+        return Upgrade::None;
+    }
+    let asked: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not text)"))
+        .collect();
+    let asked = asked.join(", ");
+    let only = "the proxy relays only WebSocket upgrades (GET, HTTP/1.1, Upgrade: websocket, Connection: upgrade)";
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Upgrade::Other(format!("{only}; this request asks for `{asked}`"));
+    }
+    let missing = if req.method() != Method::GET {
+        "is not a GET"
+    } else if req.version() != http::Version::HTTP_11 {
+        "is not HTTP/1.1"
+    } else if !has_token(headers, header::CONNECTION, "upgrade") {
+        "has no `Connection: upgrade`"
+    } else {
+        return Upgrade::WebSocket;
     };
-    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+    Upgrade::Other(format!("{only}; this upgrade request {missing}"))
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// An upstream's `101` must answer a WebSocket handshake, with `Upgrade: websocket`: a 101
+/// nobody asked for would turn the connection into a tunnel no check was made for.
+fn switched_as_asked(headers: &HeaderMap, websocket: bool) -> Result<(), Denial> {
+    let to: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not text)"))
+        .collect();
+    let to = to.join(", ");
+    if !websocket {
+        return Err(Denial::new(
+            DenyCode::UnrequestedUpgrade,
+            format!("the upstream switched protocols (101, Upgrade: `{to}`) although the request asked for no upgrade"),
+        ));
+    }
+    if !to.trim().eq_ignore_ascii_case("websocket") {
+        return Err(Denial::new(
+            DenyCode::UnrequestedUpgrade,
+            format!("the upstream switched to `{to}`, the request asked for websocket"),
+        ));
+    }
+    Ok(())
 }
 
 fn origin_form(uri: &Uri) -> Uri {
@@ -812,6 +944,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
     if keep_upgrade {
+        // Only what was checked goes on: a client's `Upgrade: websocket, h2c` must not let
+        // the upstream pick the other one.
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::CONNECTION);

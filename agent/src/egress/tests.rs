@@ -864,6 +864,268 @@ async fn redirects_are_passed_to_the_client_not_followed() {
     assert_eq!(elsewhere.hits.load(Ordering::SeqCst), 0);
 }
 
+/// Sends one raw request head on a new connection and returns the response head (and
+/// nothing after it, so an upgraded stream stays unread).
+async fn raw_head(proxy: SocketAddr, head: &str) -> String {
+    bounded(async {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        read_head(&mut s).await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn path_tricks_below_a_prefix_are_refused_before_the_upstream() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let p = start(
+        manifest(&[format!("http://localhost:{port}/allowed/")]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let request = |path: &str| {
+        format!(
+            "GET http://localhost:{port}{path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for path in [
+        "/allowed/%2e%2e/admin",
+        "/allowed/%252e%252e/admin",
+        "/allowed/%252E%252E%252Fadmin",
+        "/allowed/..;/admin",
+        "/allowed/..;foo/admin",
+        "/allowed/.;x/admin",
+        "/allowed/%c0%ae%c0%ae/admin",
+        "/allowed/..%c0%afadmin",
+        "/allowed/%e0%80%ae%e0%80%ae/admin",
+    ] {
+        let out = raw(p.addr, request(path).as_bytes()).await;
+        assert_eq!(status_of(&out), 403, "{path}: {out}");
+        assert!(
+            out.contains("x-egress-deny: path-not-allowed"),
+            "{path}: {out}"
+        );
+        let destination = format!("http://localhost:{port}{path}");
+        let r = p
+            .audited(|r| r.decision == "deny" && r.destination == destination)
+            .await;
+        assert_eq!((r.rule.as_str(), r.status), ("path-not-allowed", 403));
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+    // Ordinary names pass, unchanged.
+    for path in [
+        "/allowed/a%20b.txt",
+        "/allowed/file.tar.gz",
+        "/allowed/v1.2/x",
+        "/allowed/caf%C3%A9/%E2%82%AC.txt",
+        "/allowed/100%25.txt",
+    ] {
+        let out = raw(p.addr, request(path).as_bytes()).await;
+        assert_eq!(status_of(&out), 200, "{path}: {out}");
+        assert!(out.ends_with(&format!("path={path}")), "{path}: {out}");
+    }
+}
+
+/// A request head of exactly `len` bytes: the request line, Host, and one `X-Fill` header
+/// that makes up the rest.
+fn head_of_len(port: u16, len: usize) -> String {
+    let start = format!(
+        "GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\nX-Fill: "
+    );
+    let end = "\r\n\r\n";
+    let fill = len - start.len() - end.len();
+    let head = format!("{start}{}{end}", "a".repeat(fill));
+    assert_eq!(head.len(), len);
+    head
+}
+
+#[tokio::test]
+async fn request_heads_over_the_limit_get_431_and_an_audit_line() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let p = start(
+        manifest(&[format!("http://localhost:{port}/")]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let limit = Limits::default().max_header_bytes;
+    assert_eq!(limit, 64 << 10);
+    // One 100 KiB header.
+    let out = raw(p.addr, head_of_len(port, 100 << 10).as_bytes()).await;
+    assert_eq!(status_of(&out), 431, "{}", &out[..out.len().min(200)]);
+    let r = p.denied("head-too-large").await;
+    assert_eq!(r.status, 431);
+    // One byte over the limit, and many headers that add up to more.
+    let out = raw(p.addr, head_of_len(port, limit + 1).as_bytes()).await;
+    assert_eq!(status_of(&out), 431, "{}", &out[..out.len().min(200)]);
+    let mut many = format!("GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}\r\n");
+    for i in 0..90 {
+        many.push_str(&format!("X-Part-{i}: {}\r\n", "b".repeat(1000)));
+    }
+    many.push_str("\r\n");
+    let out = raw(p.addr, many.as_bytes()).await;
+    assert_eq!(status_of(&out), 431, "{}", &out[..out.len().min(200)]);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+    // Exactly the limit passes.
+    let out = raw(p.addr, head_of_len(port, limit).as_bytes()).await;
+    assert_eq!(status_of(&out), 200, "{}", &out[..out.len().min(200)]);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upgrades_are_refused_unless_a_ws_url_allows_them() {
+    let up = http_upstream().await;
+    let port = up.addr.port();
+    let p = start(
+        manifest(&[
+            format!("http://127.0.0.1:{port}/"),
+            format!("http://localhost:{port}/"),
+            format!("ws://localhost:{port}/socket"),
+        ]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    for (line, headers) in [
+        // A WebSocket upgrade where only plain HTTP is listed.
+        (format!("GET http://127.0.0.1:{port}/"), ws.to_owned()),
+        (format!("GET ws://127.0.0.1:{port}/"), ws.to_owned()),
+        // Other protocols, even where a ws URL is listed.
+        (
+            format!("GET http://localhost:{port}/"),
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n".to_owned(),
+        ),
+        (
+            format!("GET http://localhost:{port}/socket"),
+            "Connection: Upgrade\r\nUpgrade: tls/1.3\r\n".to_owned(),
+        ),
+        // Not a WebSocket handshake: no `Connection: upgrade`, not a GET.
+        (
+            format!("GET http://localhost:{port}/socket"),
+            "Upgrade: websocket\r\n".to_owned(),
+        ),
+        (format!("POST http://localhost:{port}/socket"), ws.to_owned()),
+    ] {
+        let host = line.split('/').nth(2).unwrap();
+        let head = raw_head(
+            p.addr,
+            &format!("{line} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n{headers}\r\n"),
+        )
+        .await;
+        assert_eq!(status_of(&head), 403, "{line} {headers}: {head}");
+        assert!(
+            head.contains("x-egress-deny: upgrade-not-allowed"),
+            "{line} {headers}: {head}"
+        );
+    }
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+    let r = p.denied("upgrade-not-allowed").await;
+    assert_eq!(r.status, 403);
+    // The allowed twins: a plain GET where plain HTTP is listed, an upgrade where ws is.
+    assert_eq!(
+        get(p.addr, &format!("http://127.0.0.1:{port}/")).await.0,
+        StatusCode::OK
+    );
+    let head = raw_head(
+        p.addr,
+        &format!(
+            "GET http://localhost:{port}/socket HTTP/1.1\r\nHost: localhost:{port}\r\n{ws}\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&head), 101, "{head}");
+}
+
+/// An upstream that answers every request with `101 Switching Protocols` (to `protocol`)
+/// and then bytes of that protocol.
+async fn switching_upstream(protocol: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 1];
+                while !got.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    got.push(b[0]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: {protocol}\r\n\r\nsmuggled"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let mut sink = [0u8; 4096];
+                while stream.read(&mut sink).await.unwrap_or(0) > 0 {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_101_nobody_asked_for_is_refused() {
+    let h2c = switching_upstream("h2c").await;
+    let p = start(
+        manifest(&[
+            format!("http://localhost:{}/", h2c.port()),
+            format!("ws://localhost:{}/socket", h2c.port()),
+        ]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    // A plain request, and a WebSocket upgrade answered with another protocol.
+    for (path, headers) in [
+        ("/", ""),
+        ("/socket", "Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+    ] {
+        let head = raw_head(
+            p.addr,
+            &format!(
+                "GET http://localhost:{port}{path} HTTP/1.1\r\nHost: localhost:{port}\r\n{headers}\r\n",
+                port = h2c.port()
+            ),
+        )
+        .await;
+        assert_eq!(status_of(&head), 502, "{path}: {head}");
+        assert!(
+            head.contains("x-egress-deny: unrequested-upgrade"),
+            "{head}"
+        );
+        let destination = format!("http://localhost:{}{path}", h2c.port());
+        let r = p
+            .audited(|r| r.rule == "unrequested-upgrade" && r.destination == destination)
+            .await;
+        assert_eq!((r.decision.as_str(), r.status), ("deny", 502));
+    }
+    // The twin: the same kind of upstream switching to websocket, as asked.
+    let ws = switching_upstream("websocket").await;
+    let p = start(
+        manifest(&[format!("ws://localhost:{}/socket", ws.port())]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    let head = raw_head(
+        p.addr,
+        &format!(
+            "GET http://localhost:{port}/socket HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            port = ws.port()
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&head), 101, "{head}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Bad input never stops the proxy
 
@@ -882,6 +1144,11 @@ async fn bad_input_gets_an_error_status_and_the_proxy_keeps_serving() {
     .await;
     let out = raw(p.addr, b"\x16\x03\x01garbage that is not HTTP\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // Refused by the HTTP parser, before there is a destination: audited all the same.
+    let r = p
+        .audited(|r| r.rule == "bad-request" && r.reason.contains("could not be parsed"))
+        .await;
+    assert_eq!((r.decision.as_str(), r.status), ("deny", 400));
 
     let mut line = b"GET http://localhost/".to_vec();
     line.extend(std::iter::repeat_n(b'a', 1 << 20));
