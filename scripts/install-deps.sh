@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build, the tests and the demo need when they are
 # missing (a C compiler, pkg-config, OpenSSL headers and CLI, QEMU, a static busybox for
-# the test image, `file`, python3 for the demo's upstream), then caches the guest kernel.
+# the test image, `file`, python3 for the demo's upstream, depmod for the guest kernel's
+# modules, mksquashfs and mkfs.ext4 for disk images), then caches the guest kernel.
 # Used by .ci/run and scripts/demo.sh; a machine that has everything is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,9 @@ dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+command -v depmod >/dev/null 2>&1 || missing+=(kmod)
+command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)
+command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
 [[ -x /bin/busybox ]] && file -L /bin/busybox 2>/dev/null | grep -q "statically linked" || missing+=(busybox-static file)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
@@ -22,5 +26,5 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
-# The guest kernel (Debian's linux-image-cloud-amd64), cached once.
+# The guest kernel (Debian's linux-image-cloud-amd64) and its modules, cached once.
 scripts/fetch-guest-kernel.sh >/dev/null
