@@ -1,9 +1,9 @@
 //! Keeping payload processes away from the host channel.
 //!
-//! Payloads run as root in the VM, and the channel (`ttyS1`) carries the results the
-//! provider signs: a payload that could write frames could forge them. So the agent, once
-//! it holds the channel, makes it unreachable for every other process: the tty is
-//! exclusive and its node is gone, PID 1 is not dumpable (its fds cannot be reopened
+//! Payloads run as root in the VM, and the channel (`ttyS1` or a virtio-serial port)
+//! carries the results the provider signs: a payload that could write frames could forge
+//! them. So the agent, once it holds the channel, makes it unreachable for every other
+//! process: the tty (or port) is exclusive and its node is gone, PID 1 is not dumpable (its fds cannot be reopened
 //! through `/proc/1/fd`), kernel helper processes get no more capabilities than a payload,
 //! and each payload process loses, before its `exec`, the capabilities that would undo any
 //! of that. `docs/vm.md` ("What a payload cannot reach") gives the reasoning per step.
@@ -52,6 +52,33 @@ pub fn hide_channel(tty: &File, node: &Path) -> io::Result<()> {
     // SAFETY: `tty` is an open tty for the whole call; TIOCEXCL takes no argument.
     if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCEXCL) } < 0 {
         return Err(os_err("TIOCEXCL on the channel tty"));
+    }
+    fs::remove_file(node)
+        .map_err(|e| io::Error::new(e.kind(), format!("unlink {}: {e}", node.display())))
+}
+
+/// The same for a virtio-serial port, which is no tty: its driver already refuses a
+/// second open of a port that is open (`EBUSY`, checked here, so a kernel that behaved
+/// otherwise would stop the boot instead of exposing the channel), and the node goes.
+pub fn hide_port(node: &Path) -> io::Result<()> {
+    match fs::OpenOptions::new().read(true).write(true).open(node) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "a second open of {} failed with {e}, not EBUSY",
+                    node.display()
+                ),
+            ))
+        }
+        Ok(_) => {
+            return Err(io::Error::other(format!(
+                "{} opens a second time while the agent holds it: the channel would not \
+                 be the agent's alone",
+                node.display()
+            )))
+        }
     }
     fs::remove_file(node)
         .map_err(|e| io::Error::new(e.kind(), format!("unlink {}: {e}", node.display())))

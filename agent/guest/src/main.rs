@@ -1,19 +1,29 @@
 //! `provider-guest`: PID 1 inside the job's VM.
 //!
-//! The host builds the initramfs: this binary as `/init` and the payload's rootfs under
-//! `/rootfs`. At boot it mounts proc, sys, dev (devtmpfs, devpts) and a tmpfs on `/tmp`
-//! inside the payload root, brings `lo` up, opens the host channel (`/dev/ttyS1`, raw) and
-//! puts it out of the payload's reach ([`lockdown`]), and chroots itself into the payload
-//! root, so every command, path and transfer is relative to it. Then it answers the host's requests (run, upload, download, poweroff) and carries
+//! The host builds the initramfs: this binary as `/init` and either the payload's rootfs
+//! under `/rootfs`, or the kernel modules (`/modules`) for a payload image on a virtio disk,
+//! mounted under an overlay with a writable disk ([`disk`]; the kernel command line says
+//! which, [`boot`]). At boot it mounts proc, sys, dev (devtmpfs, devpts) and a tmpfs on
+//! `/tmp` inside the payload root, brings `lo` up, opens the host channel (`/dev/ttyS1`,
+//! raw, or a virtio-serial port, [`vport`]) and puts it out of the payload's reach
+//! ([`lockdown`]), and chroots itself into the payload root, so every command, path and
+//! transfer is relative to it. Then it answers the host's requests (run, upload,
+//! download, poweroff) and carries
 //! connections to its proxy listener (`127.0.0.1:3128`) to the host as channel streams.
 //! Whatever happens it ends by powering the VM off. Its own messages go to the console
 //! (`ttyS0`, the job's log).
 
+mod boot;
+mod disk;
 mod entry;
+mod klog;
 mod lockdown;
+mod modules;
 mod reaper;
 mod serve;
 mod setup;
+mod squashfs;
+mod vport;
 
 use std::process::ExitCode;
 

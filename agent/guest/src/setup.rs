@@ -1,5 +1,7 @@
-//! Boot-time setup: mounts, loopback, the channel's serial port (kept from payloads), the
-//! chroot; and power-off.
+//! Boot-time setup: the payload root (the initramfs's `/rootfs`, or a squashfs image disk
+//! under an overlay, per the kernel command line: [`crate::boot`]), mounts, loopback, the
+//! channel (ttyS1 or a virtio-serial port, kept from payloads), entering the root; and
+//! power-off.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -7,12 +9,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use nix::mount::{mount, MsFlags};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::termios::{self, SetArg};
 
-use crate::lockdown;
+use crate::boot::{BootConfig, Root};
+use crate::{disk, lockdown, modules, vport};
 
-/// Where the host put the payload's rootfs in the initramfs.
+/// Where the payload's rootfs is: a directory of the initramfs, or the overlay's mount.
 pub const PAYLOAD_ROOT: &str = "/rootfs";
 /// The channel's serial port (the host side owns the other end).
 const CHANNEL_TTY: &str = "/dev/ttyS1";
@@ -29,15 +32,78 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> i
     )
 }
 
-/// Mounts, `lo`, the raw channel tty (then hidden from payloads: see [`lockdown`]), then
-/// chroot into the payload root.
-pub fn setup() -> io::Result<File> {
-    let root = Path::new(PAYLOAD_ROOT);
-    if !root.is_dir() {
-        return Err(io::Error::other(format!(
-            "{PAYLOAD_ROOT} is missing from the initramfs"
-        )));
+/// Mounts in the initramfs itself, needed before the payload root exists (`/proc` for the
+/// command line; `/sys` and `/dev` to find the disks). All are gone again, and the
+/// directories made for them, before the payload root is set up.
+#[derive(Default)]
+struct Early {
+    mounted: Vec<(&'static str, bool)>,
+}
+
+impl Early {
+    fn mount(
+        &mut self,
+        fstype: &str,
+        target: &'static str,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> io::Result<()> {
+        let made = !Path::new(target).exists();
+        mount_fs(fstype, target, flags, data)?;
+        self.mounted.push((target, made));
+        Ok(())
     }
+
+    fn finish(mut self) -> io::Result<()> {
+        while let Some((target, made)) = self.mounted.pop() {
+            ctx(
+                umount2(target, MntFlags::MNT_DETACH),
+                &format!("unmount {target}"),
+            )?;
+            if made {
+                let _ = fs::remove_dir(target);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the command line, loads the initramfs's modules (if it has any), makes the
+/// payload root, then does the mounts, `lo`, the channel (hidden from payloads: see
+/// [`lockdown`]) and enters the root.
+pub fn setup() -> io::Result<File> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut early = Early::default();
+    early.mount("proc", "/proc", nosuid, None)?;
+    let cmdline = ctx(fs::read_to_string("/proc/cmdline"), "read /proc/cmdline")?;
+    let boot = BootConfig::parse(&cmdline).map_err(io::Error::other)?;
+    let root = boot.root().map_err(io::Error::other)?;
+    let mods = Path::new(modules::MODULES_DIR);
+    if mods.join("order").exists() {
+        modules::load_all(mods)?;
+    }
+    match &root {
+        Root::Initramfs => {
+            if !Path::new(PAYLOAD_ROOT).is_dir() {
+                return Err(io::Error::other(format!(
+                    "{PAYLOAD_ROOT} is missing from the initramfs"
+                )));
+            }
+        }
+        Root::Disks { image, upper } => {
+            early.mount("sysfs", "/sys", nosuid | MsFlags::MS_RDONLY, None)?;
+            early.mount("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+            disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?;
+        }
+    }
+    early.finish()?;
+    let channel = payload_mounts(boot.channel.as_deref())?;
+    enter(&root)?;
+    Ok(channel)
+}
+
+/// Today's setup of the payload root at [`PAYLOAD_ROOT`], whatever it is made of.
+fn payload_mounts(port: Option<&str>) -> io::Result<File> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/rootfs/proc", nosuid, None)?;
     // Read-only: root may write most sysfs files without any capability (driver bind and
@@ -82,15 +148,30 @@ pub fn setup() -> io::Result<File> {
 
     // std opens with O_CLOEXEC (and `try_clone` dups with F_DUPFD_CLOEXEC): no payload
     // inherits the channel.
-    let channel = format!("{PAYLOAD_ROOT}{CHANNEL_TTY}");
-    let tty = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(&channel)
-        .map_err(|e| io::Error::other(format!("open {CHANNEL_TTY}: {e}")))?;
-    raw_mode(&tty)?;
-    lockdown::hide_channel(&tty, Path::new(&channel))?;
+    let channel = match port {
+        None => {
+            let node = format!("{PAYLOAD_ROOT}{CHANNEL_TTY}");
+            let tty = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(&node)
+                .map_err(|e| io::Error::other(format!("open {CHANNEL_TTY}: {e}")))?;
+            raw_mode(&tty)?;
+            lockdown::hide_channel(&tty, Path::new(&node))?;
+            tty
+        }
+        Some(name) => {
+            let (port, node) = vport::open(
+                Path::new("/rootfs/sys/class/virtio-ports"),
+                Path::new("/rootfs/dev"),
+                name,
+                vport::PORT_WAIT,
+            )?;
+            lockdown::hide_port(&node)?;
+            port
+        }
+    };
     read_only("/rootfs/dev", MsFlags::MS_NOSUID)?;
     lockdown::non_dumpable()?;
     lockdown::restrict_kernel(Path::new("/rootfs/proc/sys"))?;
@@ -105,10 +186,27 @@ pub fn setup() -> io::Result<File> {
         "bind /proc/sys",
     )?;
     read_only("/rootfs/proc/sys", nosuid)?;
+    Ok(channel)
+}
 
-    ctx(std::os::unix::fs::chroot(PAYLOAD_ROOT), "chroot")?;
+/// Makes the payload root the agent's root. The initramfs's `/rootfs` is a directory:
+/// chroot into it. The overlay is a mount: it is moved over the initramfs's `/` first
+/// (what `switch_root` does), so that nothing of the initramfs (the agent's binary, the
+/// modules) stays reachable even from a process that escapes a chroot of its own.
+fn enter(root: &Root) -> io::Result<()> {
+    match root {
+        Root::Initramfs => ctx(std::os::unix::fs::chroot(PAYLOAD_ROOT), "chroot")?,
+        Root::Disks { .. } => {
+            std::env::set_current_dir(PAYLOAD_ROOT)?;
+            ctx(
+                mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+                &format!("move {PAYLOAD_ROOT} to /"),
+            )?;
+            ctx(std::os::unix::fs::chroot("."), "chroot")?;
+        }
+    }
     std::env::set_current_dir("/")?;
-    Ok(tty)
+    Ok(())
 }
 
 /// Makes the mount at `target` read-only, keeping `flags`; only CAP_SYS_ADMIN, which no
