@@ -25,11 +25,26 @@ fn ctx<T>(r: Result<T, impl std::fmt::Display>, what: &str) -> io::Result<T> {
 }
 
 fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
+    not_a_symlink(Path::new(target))?;
     fs::create_dir_all(target)?;
     ctx(
         mount(Some(fstype), target, Some(fstype), flags, data),
         &format!("mount {fstype} on {target}"),
     )
+}
+
+/// A mount point that is a symlink would be followed, before the chroot, to a path the
+/// image chose in the agent's own root (an image's `dev -> /` would put devtmpfs over the
+/// initramfs). The image's `/proc`, `/sys`, `/dev` and `/tmp` must be directories or
+/// absent; deeper mount points lie in file systems the agent mounted itself.
+fn not_a_symlink(target: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(target) {
+        Ok(m) if m.file_type().is_symlink() => Err(io::Error::other(format!(
+            "{} is a symlink in the payload's image; it must be a directory",
+            target.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Mounts in the initramfs itself, needed before the payload root exists (`/proc` for the
@@ -274,5 +289,24 @@ pub fn poweroff() -> ! {
     // Only reached if power-off failed: halt here rather than exit.
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mount_point_may_be_a_directory_or_absent_but_not_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("dev")).unwrap();
+        std::os::unix::fs::symlink("/", d.path().join("proc")).unwrap();
+        std::os::unix::fs::symlink("nowhere", d.path().join("tmp")).unwrap();
+        assert!(not_a_symlink(&d.path().join("dev")).is_ok());
+        assert!(not_a_symlink(&d.path().join("sys")).is_ok());
+        for l in ["proc", "tmp"] {
+            let e = not_a_symlink(&d.path().join(l)).unwrap_err().to_string();
+            assert!(e.contains("is a symlink in the payload's image"), "{e}");
+        }
     }
 }
