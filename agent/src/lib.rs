@@ -18,4 +18,5 @@ pub mod requestor;
 pub mod store;
 #[cfg(feature = "test-support")]
 pub mod testsupport;
+pub mod units;
 pub mod vm;

@@ -13,6 +13,7 @@ use policies::{Mode, ReceivedManifest, WhitelistMatcher};
 
 use super::{Ctx, Outcome};
 use crate::egress::{self, AddressPolicy, AuditLog, Cidr, EgressPolicy, Limits, Proxy};
+use crate::units::ByteSize;
 
 #[derive(Debug, Subcommand)]
 pub enum EgressCmd {
@@ -51,8 +52,8 @@ pub struct ServeArgs {
     max_tunnels: usize,
     /// Body and tunnel bytes over the job's life, both directions (suffixes K, M, G, T
     /// are powers of 1024).
-    #[arg(long, value_name = "BYTES", default_value = "64G", value_parser = parse_bytes)]
-    max_bytes: u64,
+    #[arg(long, value_name = "BYTES", default_value = "64G")]
+    max_bytes: ByteSize,
     /// Close a connection after this many seconds without a byte moving.
     #[arg(long, value_name = "SECONDS", default_value_t = Limits::default().idle_timeout.as_secs())]
     idle_timeout: u64,
@@ -91,7 +92,7 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<Outcome> {
     };
     let limits = Limits {
         max_tunnels: args.max_tunnels,
-        max_bytes: args.max_bytes,
+        max_bytes: args.max_bytes.bytes(),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         max_connections: args.max_connections,
         ..Limits::default()
@@ -140,42 +141,4 @@ fn serve(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<Outcome> {
         anyhow::Ok(())
     })?;
     Ok(Outcome::Done)
-}
-
-/// `1048576`, `64K`, `10M`, `2G`, `1T` (powers of 1024; a trailing `B` or `iB` is allowed).
-pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{text}` is not a byte count (e.g. 1048576, 512M, 64G)"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_bytes;
-
-    #[test]
-    fn byte_counts() {
-        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
-        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
-        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
-        assert_eq!(parse_bytes("1TB"), Ok(1 << 40));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("99999999999T").is_err());
-    }
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::output::{self, Table};
 use super::{Ctx, Outcome};
+use crate::units::{HumanDuration, MemSize};
 use crate::vm::host::{self, HostInfo};
 use crate::vm::image::ImageStore;
 use crate::vm::qemu::QemuOptions;
@@ -55,13 +56,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     guest: Option<PathBuf>,
     /// Guest memory (suffix K, M, G; plain numbers are MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_mem)]
-    mem: u32,
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    mem: MemSize,
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpus: u32,
     /// Kill the command after this long (e.g. 60s, 500ms, 2m; plain numbers are seconds).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    timeout: HumanDuration,
     /// Environment for the command (repeatable).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -69,8 +70,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "/")]
     workdir: String,
     /// Boot deadline: the guest agent must be ready within this long.
-    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
-    boot_timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value = "120s")]
+    boot_timeout: HumanDuration,
     /// Print the phases' timings on stderr when done.
     #[arg(long)]
     timings: bool,
@@ -84,52 +85,6 @@ pub fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<Outcome> {
         VmCmd::Run(args) => run_one(ctx, *args),
         VmCmd::Selftest => selftest(ctx),
     }
-}
-
-pub(crate) fn parse_mem(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    // `512M`, `512MB`, `512MiB`, `1G`, `300` (MiB).
-    let body = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let (num, mul) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 1.0 / 1024.0),
-        Some('m') => (&body[..body.len() - 1], 1.0),
-        Some('g') => (&body[..body.len() - 1], 1024.0),
-        Some(c) if c.is_ascii_digit() && body.len() == lower.len() => (body, 1.0),
-        _ => return Err(format!("`{t}`: unknown unit (K, M, G)")),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{t}` is not a size like 512M"))?;
-    let mib = (n * mul).round();
-    if !(16.0..=1_048_576.0).contains(&mib) {
-        return Err(format!("`{t}`: memory must be between 16M and 1024G"));
-    }
-    Ok(mib as u32)
-}
-
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 60s"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit (ms, s, m, h)")),
-    };
-    if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("`{s}`: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -235,7 +190,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
         kernel,
         initramfs: initrd.clone(),
         cmdline: vm::CMDLINE.into(),
-        mem_mib: args.mem,
+        mem_mib: args.mem.mib(),
         cpus: args.cpus,
         job_dir: job.clone(),
         console_log: job.join("console.log"),
@@ -243,7 +198,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     let mark = Instant::now();
     let machine = backend.launch(&spec)?;
     t.launch = mark.elapsed();
-    let vm = Vm::boot(machine, args.boot_timeout, vm::refuse_streams())?;
+    let vm = Vm::boot(machine, args.boot_timeout.get(), vm::refuse_streams())?;
     t.boot_to_ready = vm.boot_time;
     // The initramfs is in guest memory now.
     let _ = std::fs::remove_file(&initrd);
@@ -251,7 +206,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     let mut run = RunSpec::new(args.command.clone());
     run.env = args.env.clone();
     run.cwd = args.workdir.clone();
-    run.timeout = Some(args.timeout);
+    run.timeout = Some(args.timeout.get());
     let first = std::sync::OnceLock::new();
     let mut stdout = FirstByte {
         inner: std::io::stdout(),
@@ -281,7 +236,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     if status.timed_out {
         eprintln!(
             "provider: the command timed out after {:?} and was killed",
-            args.timeout
+            args.timeout.get()
         );
         return Ok(Outcome::Code(124));
     }
@@ -364,19 +319,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_mem("512M").unwrap(), 512);
-        assert_eq!(parse_mem("256MiB").unwrap(), 256);
-        assert_eq!(parse_mem("1G").unwrap(), 1024);
-        assert_eq!(parse_mem("300").unwrap(), 300);
-        assert!(parse_mem("8M").is_err());
-        assert!(parse_mem("12X").is_err());
-        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
+    fn env_pairs_parse() {
         assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
         assert!(parse_env("=x").is_err());
     }

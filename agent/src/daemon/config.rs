@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::cli::vm::VmmArg;
 use crate::egress::Cidr;
 use crate::market::constraints::Filter;
+use crate::units::{ByteSize, HumanDuration, MemSize};
 
 /// `provider run`'s configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -23,24 +24,24 @@ pub struct ConfigFile {
     pub kernel: Option<PathBuf>,
     pub guest: Option<PathBuf>,
     /// Memory of one job's VM, e.g. `512M`.
-    pub mem: Option<String>,
+    pub mem: Option<MemSize>,
     pub cpus: Option<u32>,
     /// Jobs running at once.
     pub max_jobs: Option<usize>,
     /// CIDRs the egress proxy may connect to although they are private or loopback.
     pub allow_cidr: Option<Vec<String>>,
-    pub command_timeout: Option<String>,
-    pub boot_timeout: Option<String>,
+    pub command_timeout: Option<HumanDuration>,
+    pub boot_timeout: Option<HumanDuration>,
     /// Output kept per command and stream, e.g. `1M`.
-    pub max_output: Option<String>,
+    pub max_output: Option<ByteSize>,
     /// Largest file one `transfer` may move, e.g. `1G`.
-    pub max_transfer: Option<String>,
+    pub max_transfer: Option<ByteSize>,
     /// Largest payload image fetched for a requestor, e.g. `4G`.
-    pub max_image_size: Option<String>,
+    pub max_image_size: Option<ByteSize>,
     /// Free disk an image fetch must leave in the data dir, e.g. `1G`.
-    pub image_disk_reserve: Option<String>,
-    pub agreement_ttl: Option<String>,
-    pub proposal_ttl: Option<String>,
+    pub image_disk_reserve: Option<ByteSize>,
+    pub agreement_ttl: Option<HumanDuration>,
+    pub proposal_ttl: Option<HumanDuration>,
     /// Open proposals one requestor peer may hold.
     pub max_proposals_per_peer: Option<usize>,
     /// LDAP-style filter over demands' properties.
@@ -135,7 +136,7 @@ impl DaemonConfig {
         cfg.kernel = file.kernel.or(cfg.kernel);
         cfg.guest = file.guest.or(cfg.guest);
         if let Some(v) = file.mem {
-            cfg.mem_mib = crate::cli::vm::parse_mem(&v).map_err(|e| at("mem", e))?;
+            cfg.mem_mib = v.mib();
         }
         if let Some(v) = file.cpus {
             if !(1..=64).contains(&v) {
@@ -158,22 +159,20 @@ impl DaemonConfig {
                 })
                 .collect::<Result<_, _>>()?;
         }
-        let dur = |key: &str, v: &str| crate::cli::vm::parse_duration(v).map_err(|e| at(key, e));
         if let Some(v) = file.command_timeout {
-            cfg.command_timeout = dur("command_timeout", &v)?;
+            cfg.command_timeout = v.get();
         }
         if let Some(v) = file.boot_timeout {
-            cfg.boot_timeout = dur("boot_timeout", &v)?;
+            cfg.boot_timeout = v.get();
         }
         if let Some(v) = file.agreement_ttl {
-            cfg.agreement_ttl = dur("agreement_ttl", &v)?;
+            cfg.agreement_ttl = v.get();
         }
         if let Some(v) = file.proposal_ttl {
-            cfg.proposal_ttl = dur("proposal_ttl", &v)?;
+            cfg.proposal_ttl = v.get();
         }
         if let Some(v) = file.max_output {
-            cfg.max_output_bytes =
-                crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_output", e))?;
+            cfg.max_output_bytes = v.bytes();
         }
         if let Some(v) = file.max_proposals_per_peer {
             if v == 0 {
@@ -182,16 +181,13 @@ impl DaemonConfig {
             cfg.max_proposals_per_peer = v;
         }
         if let Some(v) = file.max_transfer {
-            cfg.max_transfer_bytes =
-                crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_transfer", e))?;
+            cfg.max_transfer_bytes = v.bytes();
         }
         if let Some(v) = file.max_image_size {
-            cfg.max_image_bytes =
-                crate::cli::egress::parse_bytes(&v).map_err(|e| at("max_image_size", e))?;
+            cfg.max_image_bytes = v.bytes();
         }
         if let Some(v) = file.image_disk_reserve {
-            cfg.image_disk_reserve =
-                crate::cli::egress::parse_bytes(&v).map_err(|e| at("image_disk_reserve", e))?;
+            cfg.image_disk_reserve = v.bytes();
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =

@@ -26,6 +26,7 @@ use crate::net::wire::{
 };
 use crate::net::{self, NetConfig};
 use crate::receipt::SignedReceipt;
+use crate::units::HumanDuration;
 
 /// Requestor: get a signed payload run on a provider, with its commands gated and its
 /// egress filtered, and keep the signed receipt.
@@ -49,8 +50,8 @@ pub enum Command {
     /// List providers found on the local network (mDNS).
     Offers {
         /// How long to listen for providers.
-        #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = crate::cli::vm::parse_duration)]
-        wait: Duration,
+        #[arg(long, value_name = "DURATION", default_value = "3s")]
+        wait: HumanDuration,
     },
     /// Receipts: check one offline.
     #[command(subcommand)]
@@ -137,8 +138,8 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "FILE")]
     identity: Option<PathBuf>,
     /// Give up on the whole job after this long.
-    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = crate::cli::vm::parse_duration)]
-    timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value = "30m")]
+    timeout: HumanDuration,
     /// Print how long negotiation, VM start and the first command output took (stderr).
     #[arg(long)]
     timings: bool,
@@ -171,7 +172,7 @@ pub fn main() -> ExitCode {
                 0
             })
             .map_err(anyhow::Error::from),
-        Command::Offers { wait } => offers(wait, json),
+        Command::Offers { wait } => offers(wait.get(), json),
         Command::Submit(args) => match submit(*args, json) {
             Ok(code) => Ok(code),
             Err(Stop::Rejected) => Ok(1),
@@ -458,14 +459,14 @@ fn submit(args: SubmitArgs, json: bool) -> Result<u8, Stop> {
     let printer = Printer { json };
     let result = rt.block_on(async {
         tokio::time::timeout(
-            args.timeout,
+            args.timeout.get(),
             session(&args, identity, peer, properties, batches, &printer),
         )
         .await
         .unwrap_or_else(|_| {
             Err(Stop::Unreachable(anyhow::anyhow!(
                 "the job did not finish within --timeout {:?}",
-                args.timeout
+                args.timeout.get()
             )))
         })
     });
