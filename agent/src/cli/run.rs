@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::vm::VmmArg;
+use super::vm::vmm_parser;
 use super::{Ctx, Outcome};
 use crate::daemon::{self, DaemonConfig};
 use crate::egress::Cidr;
+use crate::vm::Vmm;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -25,8 +26,8 @@ pub struct RunArgs {
     /// Let jobs' egress reach this private/loopback range (repeatable; e.g. a local mirror).
     #[arg(long, value_name = "CIDR")]
     allow_cidr: Vec<Cidr>,
-    #[arg(long, value_enum)]
-    vmm: Option<VmmArg>,
+    #[arg(long, value_parser = vmm_parser())]
+    vmm: Option<Vmm>,
     /// Guest kernel (bzImage).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,

@@ -5,18 +5,17 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
-use clap::{Args, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
 use policies::manifest::PayloadHash;
 use serde::Serialize;
 
 use super::output::{self, Table};
 use super::{Ctx, Outcome};
 use crate::units::{HumanDuration, MemSize};
-use crate::vm::host::{self, HostInfo};
+use crate::vm::host::HostInfo;
 use crate::vm::image::ImageStore;
-use crate::vm::qemu::QemuOptions;
-use crate::vm::{self, initramfs, Backend, MachineSpec, RunSpec, Vm};
+use crate::vm::{self, initramfs, Backend, MachineSpec, RunSpec, Vm, Vmm};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
@@ -28,13 +27,15 @@ pub enum VmCmd {
     Selftest,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum VmmArg {
-    /// QEMU (with KVM where it boots Linux, else TCG).
-    Auto,
-    Qemu,
-    /// The project's own VMM; refused at once where KVM is PVM.
-    Kvm,
+/// `--vmm`: the values of [`Vmm`], each with its help.
+pub(crate) fn vmm_parser() -> impl clap::builder::TypedValueParser<Value = Vmm> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new([
+        PossibleValue::new("auto").help("QEMU (with KVM where it boots Linux, else TCG)"),
+        PossibleValue::new("qemu"),
+        PossibleValue::new("kvm").help("The project's own VMM; refused at once where KVM is PVM"),
+    ])
+    .map(|s| s.parse::<Vmm>().expect("one of the possible values"))
 }
 
 #[derive(Debug, Args)]
@@ -46,8 +47,8 @@ pub struct RunArgs {
     /// used. Without it the image is stored under its SHA3-256.
     #[arg(long, value_name = "sha3:HEX")]
     hash: Option<String>,
-    #[arg(long, value_enum, default_value = "auto")]
-    vmm: VmmArg,
+    #[arg(long, default_value = "auto", value_parser = vmm_parser())]
+    vmm: Vmm,
     /// Guest kernel (bzImage) [default: the cache filled by scripts/fetch-guest-kernel.sh].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -109,42 +110,6 @@ fn job_dir(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The backend for `--vmm`, with the reason when `auto` chose.
-pub fn backend_for(vmm: VmmArg, info: &HostInfo) -> anyhow::Result<(Backend, String)> {
-    if vmm == VmmArg::Kvm {
-        if !info.kvm.accessible {
-            bail!("--vmm kvm: /dev/kvm is missing or not accessible; use --vmm qemu");
-        }
-        // A stock kernel hangs under PVM instead of failing: refuse before any work.
-        crate::vm::kvm::check_bootable(
-            &crate::vm::kvm::KernelImage::BzImage(PathBuf::new()),
-            info.kvm.pvm,
-        )?;
-        return Ok((Backend::Kvm, "--vmm kvm: the project's own VMM".into()));
-    }
-    let Some(qemu) = &info.qemu else {
-        bail!(
-            "no usable QEMU ({} -version failed); install qemu-system-x86 or set PROVIDER_QEMU",
-            host::qemu_binary().display()
-        );
-    };
-    let choice = host::choose(&info.kvm, Some(qemu))
-        .context("no backend can run a Linux guest on this host")?;
-    let why = match vmm {
-        VmmArg::Auto => format!("--vmm auto: {}", choice.reason),
-        VmmArg::Qemu => format!("--vmm qemu: {}", choice.reason),
-        VmmArg::Kvm => unreachable!("handled above"),
-    };
-    Ok((
-        Backend::Qemu(QemuOptions {
-            binary: qemu.path.clone(),
-            accel: choice.accel,
-            sandbox: qemu.sandbox,
-        }),
-        why,
-    ))
-}
-
 /// Timings of one `vm run`, for `--timings` and the benchmark.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Timings {
@@ -168,7 +133,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
         .map_err(|e| anyhow::anyhow!("--hash: {e}"))?;
     // The backend is settled first, so a host that cannot run this VM says so at once.
     let info = HostInfo::detect();
-    let (backend, why) = backend_for(args.vmm, &info)?;
+    let (backend, why) = Backend::select(args.vmm, &info)?;
     tracing::info!("{why}");
     // The image's bytes are verified before anything reads them as a tarball.
     let store = ImageStore::new(&ctx.data);

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::vm::VmmArg;
 use crate::egress::Cidr;
 use crate::market::constraints::Filter;
 use crate::units::{ByteSize, HumanDuration, MemSize};
+use crate::vm::Vmm;
 
 /// `provider run`'s configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -20,7 +20,7 @@ pub struct ConfigFile {
     /// mDNS discovery on the local network.
     pub mdns: Option<bool>,
     /// `auto`, `qemu` or `kvm`.
-    pub vmm: Option<String>,
+    pub vmm: Option<Vmm>,
     pub kernel: Option<PathBuf>,
     pub guest: Option<PathBuf>,
     /// Memory of one job's VM, e.g. `512M`.
@@ -53,7 +53,7 @@ pub struct ConfigFile {
 pub struct DaemonConfig {
     pub listen: Vec<String>,
     pub mdns: bool,
-    pub vmm: VmmArg,
+    pub vmm: Vmm,
     pub kernel: Option<PathBuf>,
     pub guest: Option<PathBuf>,
     pub mem_mib: u32,
@@ -79,7 +79,7 @@ impl Default for DaemonConfig {
         Self {
             listen: vec!["/ip4/0.0.0.0/tcp/7465".into()],
             mdns: true,
-            vmm: VmmArg::Auto,
+            vmm: Vmm::Auto,
             kernel: None,
             guest: None,
             mem_mib: 512,
@@ -121,17 +121,7 @@ impl DaemonConfig {
             cfg.mdns = v;
         }
         if let Some(v) = file.vmm {
-            cfg.vmm = match v.as_str() {
-                "auto" => VmmArg::Auto,
-                "qemu" => VmmArg::Qemu,
-                "kvm" => VmmArg::Kvm,
-                other => {
-                    return Err(at(
-                        "vmm",
-                        format!("`{other}` is not one of auto, qemu, kvm"),
-                    ))
-                }
-            };
+            cfg.vmm = v;
         }
         cfg.kernel = file.kernel.or(cfg.kernel);
         cfg.guest = file.guest.or(cfg.guest);

@@ -76,7 +76,7 @@ pub async fn run(
             .with_context(|| format!("open {}", data.audit_path().display()))?,
     );
     let runtime = (|| -> anyhow::Result<jobs::Runtime> {
-        let (backend, why) = crate::cli::vm::backend_for(cfg.vmm, &crate::vm::HostInfo::detect())?;
+        let (backend, why) = crate::vm::Backend::select(cfg.vmm, &crate::vm::HostInfo::detect())?;
         tracing::info!("{why}");
         Ok(jobs::Runtime {
             backend,

@@ -29,11 +29,52 @@ use serde::Serialize;
 
 pub use host::HostInfo;
 
-/// Which VMM runs the machine.
+/// Which VMM runs a job's machine, as the operator asks for it (`--vmm`, the daemon's
+/// `vmm`); [`Backend::select`] turns it into the [`Backend`] this host runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Vmm {
+    /// QEMU, with KVM where KVM boots Linux, else TCG.
+    Auto,
     Qemu,
+    /// The project's own VMM; refused at once where KVM is PVM.
+    Kvm,
+}
+
+impl Vmm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Vmm::Auto => "auto",
+            Vmm::Qemu => "qemu",
+            Vmm::Kvm => "kvm",
+        }
+    }
+}
+
+impl std::fmt::Display for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Vmm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Vmm::Auto),
+            "qemu" => Ok(Vmm::Qemu),
+            "kvm" => Ok(Vmm::Kvm),
+            other => Err(format!("`{other}` is not one of auto, qemu, kvm")),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Vmm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// How QEMU executes guest code.
@@ -110,6 +151,39 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend for the operator's `vmm` on this host, with the reason when `auto`
+    /// chose: the one place a VMM is picked (`provider vm run` and the daemon alike).
+    pub fn select(vmm: Vmm, info: &HostInfo) -> Result<(Backend, String), VmError> {
+        let refused = |message: String| VmError::Backend { message };
+        if vmm == Vmm::Kvm {
+            if !info.kvm.accessible {
+                return Err(refused(
+                    "--vmm kvm: /dev/kvm is missing or not accessible; use --vmm qemu".into(),
+                ));
+            }
+            // A stock kernel hangs under PVM instead of failing: refuse before any work.
+            kvm::check_bootable(&kvm::KernelImage::BzImage(PathBuf::new()), info.kvm.pvm)
+                .map_err(|e| refused(e.to_string()))?;
+            return Ok((Backend::Kvm, "--vmm kvm: the project's own VMM".into()));
+        }
+        let Some(qemu) = &info.qemu else {
+            return Err(refused(format!(
+                "no usable QEMU ({} -version failed); install qemu-system-x86 or set PROVIDER_QEMU",
+                host::qemu_binary().display()
+            )));
+        };
+        let choice = host::choose(&info.kvm, Some(qemu))
+            .ok_or_else(|| refused("no backend can run a Linux guest on this host".into()))?;
+        Ok((
+            Backend::Qemu(qemu::QemuOptions {
+                binary: qemu.path.clone(),
+                accel: choice.accel,
+                sandbox: qemu.sandbox,
+            }),
+            format!("--vmm {vmm}: {}", choice.reason),
+        ))
+    }
+
     pub fn launch(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, VmError> {
         match self {
             Backend::Qemu(opts) => Ok(Box::new(qemu::QemuMachine::launch(
