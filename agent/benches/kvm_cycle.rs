@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::confine::{FsPolicy, OnViolation};
-use agent::vm::kvm::{guests, KernelImage, Vm, VmConfig, VmExit};
+use agent::vm::kvm::{self, guests, KernelImage, VmConfig, VmExit};
 
 const RUNS: usize = 200;
 const IN_FLIGHT: usize = 4;
@@ -50,7 +50,7 @@ fn cycle(console: &std::path::Path) -> Sample {
         confined_check: None,
     };
     let t0 = Instant::now();
-    let vm = Vm::start(config, guest).expect("VM start");
+    let vm = kvm::start(config, guest).expect("VM start");
     let mut byte = [0u8; 1];
     (&host).read_exact(&mut byte).expect("first COM2 byte");
     assert_eq!(byte[0], b'!');

@@ -11,8 +11,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use agent::confine::{self, Enforcement, FsPolicy, OnViolation};
+use agent::vm::host::host_is_pvm;
 use agent::vm::kvm::{
-    guests, host_is_pvm, ConfinedCheck, Error, KernelImage, ShutdownCause, Vm, VmConfig, VmExit,
+    self, guests, ConfinedCheck, KernelImage, KvmError, ShutdownCause, VmConfig, VmExit,
 };
 use agent::vm::kvm_backend::KvmMachine;
 use agent::vm::{Machine, MachineSpec};
@@ -50,7 +51,7 @@ fn start(
     let dir = tempfile::tempdir().unwrap();
     let (host, guest) = UnixStream::pair().unwrap();
     host.set_read_timeout(Some(IO_BOUND)).unwrap();
-    let vm = Vm::start(config(&dir, program, limit), guest).unwrap();
+    let vm = kvm::start(config(&dir, program, limit), guest).unwrap();
     (vm, BufReader::new(host), dir)
 }
 
@@ -199,9 +200,9 @@ fn linux_on_pvm_fails_fast_naming_pvm_and_qemu() {
         ..config(&dir, Vec::new(), Duration::from_secs(30))
     };
     let started = Instant::now();
-    let err = Vm::start(cfg, guest).unwrap_err();
+    let err = kvm::start(cfg, guest).unwrap_err();
     let took = started.elapsed();
-    assert!(matches!(err, Error::PvmCannotBootLinux), "{err}");
+    assert!(matches!(err, KvmError::PvmCannotBootLinux), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("PVM") && msg.contains("--vmm qemu"), "{msg}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
@@ -304,7 +305,7 @@ fn confined_vmm_thread_opens_only_the_job_dir_and_its_inputs() {
         confined_check: Some(check),
         ..config(&dir, guests::hello("up\n", "console\n"), IO_BOUND)
     };
-    let vm = Vm::start(cfg, guest).unwrap();
+    let vm = kvm::start(cfg, guest).unwrap();
     let report = vm.confinement().landlock.clone().unwrap();
     assert_ne!(report.enforcement, Enforcement::Not, "{report}");
     // The guest still runs with its threads confined.

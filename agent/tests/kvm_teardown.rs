@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use agent::confine::{FsPolicy, OnViolation};
-use agent::vm::kvm::{guests, KernelImage, ShutdownCause, Vm, VmConfig, VmExit};
+use agent::vm::kvm::{self, guests, KernelImage, ShutdownCause, VmConfig, VmExit};
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
@@ -46,7 +46,7 @@ fn one_vm(dir: &tempfile::TempDir) {
         }),
         confined_check: None,
     };
-    let vm = Vm::start(config, guest).unwrap();
+    let vm = kvm::start(config, guest).unwrap();
     let mut line = String::new();
     BufReader::new(host).read_line(&mut line).unwrap();
     assert_eq!(line, "done\n");

@@ -57,7 +57,7 @@ impl KvmMachine {
             )),
             confined_check: None,
         };
-        let vm = kvm::Vm::start(config, vmm_end).map_err(|e| VmError::Backend {
+        let vm = kvm::start(config, vmm_end).map_err(|e| VmError::Backend {
             message: format!("own VMM: {e}"),
         })?;
         // On error `vm` is dropped, which kills it: a job whose log cannot say how it is

@@ -15,7 +15,7 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{self, BootParamsInput};
-use super::Error;
+use super::KvmError;
 
 /// Offset of the 64-bit entry point from a bzImage's protected-mode load address.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -34,12 +34,12 @@ pub enum Entry {
 /// Reads and checks a bzImage's setup header: `HdrS` magic, boot protocol ≥ 2.12, loaded
 /// high, and a 64-bit entry point. A kernel failing these could not be started by this
 /// VMM, so it is refused before any guest memory is touched.
-pub fn read_setup_header(path: &Path, file: &mut File) -> Result<setup_header, Error> {
-    let bad = |reason: String| Error::BadBzImage {
+pub fn read_setup_header(path: &Path, file: &mut File) -> Result<setup_header, KvmError> {
+    let bad = |reason: String| KvmError::BadBzImage {
         path: path.to_owned(),
         reason,
     };
-    let io = |source| Error::ReadKernel {
+    let io = |source| KvmError::ReadKernel {
         path: path.to_owned(),
         source,
     };
@@ -87,8 +87,8 @@ pub fn load_linux(
     elf: bool,
     initramfs: Option<&Path>,
     cmdline: &str,
-) -> Result<Entry, Error> {
-    let mut file = File::open(kernel).map_err(|source| Error::ReadKernel {
+) -> Result<Entry, KvmError> {
+    let mut file = File::open(kernel).map_err(|source| KvmError::ReadKernel {
         path: kernel.to_owned(),
         source,
     })?;
@@ -100,7 +100,7 @@ pub fn load_linux(
             &mut file,
             Some(GuestAddress(layout::HIMEM_START)),
         )
-        .map_err(|source| Error::LoadKernel {
+        .map_err(|source| KvmError::LoadKernel {
             path: kernel.to_owned(),
             source,
         })?;
@@ -112,7 +112,7 @@ pub fn load_linux(
         // address; less memory than that fails late and obscurely inside the guest.
         let need = u64::from(hdr.init_size).max(file_len(kernel, &file)?);
         if load + need > low_end {
-            return Err(Error::KernelTooBig {
+            return Err(KvmError::KernelTooBig {
                 path: kernel.to_owned(),
                 need,
                 have: low_end,
@@ -120,7 +120,7 @@ pub fn load_linux(
         }
         let loaded =
             BzImage::load(mem, Some(GuestAddress(load)), &mut file, None).map_err(|source| {
-                Error::LoadKernel {
+                KvmError::LoadKernel {
                     path: kernel.to_owned(),
                     source,
                 }
@@ -138,13 +138,13 @@ pub fn load_linux(
 
     let initramfs = match initramfs {
         Some(path) => {
-            let mut f = File::open(path).map_err(|source| Error::ReadInitramfs {
+            let mut f = File::open(path).map_err(|source| KvmError::ReadInitramfs {
                 path: path.to_owned(),
                 source,
             })?;
             let size = f
                 .metadata()
-                .map_err(|source| Error::ReadInitramfs {
+                .map_err(|source| KvmError::ReadInitramfs {
                     path: path.to_owned(),
                     source,
                 })?
@@ -154,12 +154,12 @@ pub fn load_linux(
                 .filter(|m| *m != 0);
             let addr =
                 layout::initramfs_addr(mem_bytes, kernel_end, max.unwrap_or(0x7fff_ffff), size)
-                    .ok_or_else(|| Error::InitramfsTooBig {
+                    .ok_or_else(|| KvmError::InitramfsTooBig {
                         path: path.to_owned(),
                         size,
                     })?;
             mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-                .map_err(|e| Error::ReadInitramfs {
+                .map_err(|e| KvmError::ReadInitramfs {
                     path: path.to_owned(),
                     source: std::io::Error::other(e.to_string()),
                 })?;
@@ -189,21 +189,21 @@ pub fn load_linux(
     Ok(Entry::Linux64(entry))
 }
 
-fn file_len(path: &Path, file: &File) -> Result<u64, Error> {
+fn file_len(path: &Path, file: &File) -> Result<u64, KvmError> {
     file.metadata()
         .map(|m| m.len())
-        .map_err(|source| Error::ReadKernel {
+        .map_err(|source| KvmError::ReadKernel {
             path: path.to_owned(),
             source,
         })
 }
 
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<(), Error> {
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<(), KvmError> {
     if cmdline.as_bytes().contains(&0) {
-        return Err(Error::CmdlineNul);
+        return Err(KvmError::CmdlineNul);
     }
     if cmdline.len() > max {
-        return Err(Error::CmdlineTooLong {
+        return Err(KvmError::CmdlineTooLong {
             len: cmdline.len(),
             max,
         });
@@ -214,9 +214,9 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<(),
 }
 
 /// Copies a real-mode program to its load address.
-pub fn load_real_mode(mem: &GuestMemoryMmap, program: &[u8]) -> Result<Entry, Error> {
+pub fn load_real_mode(mem: &GuestMemoryMmap, program: &[u8]) -> Result<Entry, KvmError> {
     if program.len() > layout::REALMODE_MAX_LEN {
-        return Err(Error::RealModeTooBig {
+        return Err(KvmError::RealModeTooBig {
             len: program.len(),
             max: layout::REALMODE_MAX_LEN,
         });
@@ -225,9 +225,9 @@ pub fn load_real_mode(mem: &GuestMemoryMmap, program: &[u8]) -> Result<Entry, Er
     Ok(Entry::RealMode)
 }
 
-fn write(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), Error> {
+fn write(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), KvmError> {
     mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|e| Error::WriteGuestMemory {
+        .map_err(|e| KvmError::WriteGuestMemory {
             addr,
             reason: e.to_string(),
         })
@@ -255,14 +255,14 @@ pub fn patch_cpuid(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
 
 /// `KVM_GET_SUPPORTED_CPUID`, asked once per process: it cannot change while the
 /// module is loaded, and asking costs a third of a millisecond per vCPU.
-fn supported_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, Error> {
+fn supported_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, KvmError> {
     static SUPPORTED: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
     if let Some(entries) = SUPPORTED.get() {
         return Ok(entries.clone());
     }
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| Error::Kvm {
+        .map_err(|source| KvmError::Kvm {
             op: "KVM_GET_SUPPORTED_CPUID",
             source,
         })?;
@@ -270,11 +270,11 @@ fn supported_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, Error> {
 }
 
 /// Applies CPUID, MSRs, FPU and local-APIC state common to every vCPU.
-pub fn setup_vcpu_common(kvm: &Kvm, vcpu: &VcpuFd, index: u8, count: u8) -> Result<(), Error> {
+pub fn setup_vcpu_common(kvm: &Kvm, vcpu: &VcpuFd, index: u8, count: u8) -> Result<(), KvmError> {
     let mut cpuid = CpuId::from_entries(&supported_cpuid(kvm)?)
-        .map_err(|e| Error::InvalidConfig(format!("CPUID list: {e:?}")))?;
+        .map_err(|e| KvmError::InvalidConfig(format!("CPUID list: {e:?}")))?;
     patch_cpuid(cpuid.as_mut_slice(), index, count);
-    vcpu.set_cpuid2(&cpuid).map_err(|source| Error::Kvm {
+    vcpu.set_cpuid2(&cpuid).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_CPUID2",
         source,
     })?;
@@ -298,13 +298,13 @@ pub fn setup_vcpu_common(kvm: &Kvm, vcpu: &VcpuFd, index: u8, count: u8) -> Resu
         msr(0x2ff, (1 << 11) | 6), // MTRRdefType: MTRRs on, default write-back
     ];
     let msrs = Msrs::from_entries(&entries)
-        .map_err(|e| Error::InvalidConfig(format!("MSR list: {e:?}")))?;
-    let set = vcpu.set_msrs(&msrs).map_err(|source| Error::Kvm {
+        .map_err(|e| KvmError::InvalidConfig(format!("MSR list: {e:?}")))?;
+    let set = vcpu.set_msrs(&msrs).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_MSRS",
         source,
     })?;
     if set != entries.len() {
-        return Err(Error::InvalidConfig(format!(
+        return Err(KvmError::InvalidConfig(format!(
             "KVM accepted only {set} of {} boot MSRs (MSR {:#x} refused)",
             entries.len(),
             entries[set].index
@@ -316,20 +316,20 @@ pub fn setup_vcpu_common(kvm: &Kvm, vcpu: &VcpuFd, index: u8, count: u8) -> Resu
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(|source| Error::Kvm {
+    vcpu.set_fpu(&fpu).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_FPU",
         source,
     })?;
 
     // LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs: what the MP table says
     // and what a real-mode guest without an IOAPIC relies on.
-    let mut lapic = vcpu.get_lapic().map_err(|source| Error::Kvm {
+    let mut lapic = vcpu.get_lapic().map_err(|source| KvmError::Kvm {
         op: "KVM_GET_LAPIC",
         source,
     })?;
     set_lvt(&mut lapic.regs, 0x350, 0x700);
     set_lvt(&mut lapic.regs, 0x360, 0x400);
-    vcpu.set_lapic(&lapic).map_err(|source| Error::Kvm {
+    vcpu.set_lapic(&lapic).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_LAPIC",
         source,
     })?;
@@ -370,8 +370,8 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 /// Puts the boot vCPU in 64-bit long mode at `entry` as the boot protocol specifies:
 /// paging on with the identity map, flat `__BOOT_CS`/`__BOOT_DS`, interrupts off,
 /// `rsi` = zero page.
-pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
-    let mut sregs = vcpu.get_sregs().map_err(|source| Error::Kvm {
+pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64) -> Result<(), KvmError> {
+    let mut sregs = vcpu.get_sregs().map_err(|source| KvmError::Kvm {
         op: "KVM_GET_SREGS",
         source,
     })?;
@@ -392,7 +392,7 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
     sregs.cr4 |= 1 << 5; // PAE
     sregs.cr0 |= 1 | (1 << 31); // PE, PG
     sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
-    vcpu.set_sregs(&sregs).map_err(|source| Error::Kvm {
+    vcpu.set_sregs(&sregs).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_SREGS",
         source,
     })?;
@@ -404,7 +404,7 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
         rsi: layout::ZERO_PAGE_ADDR,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(|source| Error::Kvm {
+    vcpu.set_regs(&regs).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_REGS",
         source,
     })
@@ -412,8 +412,8 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
 
 /// Puts the boot vCPU in real mode at `0000:REALMODE_LOAD_ADDR` with all data segments
 /// and the stack in segment 0.
-pub fn setup_real_mode(vcpu: &VcpuFd) -> Result<(), Error> {
-    let mut sregs = vcpu.get_sregs().map_err(|source| Error::Kvm {
+pub fn setup_real_mode(vcpu: &VcpuFd) -> Result<(), KvmError> {
+    let mut sregs = vcpu.get_sregs().map_err(|source| KvmError::Kvm {
         op: "KVM_GET_SREGS",
         source,
     })?;
@@ -421,7 +421,7 @@ pub fn setup_real_mode(vcpu: &VcpuFd) -> Result<(), Error> {
         seg.base = 0;
         seg.selector = 0;
     }
-    vcpu.set_sregs(&sregs).map_err(|source| Error::Kvm {
+    vcpu.set_sregs(&sregs).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_SREGS",
         source,
     })?;
@@ -431,7 +431,7 @@ pub fn setup_real_mode(vcpu: &VcpuFd) -> Result<(), Error> {
         rsp: layout::REALMODE_STACK,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(|source| Error::Kvm {
+    vcpu.set_regs(&regs).map_err(|source| KvmError::Kvm {
         op: "KVM_SET_REGS",
         source,
     })
@@ -531,7 +531,7 @@ mod tests {
         let kernel = fake_bzimage(0x400_0000, 0x1000);
         let m = mem(32 << 20);
         let err = load_linux(&m, 32 << 20, 1, kernel.path(), false, None, "").unwrap_err();
-        assert!(matches!(err, Error::KernelTooBig { .. }), "{err}");
+        assert!(matches!(err, KvmError::KernelTooBig { .. }), "{err}");
 
         let kernel = fake_bzimage(0x10_0000, 0x1000);
         let m = mem(8 << 20);
@@ -540,7 +540,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                Error::CmdlineTooLong {
+                KvmError::CmdlineTooLong {
                     len: 3000,
                     max: 2047
                 }
@@ -548,7 +548,7 @@ mod tests {
             "{err}"
         );
         let err = load_linux(&m, 8 << 20, 1, kernel.path(), false, None, "a\0b").unwrap_err();
-        assert!(matches!(err, Error::CmdlineNul), "{err}");
+        assert!(matches!(err, KvmError::CmdlineNul), "{err}");
 
         let mut initrd = tempfile::NamedTempFile::new().unwrap();
         initrd.write_all(&vec![0u8; 7 << 20]).unwrap();
@@ -562,7 +562,7 @@ mod tests {
             "",
         )
         .unwrap_err();
-        assert!(matches!(err, Error::InitramfsTooBig { .. }), "{err}");
+        assert!(matches!(err, KvmError::InitramfsTooBig { .. }), "{err}");
 
         let mut not_linux = tempfile::NamedTempFile::new().unwrap();
         not_linux.write_all(&[0u8; 4096]).unwrap();

@@ -2,7 +2,7 @@
 //!
 //! A [`VmConfig`] names the guest (a Linux bzImage or ELF vmlinux with an initramfs and
 //! command line, or a real-mode program of our own), its memory, vCPUs, console log and
-//! wall-clock limit. [`Vm::start`] builds the machine and returns a [`RunningVm`]:
+//! wall-clock limit. [`start`] builds the machine and returns a [`RunningVm`]:
 //!
 //! - guest memory of the configured size (RAM above 4 GiB past the 32-bit hole);
 //! - the in-kernel PIC/IOAPIC/LAPIC and PIT;
@@ -24,7 +24,7 @@
 //! seam with the rest of the VM runtime.
 //!
 //! Where `/dev/kvm` is PVM (paravirtual KVM), a stock Linux kernel cannot boot: `start`
-//! refuses Linux guests there with [`Error::PvmCannotBootLinux`] instead of hanging.
+//! refuses Linux guests there with [`KvmError::PvmCannotBootLinux`] instead of hanging.
 #![allow(unsafe_code)]
 
 pub mod boot;
@@ -39,7 +39,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -50,6 +50,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::host::{host_is_pvm, PVM_MODULE_PATH};
 use crate::confine::{self, FsPolicy, LandlockReport, OnViolation, PreparedLandlock};
 use devices::{ChannelWriter, ConsoleLog, PortBus};
 use vcpu::Shared;
@@ -66,9 +67,6 @@ pub const HALT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// for hardware this machine does not have switched off.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
     i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
-
-/// Where `/sys` shows the PVM flavour of KVM is loaded.
-pub const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
 
 /// The guest to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +206,7 @@ impl std::fmt::Display for VmExit {
 
 /// What can go wrong starting a VM.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum KvmError {
     /// Linux on PVM: refused up front, because it would hang.
     #[error(
         "/dev/kvm on this host is PVM (paravirtual KVM: {PVM_MODULE_PATH} exists), which cannot \
@@ -347,107 +345,36 @@ pub enum Error {
     Signal(#[source] vmm_sys_util::errno::Error),
 }
 
-/// Evidence about PVM on this host, as `provider vm selftest` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PvmProbe {
-    /// `/sys/module/kvm_pvm` exists.
-    pub module_loaded: bool,
-    /// `KVM_GET_MSR_INDEX_LIST` lists one of PVM's own MSRs (0x4b564df0..=0x4b564dff).
-    /// Measured on our PVM hosts: it does not, so this alone cannot rule PVM out.
-    pub pvm_msr_listed: bool,
-    /// The hypervisor CPUID signature KVM reports (reads `KVMKVMKVM` under PVM too).
-    pub cpuid_signature: Option<String>,
-}
-
-impl PvmProbe {
-    /// True if any evidence says PVM.
-    pub fn is_pvm(&self) -> bool {
-        self.module_loaded || self.pvm_msr_listed
-    }
-}
-
-/// True if `index` is one of PVM's MSRs.
-pub fn is_pvm_msr(index: u32) -> bool {
-    (0x4b56_4df0..=0x4b56_4dff).contains(&index)
-}
-
-/// Reads the KVM CPUID signature (leaf 0x4000_0000: ebx, ecx, edx) from a supported
-/// CPUID list.
-pub fn cpuid_signature(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Option<String> {
-    let e = entries.iter().find(|e| e.function == 0x4000_0000)?;
-    let bytes: Vec<u8> = [e.ebx, e.ecx, e.edx]
-        .iter()
-        .flat_map(|r| r.to_le_bytes())
-        .collect();
-    Some(
-        String::from_utf8_lossy(&bytes)
-            .trim_end_matches('\0')
-            .to_owned(),
-    )
-}
-
-/// Looks for PVM: the module in `/sys`, and (if `/dev/kvm` opens) its MSRs and the CPUID
-/// signature.
-pub fn probe_pvm() -> PvmProbe {
-    let module_loaded = Path::new(PVM_MODULE_PATH).exists();
-    let (pvm_msr_listed, cpuid_signature) = match Kvm::new() {
-        Ok(kvm) => (
-            kvm.get_msr_index_list()
-                .map(|l| l.as_slice().iter().any(|i| is_pvm_msr(*i)))
-                .unwrap_or(false),
-            kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                .ok()
-                .and_then(|c| cpuid_signature(c.as_slice())),
-        ),
-        Err(_) => (false, None),
-    };
-    PvmProbe {
-        module_loaded,
-        pvm_msr_listed,
-        cpuid_signature,
-    }
-}
-
-/// True if `/dev/kvm` on this host is PVM. Cheap: one `stat`, plus the MSR list when the
-/// module is not loaded.
-pub fn host_is_pvm() -> bool {
-    Path::new(PVM_MODULE_PATH).exists() || probe_pvm().is_pvm()
-}
-
 /// The refusal rule on its own, for callers that probed already (and for tests).
-pub fn check_bootable(kernel: &KernelImage, pvm: bool) -> Result<(), Error> {
+pub fn check_bootable(kernel: &KernelImage, pvm: bool) -> Result<(), KvmError> {
     if pvm && kernel.is_linux() {
-        Err(Error::PvmCannotBootLinux)
+        Err(KvmError::PvmCannotBootLinux)
     } else {
         Ok(())
     }
 }
 
-fn validate(config: &VmConfig) -> Result<(), Error> {
+fn validate(config: &VmConfig) -> Result<(), KvmError> {
     if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-        return Err(Error::InvalidConfig(format!(
+        return Err(KvmError::InvalidConfig(format!(
             "{} vCPUs; between 1 and {MAX_VCPUS} are supported",
             config.vcpus
         )));
     }
     if config.mem_bytes < MIN_MEM_BYTES || config.mem_bytes % 4096 != 0 {
-        return Err(Error::InvalidConfig(format!(
+        return Err(KvmError::InvalidConfig(format!(
             "{} bytes of memory; it must be a multiple of 4 KiB and at least {MIN_MEM_BYTES}",
             config.mem_bytes
         )));
     }
     if config.time_limit.is_zero() {
-        return Err(Error::InvalidConfig("a zero time limit".into()));
+        return Err(KvmError::InvalidConfig("a zero time limit".into()));
     }
     Ok(())
 }
 
-/// Builds and starts VMs.
-#[derive(Debug)]
-pub struct Vm;
-
 /// What the VMM thread owns: dropping it releases every fd and the guest memory.
-struct Machine {
+struct VmmState {
     // Field order is drop order: the VM fd (KVM's use of the memory) goes before the
     // memory mapping it points into.
     _vm: VmFd,
@@ -472,219 +399,221 @@ struct Filters {
     vmm: seccompiler::BpfProgram,
 }
 
-impl Vm {
-    /// Builds the VM described by `config` and starts its vCPUs. COM2 is connected to
-    /// `channel`: guest writes are sent on it, bytes read from it are fed to the guest.
-    pub fn start(config: VmConfig, channel: UnixStream) -> Result<RunningVm, Error> {
-        validate(&config)?;
-        // Before anything else: on PVM a Linux guest would hang, not fail.
-        if config.kernel.is_linux() {
-            check_bootable(&config.kernel, host_is_pvm())?;
-        }
-        vcpu::install_kick_handler()?;
-        // Built here, on the caller's thread: a missing path fails the start before any
-        // KVM work, and the VMM thread can then confine itself without opening anything.
-        let landlock = config
-            .landlock
-            .as_ref()
-            .map(FsPolicy::prepare)
-            .transpose()?;
+/// Builds the VM described by `config` and starts its vCPUs. COM2 is connected to
+/// `channel`: guest writes are sent on it, bytes read from it are fed to the guest.
+pub fn start(config: VmConfig, channel: UnixStream) -> Result<RunningVm, KvmError> {
+    validate(&config)?;
+    // Before anything else: on PVM a Linux guest would hang, not fail.
+    if config.kernel.is_linux() {
+        check_bootable(&config.kernel, host_is_pvm())?;
+    }
+    vcpu::install_kick_handler()?;
+    // Built here, on the caller's thread: a missing path fails the start before any
+    // KVM work, and the VMM thread can then confine itself without opening anything.
+    let landlock = config
+        .landlock
+        .as_ref()
+        .map(FsPolicy::prepare)
+        .transpose()?;
 
-        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
-        let vm = kvm.create_vm().map_err(|source| Error::Kvm {
-            op: "KVM_CREATE_VM",
+    let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
+    let vm = kvm.create_vm().map_err(|source| KvmError::Kvm {
+        op: "KVM_CREATE_VM",
+        source,
+    })?;
+    // Memory slots go in before the irqchip: measured under PVM, registering them
+    // afterwards costs ~7 ms of RCU grace period per VM at creation instead of at
+    // teardown, which is on the path to the guest's first instruction.
+    let ranges: Vec<(GuestAddress, usize)> = layout::memory_ranges(config.mem_bytes)
+        .into_iter()
+        .map(|(a, s)| (GuestAddress(a), s as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| KvmError::GuestMemory {
+        bytes: config.mem_bytes,
+        reason: e.to_string(),
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live anonymous mapping of `len` bytes owned by `mem`,
+        // which the VMM thread keeps until after the VM fd (and with it KVM's use of
+        // the mapping) is closed: `VmmState` drops `_vm` before `_mem`.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| KvmError::Kvm {
+            op: "KVM_SET_USER_MEMORY_REGION",
             source,
         })?;
-        // Memory slots go in before the irqchip: measured under PVM, registering them
-        // afterwards costs ~7 ms of RCU grace period per VM at creation instead of at
-        // teardown, which is on the path to the guest's first instruction.
-        let ranges: Vec<(GuestAddress, usize)> = layout::memory_ranges(config.mem_bytes)
-            .into_iter()
-            .map(|(a, s)| (GuestAddress(a), s as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory {
-            bytes: config.mem_bytes,
-            reason: e.to_string(),
-        })?;
-        for (slot, region) in mem.iter().enumerate() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live anonymous mapping of `len` bytes owned by `mem`,
-            // which the VMM thread keeps until after the VM fd (and with it KVM's use of
-            // the mapping) is closed: `Machine` drops `_vm` before `_mem`.
-            unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| Error::Kvm {
-                op: "KVM_SET_USER_MEMORY_REGION",
-                source,
-            })?;
-        }
+    }
 
-        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(|source| Error::Kvm {
-                op: "KVM_SET_TSS_ADDR",
-                source,
-            })?;
-        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
-            .map_err(|source| Error::Kvm {
-                op: "KVM_SET_IDENTITY_MAP_ADDR",
-                source,
-            })?;
-        vm.create_irq_chip().map_err(|source| Error::Kvm {
-            op: "KVM_CREATE_IRQCHIP",
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(|source| KvmError::Kvm {
+            op: "KVM_SET_TSS_ADDR",
             source,
         })?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(|source| Error::Kvm {
-            op: "KVM_CREATE_PIT2",
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(|source| KvmError::Kvm {
+            op: "KVM_SET_IDENTITY_MAP_ADDR",
             source,
         })?;
+    vm.create_irq_chip().map_err(|source| KvmError::Kvm {
+        op: "KVM_CREATE_IRQCHIP",
+        source,
+    })?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(|source| KvmError::Kvm {
+        op: "KVM_CREATE_PIT2",
+        source,
+    })?;
 
-        let entry = match &config.kernel {
-            KernelImage::BzImage(path) => boot::load_linux(
-                &mem,
-                config.mem_bytes,
-                config.vcpus,
-                path,
-                false,
-                config.initramfs.as_deref(),
-                &config.cmdline,
-            )?,
-            KernelImage::Elf(path) => boot::load_linux(
-                &mem,
-                config.mem_bytes,
-                config.vcpus,
-                path,
-                true,
-                config.initramfs.as_deref(),
-                &config.cmdline,
-            )?,
-            KernelImage::RealMode(program) => boot::load_real_mode(&mem, program)?,
-        };
+    let entry = match &config.kernel {
+        KernelImage::BzImage(path) => boot::load_linux(
+            &mem,
+            config.mem_bytes,
+            config.vcpus,
+            path,
+            false,
+            config.initramfs.as_deref(),
+            &config.cmdline,
+        )?,
+        KernelImage::Elf(path) => boot::load_linux(
+            &mem,
+            config.mem_bytes,
+            config.vcpus,
+            path,
+            true,
+            config.initramfs.as_deref(),
+            &config.cmdline,
+        )?,
+        KernelImage::RealMode(program) => boot::load_real_mode(&mem, program)?,
+    };
 
-        let filters = match config.seccomp {
-            Some(on) => Some(Arc::new(Filters {
-                vcpu: confine::vcpu_filter(on)?,
-                vmm: confine::vmm_filter(on)?,
-            })),
-            None => None,
-        };
-        let mut console = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.console_log)
-            .map_err(|source| Error::ConsoleLog {
-                path: config.console_log.clone(),
-                source,
-            })?;
-        // The job log states what confined this VMM's threads.
-        let note = match config.seccomp {
-            Some(OnViolation::KillProcess) => "seccomp filters on the vCPU and VMM threads (a forbidden syscall kills the process)",
-            Some(OnViolation::Errno) => "seccomp filters on the vCPU and VMM threads (a forbidden syscall fails with EPERM)",
-            None => "no seccomp filters on the VMM threads",
-        };
-        writeln!(console, "[provider: {note}]").map_err(|source| Error::ConsoleLog {
+    let filters = match config.seccomp {
+        Some(on) => Some(Arc::new(Filters {
+            vcpu: confine::vcpu_filter(on)?,
+            vmm: confine::vmm_filter(on)?,
+        })),
+        None => None,
+    };
+    let mut console = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&config.console_log)
+        .map_err(|source| KvmError::ConsoleLog {
             path: config.console_log.clone(),
             source,
         })?;
-        let eventfd =
-            || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd);
-        let (com1_irq, com2_irq) = (eventfd()?, eventfd()?);
-        vm.register_irqfd(&com1_irq, devices::COM1_IRQ)
-            .map_err(|source| Error::Kvm {
-                op: "KVM_IRQFD (COM1)",
-                source,
-            })?;
-        vm.register_irqfd(&com2_irq, devices::COM2_IRQ)
-            .map_err(|source| Error::Kvm {
-                op: "KVM_IRQFD (COM2)",
-                source,
-            })?;
-        let drained = Arc::new(eventfd()?);
-        let wake = Arc::new(eventfd()?);
-        let channel = Arc::new(OwnedFd::from(channel));
-        let bus = PortBus::new(
-            com1_irq,
-            com2_irq,
-            ConsoleLog::new(console),
-            ChannelWriter::new(channel.clone()),
-            drained.clone(),
-        );
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            wake,
-            bus: Mutex::new(bus),
-            halted_off: (0..config.vcpus).map(|_| AtomicBool::new(false)).collect(),
-        });
-
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for index in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(|source| Error::Kvm {
-                    op: "KVM_CREATE_VCPU",
-                    source,
-                })?;
-            boot::setup_vcpu_common(&kvm, &fd, index, config.vcpus)?;
-            if index == 0 {
-                match entry {
-                    boot::Entry::Linux64(addr) => boot::setup_long_mode(&fd, addr)?,
-                    boot::Entry::RealMode => boot::setup_real_mode(&fd)?,
-                }
-            }
-            vcpus.push(fd);
+    // The job log states what confined this VMM's threads.
+    let note = match config.seccomp {
+        Some(OnViolation::KillProcess) => {
+            "seccomp filters on the vCPU and VMM threads (a forbidden syscall kills the process)"
         }
+        Some(OnViolation::Errno) => {
+            "seccomp filters on the vCPU and VMM threads (a forbidden syscall fails with EPERM)"
+        }
+        None => "no seccomp filters on the VMM threads",
+    };
+    writeln!(console, "[provider: {note}]").map_err(|source| KvmError::ConsoleLog {
+        path: config.console_log.clone(),
+        source,
+    })?;
+    let eventfd =
+        || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(KvmError::EventFd);
+    let (com1_irq, com2_irq) = (eventfd()?, eventfd()?);
+    vm.register_irqfd(&com1_irq, devices::COM1_IRQ)
+        .map_err(|source| KvmError::Kvm {
+            op: "KVM_IRQFD (COM1)",
+            source,
+        })?;
+    vm.register_irqfd(&com2_irq, devices::COM2_IRQ)
+        .map_err(|source| KvmError::Kvm {
+            op: "KVM_IRQFD (COM2)",
+            source,
+        })?;
+    let drained = Arc::new(eventfd()?);
+    let wake = Arc::new(eventfd()?);
+    let channel = Arc::new(OwnedFd::from(channel));
+    let bus = PortBus::new(
+        com1_irq,
+        com2_irq,
+        ConsoleLog::new(console),
+        ChannelWriter::new(channel.clone()),
+        drained.clone(),
+    );
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        outcome: Mutex::new(None),
+        wake,
+        bus: Mutex::new(bus),
+        halted_off: (0..config.vcpus).map(|_| AtomicBool::new(false)).collect(),
+    });
 
-        let machine = Machine {
-            _vm: vm,
-            _mem: mem,
-            _kvm: kvm,
-            vcpus,
-            shared: shared.clone(),
-            channel,
-            drained,
-            time_limit: config.time_limit,
-            filters,
-            landlock,
-            confined_check: config.confined_check.clone(),
-            console_log: config.console_log.clone(),
-        };
-        let (started_tx, started_rx) = mpsc::sync_channel(1);
-        let vmm = std::thread::Builder::new()
-            .name("vmm".into())
-            .spawn(move || vmm_main(machine, started_tx))
-            .map_err(|source| Error::Spawn {
-                what: "VMM".into(),
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| KvmError::Kvm {
+                op: "KVM_CREATE_VCPU",
                 source,
             })?;
-        match started_rx.recv() {
-            Ok(Ok(landlock)) => Ok(RunningVm {
-                vmm: Some(vmm),
-                shared: Arc::downgrade(&shared),
-                confinement: Confinement {
-                    landlock,
-                    seccomp: config.seccomp,
-                    vcpus: config.vcpus,
-                },
-            }),
-            Ok(Err(e)) => {
-                let _ = vmm.join();
-                Err(e)
+        boot::setup_vcpu_common(&kvm, &fd, index, config.vcpus)?;
+        if index == 0 {
+            match entry {
+                boot::Entry::Linux64(addr) => boot::setup_long_mode(&fd, addr)?,
+                boot::Entry::RealMode => boot::setup_real_mode(&fd)?,
             }
-            Err(_) => {
-                let _ = vmm.join();
-                Err(Error::Spawn {
-                    what: "VMM".into(),
-                    source: std::io::Error::other("the VMM thread ended before starting the vCPUs"),
-                })
-            }
+        }
+        vcpus.push(fd);
+    }
+
+    let machine = VmmState {
+        _vm: vm,
+        _mem: mem,
+        _kvm: kvm,
+        vcpus,
+        shared: shared.clone(),
+        channel,
+        drained,
+        time_limit: config.time_limit,
+        filters,
+        landlock,
+        confined_check: config.confined_check.clone(),
+        console_log: config.console_log.clone(),
+    };
+    let (started_tx, started_rx) = mpsc::sync_channel(1);
+    let vmm = std::thread::Builder::new()
+        .name("vmm".into())
+        .spawn(move || vmm_main(machine, started_tx))
+        .map_err(|source| KvmError::Spawn {
+            what: "VMM".into(),
+            source,
+        })?;
+    match started_rx.recv() {
+        Ok(Ok(landlock)) => Ok(RunningVm {
+            vmm: Some(vmm),
+            shared: Arc::downgrade(&shared),
+            confinement: Confinement {
+                landlock,
+                seccomp: config.seccomp,
+                vcpus: config.vcpus,
+            },
+        }),
+        Ok(Err(e)) => {
+            let _ = vmm.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = vmm.join();
+            Err(KvmError::Spawn {
+                what: "VMM".into(),
+                source: std::io::Error::other("the VMM thread ended before starting the vCPUs"),
+            })
         }
     }
 }
@@ -773,8 +702,8 @@ impl Drop for RunningVm {
 /// for halted guests until the VM stops; then tears down. Sends what Landlock enforced
 /// (or why the start failed) on `started` once the vCPUs run.
 fn vmm_main(
-    mut machine: Machine,
-    started: mpsc::SyncSender<Result<Option<LandlockReport>, Error>>,
+    mut machine: VmmState,
+    started: mpsc::SyncSender<Result<Option<LandlockReport>, KvmError>>,
 ) -> VmExit {
     // Landlock before any vCPU thread exists: a thread inherits its creator's Landlock
     // domain when it is created, so the vCPU threads are confined too without applying it
@@ -799,7 +728,7 @@ fn vmm_main(
             ),
         };
         if let Err(source) = written {
-            let _ = started.send(Err(Error::ConsoleLog {
+            let _ = started.send(Err(KvmError::ConsoleLog {
                 path: machine.console_log.clone(),
                 source,
             }));
@@ -830,7 +759,7 @@ fn vmm_main(
             Ok(t) => threads.push(t),
             Err(source) => {
                 stop_vcpus(&shared, &channel, threads);
-                let _ = started.send(Err(Error::Spawn {
+                let _ = started.send(Err(KvmError::Spawn {
                     what: format!("vCPU {index}"),
                     source,
                 }));
@@ -989,20 +918,6 @@ mod tests {
     }
 
     #[test]
-    fn pvm_msr_range_and_cpuid_signature() {
-        assert!(is_pvm_msr(0x4b56_4df0));
-        assert!(!is_pvm_msr(0x4b56_4d01), "kvmclock MSRs are plain KVM");
-        let e = kvm_bindings::kvm_cpuid_entry2 {
-            function: 0x4000_0000,
-            ebx: u32::from_le_bytes(*b"KVMK"),
-            ecx: u32::from_le_bytes(*b"VMKV"),
-            edx: u32::from_le_bytes(*b"M\0\0\0"),
-            ..Default::default()
-        };
-        assert_eq!(cpuid_signature(&[e]).as_deref(), Some("KVMKVMKVM"));
-    }
-
-    #[test]
     fn confinement_says_what_each_mechanism_enforces() {
         let none = Confinement {
             landlock: None,
@@ -1073,7 +988,7 @@ mod tests {
             },
         ] {
             assert!(
-                matches!(validate(&bad), Err(Error::InvalidConfig(_))),
+                matches!(validate(&bad), Err(KvmError::InvalidConfig(_))),
                 "{bad:?}"
             );
         }

@@ -17,7 +17,7 @@ use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::devices::{PortAction, PortBus};
-use super::{Error, ShutdownCause, VmExit};
+use super::{KvmError, ShutdownCause, VmExit};
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`. Real-time signals are unused
 /// by the Rust runtime and by tokio; the handler does nothing: interrupting the ioctl
@@ -27,7 +27,7 @@ pub fn kick_signal() -> libc::c_int {
 }
 
 /// Installs the no-op kick handler once per process.
-pub fn install_kick_handler() -> Result<(), Error> {
+pub fn install_kick_handler() -> Result<(), KvmError> {
     static RESULT: OnceLock<Option<i32>> = OnceLock::new();
     extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     let failed = RESULT.get_or_init(|| {
@@ -37,7 +37,7 @@ pub fn install_kick_handler() -> Result<(), Error> {
     });
     match failed {
         None => Ok(()),
-        Some(errno) => Err(Error::Signal(vmm_sys_util::errno::Error::new(*errno))),
+        Some(errno) => Err(KvmError::Signal(vmm_sys_util::errno::Error::new(*errno))),
     }
 }
 
