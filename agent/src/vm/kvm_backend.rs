@@ -31,13 +31,19 @@ pub struct KvmMachine {
 impl KvmMachine {
     /// Starts `spec`'s Linux kernel (a bzImage) with its initramfs.
     pub fn launch(spec: &MachineSpec) -> Result<Self, VmError> {
-        Self::launch_image(spec, KernelImage::BzImage(spec.kernel.clone()))
+        Self::start(spec, KernelImage::BzImage(spec.kernel.clone()))
     }
 
     /// Starts `image` with the rest of `spec`, confined as a job is. The Landlock policy
     /// still names `spec.kernel` and `spec.initramfs` (they must exist). For running our
-    /// own real-mode guests through the job path where Linux cannot boot (PVM hosts).
+    /// own real-mode guests through the job path where Linux cannot boot (PVM hosts); only
+    /// for tests (the `test-support` feature).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn launch_image(spec: &MachineSpec, image: KernelImage) -> Result<Self, VmError> {
+        Self::start(spec, image)
+    }
+
+    fn start(spec: &MachineSpec, image: KernelImage) -> Result<Self, VmError> {
         let (host_end, vmm_end) = UnixStream::pair().map_err(|e| VmError::Backend {
             message: format!("cannot create the channel socket pair: {e}"),
         })?;

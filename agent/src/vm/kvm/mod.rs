@@ -29,6 +29,8 @@
 
 pub mod boot;
 pub mod devices;
+/// Test guests: only for this crate's tests and the `test-support` feature.
+#[cfg(any(test, feature = "test-support"))]
 pub mod guests;
 pub mod layout;
 mod vcpu;
