@@ -8,6 +8,7 @@
 
 pub mod activity;
 pub mod cli;
+pub mod codes;
 pub mod confine;
 pub mod daemon;
 pub mod egress;

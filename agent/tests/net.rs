@@ -81,14 +81,20 @@ fn serve(me: PeerId, mut inbound: mpsc::Receiver<Inbound>) {
                     responder.respond(MarketResponse::Offer { offer: offer(me) })
                 }
                 InboundRequest::Market(other) => responder.respond(MarketResponse::Error {
-                    reason: agent::net::wire::Reason::new("unexpected", format!("{other:?}")),
+                    reason: agent::net::wire::Reason::new(
+                        agent::net::wire::Code::Internal,
+                        format!("unexpected: {other:?}"),
+                    ),
                 }),
                 InboundRequest::Activity(ActivityRequest::Create { agreement_id }) => responder
                     .respond(ActivityResponse::Created {
                         activity_id: format!("act-{agreement_id}"),
                     }),
                 InboundRequest::Activity(other) => responder.respond(ActivityResponse::Error {
-                    reason: agent::net::wire::Reason::new("unexpected", format!("{other:?}")),
+                    reason: agent::net::wire::Reason::new(
+                        agent::net::wire::Code::Internal,
+                        format!("unexpected: {other:?}"),
+                    ),
                 }),
             };
             result.unwrap();

@@ -297,13 +297,62 @@ pub enum DenialReason {
 
 impl DenialReason {
     /// A stable code for machines (requestor tools, the audit log).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> DenialCode {
         match self {
-            DenialReason::NoMatch { .. } => "script-no-match",
-            DenialReason::EnvDiffers { .. } => "script-env-differs",
-            DenialReason::EntryPointInvalid { .. } => "entry-point-invalid",
-            DenialReason::TransferNotCanonical { .. } => "transfer-not-canonical",
+            DenialReason::NoMatch { .. } => DenialCode::ScriptNoMatch,
+            DenialReason::EnvDiffers { .. } => DenialCode::ScriptEnvDiffers,
+            DenialReason::EntryPointInvalid { .. } => DenialCode::EntryPointInvalid,
+            DenialReason::TransferNotCanonical { .. } => DenialCode::TransferNotCanonical,
         }
+    }
+}
+
+/// The gate's stable denial codes (`docs/exescript.md`, `docs/verdicts.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenialCode {
+    /// [`DenialReason::NoMatch`].
+    ScriptNoMatch,
+    /// [`DenialReason::EnvDiffers`].
+    ScriptEnvDiffers,
+    /// [`DenialReason::EntryPointInvalid`].
+    EntryPointInvalid,
+    /// [`DenialReason::TransferNotCanonical`].
+    TransferNotCanonical,
+}
+
+impl DenialCode {
+    /// Every code.
+    pub const ALL: [DenialCode; 4] = [
+        DenialCode::ScriptNoMatch,
+        DenialCode::ScriptEnvDiffers,
+        DenialCode::EntryPointInvalid,
+        DenialCode::TransferNotCanonical,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenialCode::ScriptNoMatch => "script-no-match",
+            DenialCode::ScriptEnvDiffers => "script-env-differs",
+            DenialCode::EntryPointInvalid => "entry-point-invalid",
+            DenialCode::TransferNotCanonical => "transfer-not-canonical",
+        }
+    }
+
+    /// The code whose text is `text`.
+    pub fn from_text(text: &str) -> Option<DenialCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+}
+
+impl fmt::Display for DenialCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for DenialCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

@@ -24,7 +24,7 @@ pub use command::{
     Start, Stream, Terminate, Transfer,
 };
 pub use constraint::{CompileError, Kind};
-pub use gate::{compile, Denial, DenialReason, Gate};
+pub use gate::{compile, Denial, DenialCode, DenialReason, Gate};
 
 use serde::{Deserialize, Serialize};
 

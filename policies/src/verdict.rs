@@ -50,6 +50,35 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in the order of `docs/verdicts.md`'s table.
+    pub const ALL: [Code; 20] = [
+        Code::ManifestInvalid,
+        Code::ManifestExpired,
+        Code::ManifestNotYetValid,
+        Code::SignatureMissing,
+        Code::SignatureInvalid,
+        Code::UnsupportedAlgorithm,
+        Code::CertChainUntrusted,
+        Code::CertExpired,
+        Code::CertNotYetValid,
+        Code::CertUsageInvalid,
+        Code::OutboundDisabled,
+        Code::OutboundRuleNone,
+        Code::UrlNotWhitelisted,
+        Code::NodeIdMismatch,
+        Code::Blacklisted,
+        Code::NotAllowListed,
+        Code::ScriptInvalid,
+        Code::ConstraintsUnmet,
+        Code::PlatformUnsupported,
+        Code::PayloadUrlRefused,
+    ];
+
+    /// The code whose text is `text`.
+    pub fn from_text(text: &str) -> Option<Code> {
+        Self::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::ManifestInvalid => "manifest-invalid",
@@ -82,17 +111,31 @@ impl fmt::Display for Code {
     }
 }
 
+/// One reason for a reject or a denial: a stable code and a message a person can act on.
+///
+/// The one reason type of the project: a verdict's reasons carry a [`Code`]; the agent's
+/// wire messages use the same type over its wider set of codes (`agent::codes::Code`),
+/// which embeds these. The JSON is `{"code": "...", "message": "..."}` either way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reason {
-    pub code: Code,
+#[serde(deny_unknown_fields)]
+pub struct Reason<C = Code> {
+    pub code: C,
     pub message: String,
 }
 
-impl Reason {
-    fn new(code: Code, message: impl Into<String>) -> Self {
+impl<C> Reason<C> {
+    pub fn new(code: impl Into<C>, message: impl Into<String>) -> Self {
         Self {
-            code,
+            code: code.into(),
             message: message.into(),
+        }
+    }
+
+    /// The same reason with its code in a wider set of codes.
+    pub fn widen<D: From<C>>(self) -> Reason<D> {
+        Reason {
+            code: self.code.into(),
+            message: self.message,
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::runtime::Handle;
 use super::bridge::EgressBridge;
 use super::capture::{sha256_hex, Capture};
 use super::{transfer, ActivityError, JobConfig, JobSpec};
+use crate::codes::Code;
 use crate::egress::{AuditLog, EgressPolicy, Proxy};
 use crate::net::wire::{CommandResult, Outcome, Reason};
 use crate::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
@@ -292,7 +293,7 @@ impl Job {
             if stop.is_none() {
                 if let Some(why) = self.stopped() {
                     stop = Some(Reason::new(
-                        "job-stopped",
+                        Code::JobStopped,
                         format!("not run: the job is ending ({why})"),
                     ));
                 }
@@ -337,7 +338,7 @@ impl Job {
             started_at,
             ended_at: started_at,
         };
-        let fail = |outcome: Outcome, reason: Reason, skip_code: &str| {
+        let fail = |outcome: Outcome, reason: Reason, skip_code: Code| {
             let skip = Reason::new(
                 skip_code,
                 format!(
@@ -358,28 +359,28 @@ impl Job {
                 denial.reason.code(),
                 format!("`{}` is denied: {}", denial.command, denial.reason),
             );
-            return fail(Outcome::Denied, reason, "after-denied");
+            return fail(Outcome::Denied, reason, Code::AfterDenied);
         }
         if Utc::now() >= self.spec.expires_at {
             let reason = Reason::new(
-                "agreement-expired",
+                Code::AgreementExpired,
                 format!("the agreement expired at {}", self.spec.expires_at),
             );
-            return fail(Outcome::Denied, reason, "after-denied");
+            return fail(Outcome::Denied, reason, Code::AfterDenied);
         }
         let Some(vm) = &self.vm else {
             // Unreachable while `exec` borrows a live job; kept as a refusal, not a panic.
-            let reason = Reason::new("vm-error", "the job's VM is gone");
-            return fail(Outcome::Failed, reason, "after-failed");
+            let reason = Reason::new(Code::VmError, "the job's VM is gone");
+            return fail(Outcome::Failed, reason, Code::AfterFailed);
         };
         match command {
             Command::Deploy(d) => {
                 if !d.net.is_empty() || !d.hosts.is_empty() {
                     let reason = Reason::new(
-                        "deploy-unsupported",
+                        Code::DeployUnsupported,
                         "deploy with `net` or `hosts` (virtual networks) is not supported: the VM has no network device, only the egress proxy",
                     );
-                    return fail(Outcome::Failed, reason, "after-failed");
+                    return fail(Outcome::Failed, reason, Code::AfterFailed);
                 }
                 // The VM was deployed and started by `Job::start`.
                 self.ok(base)
@@ -388,7 +389,7 @@ impl Job {
             Command::Terminate(_) => {
                 let (r, h, _) = self.ok(base);
                 let skip = Reason::new(
-                    "after-terminate",
+                    Code::AfterTerminate,
                     format!("not run: command {index} (`terminate`) ended the batch"),
                 );
                 (r, h, Next::Stop(skip))
@@ -429,7 +430,7 @@ impl Job {
                 };
                 let failure = match status {
                     Ok(st) if st.timed_out => Some(Reason::new(
-                        "timeout",
+                        Code::Timeout,
                         format!(
                             "killed after {:?} (the job's command timeout or the agreement's end)",
                             spec.timeout.unwrap_or_default()
@@ -440,13 +441,13 @@ impl Job {
                         match (st.code, st.signal) {
                             (Some(0), _) => None,
                             (Some(c), _) => {
-                                Some(Reason::new("exit-code", format!("exited with code {c}")))
+                                Some(Reason::new(Code::ExitCode, format!("exited with code {c}")))
                             }
                             (None, Some(s)) => {
-                                Some(Reason::new("signal", format!("killed by signal {s}")))
+                                Some(Reason::new(Code::Signal, format!("killed by signal {s}")))
                             }
                             (None, None) => Some(Reason::new(
-                                "exit-code",
+                                Code::ExitCode,
                                 "ended without an exit code or signal",
                             )),
                         }
@@ -454,7 +455,7 @@ impl Job {
                     Err(_) if self.stopped().is_some() => {
                         state.vm_lost = self.stopped();
                         Some(Reason::new(
-                            "job-stopped",
+                            Code::JobStopped,
                             format!(
                                 "the job was stopped while this command ran: {}",
                                 self.stopped().unwrap_or_default()
@@ -465,14 +466,14 @@ impl Job {
                         if matches!(e, vm::VmError::Unresponsive(_) | vm::VmError::Channel(_)) {
                             state.vm_lost = Some(e.to_string());
                         }
-                        Some(Reason::new("vm-error", e.to_string()))
+                        Some(Reason::new(Code::VmError, e.to_string()))
                     }
                 };
                 match failure {
                     None => (result, hashes, Next::Continue),
                     Some(reason) => {
                         let skip = Reason::new(
-                            "after-failed",
+                            Code::AfterFailed,
                             format!(
                                 "not run: command {index} (`{}`) failed: {}",
                                 result.command, reason.message
@@ -487,7 +488,7 @@ impl Job {
             Command::Transfer(t) => {
                 let plan = match transfer::plan(t) {
                     Ok(p) => p,
-                    Err(reason) => return fail(Outcome::Failed, reason, "after-failed"),
+                    Err(reason) => return fail(Outcome::Failed, reason, Code::AfterFailed),
                 };
                 state.commands_run += 1;
                 // Removed when dropped, whatever happens to the transfer.
@@ -496,7 +497,7 @@ impl Job {
                     .tempfile_in(&self.dir)
                     .map_err(|e| {
                         Reason::new(
-                            "transfer-failed",
+                            Code::TransferFailed,
                             format!("a temporary file in {}: {e}", self.dir.display()),
                         )
                     })
@@ -510,7 +511,7 @@ impl Job {
                             self.max_transfer_bytes,
                         )?;
                         vm.upload(tmp.path(), &plan.guest_path)
-                            .map_err(|e| Reason::new("transfer-failed", e.to_string()))
+                            .map_err(|e| Reason::new(Code::TransferFailed, e.to_string()))
                     });
                 match moved {
                     Ok(bytes) => {
@@ -520,7 +521,7 @@ impl Job {
                         h.stdout_sha256 = sha256_hex(r.stdout.as_bytes());
                         (r, h, n)
                     }
-                    Err(reason) => fail(Outcome::Failed, reason, "after-failed"),
+                    Err(reason) => fail(Outcome::Failed, reason, Code::AfterFailed),
                 }
             }
         }

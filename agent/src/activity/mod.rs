@@ -125,22 +125,24 @@ impl ActivityError {
     /// What the requestor is told when a job cannot start: a stable code and a message
     /// without the provider's paths or socket errors (the audit log keeps the whole error).
     pub fn public_reason(&self) -> crate::net::wire::Reason {
-        use crate::net::wire::Reason;
+        use crate::net::wire::{Code, Reason};
         match self {
             ActivityError::Image(e) => Reason::new(e.code(), e.public_message()),
-            ActivityError::Manifest(e) => Reason::new("manifest-invalid", e.to_string()),
-            ActivityError::Script(e) => Reason::new("script-invalid", e.to_string()),
-            ActivityError::Expired(_) => Reason::new("agreement-expired", self.to_string()),
-            ActivityError::BadActivityId(_) => Reason::new("job-start-failed", self.to_string()),
+            ActivityError::Manifest(e) => {
+                Reason::new(policies::Code::ManifestInvalid, e.to_string())
+            }
+            ActivityError::Script(e) => Reason::new(policies::Code::ScriptInvalid, e.to_string()),
+            ActivityError::Expired(_) => Reason::new(Code::AgreementExpired, self.to_string()),
+            ActivityError::BadActivityId(_) => Reason::new(Code::JobStartFailed, self.to_string()),
             ActivityError::Initramfs(crate::vm::initramfs::InitramfsError::Image(e)) => {
                 Reason::new(e.code(), e.public_message())
             }
             ActivityError::Vm(_) => Reason::new(
-                "job-start-failed",
+                Code::JobStartFailed,
                 "the job's VM did not start (the provider's log has the cause)",
             ),
             _ => Reason::new(
-                "job-start-failed",
+                Code::JobStartFailed,
                 "the provider could not prepare the job (its log has the cause)",
             ),
         }

@@ -29,7 +29,7 @@ use tokio_native_tls::TlsConnector;
 use url::{Position, Url};
 
 use crate::egress::{serve_connection, Proxy};
-use crate::net::wire::Reason;
+use crate::net::wire::{Code, Reason};
 
 /// A transfer this job can carry out.
 #[derive(Debug, Clone)]
@@ -41,7 +41,7 @@ pub(crate) struct Plan {
 
 /// Checks what the transfer asks for before anything moves.
 pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
-    let unsupported = |m: String| Reason::new("transfer-unsupported", m);
+    let unsupported = |m: String| Reason::new(Code::TransferUnsupported, m);
     if t.format.is_some() || t.depth.is_some() || !t.fileset.is_empty() {
         return Err(unsupported(
             "archive transfers (`format`, `depth`, `fileset`) are not supported; transfer one file"
@@ -56,13 +56,13 @@ pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
     };
     if !guest_path.starts_with('/') || guest_path.split('/').any(|c| c == "..") {
         return Err(Reason::new(
-            "transfer-invalid",
+            Code::TransferInvalid,
             format!("`to` must name an absolute path without `..`; got `{guest_path}`"),
         ));
     }
     let mut url = Url::parse(&t.from).map_err(|e| {
         Reason::new(
-            "transfer-invalid",
+            Code::TransferInvalid,
             format!("`from` is not a URL ({e}): `{}`", t.from),
         )
     })?;
@@ -76,7 +76,7 @@ pub(crate) fn plan(t: &exescript::Transfer) -> Result<Plan, Reason> {
     url.set_fragment(None);
     if url.host_str().is_none() {
         return Err(Reason::new(
-            "transfer-invalid",
+            Code::TransferInvalid,
             format!("`from` has no host: `{}`", t.from),
         ));
     }
@@ -110,7 +110,10 @@ pub(crate) fn fetch(
     let task = rt.spawn(request(proxy, tls.clone(), url.clone(), tx));
     let mut file = std::fs::File::create(dest).map_err(|e| {
         task.abort();
-        Reason::new("transfer-failed", format!("create {}: {e}", dest.display()))
+        Reason::new(
+            Code::TransferFailed,
+            format!("create {}: {e}", dest.display()),
+        )
     })?;
     let mut total = 0u64;
     let result = loop {
@@ -118,7 +121,7 @@ pub(crate) fn fetch(
             Some(Msg::Done) => break Ok(total),
             None => {
                 break Err(Reason::new(
-                    "transfer-failed",
+                    Code::TransferFailed,
                     format!("{url}: the download ended before its body was complete"),
                 ))
             }
@@ -126,31 +129,31 @@ pub(crate) fn fetch(
                 total += b.len() as u64;
                 if total > max {
                     break Err(Reason::new(
-                        "transfer-too-large",
+                        Code::TransferTooLarge,
                         format!("{url} is larger than the job's transfer limit of {max} bytes"),
                     ));
                 }
                 if let Err(e) = file.write_all(&b) {
                     break Err(Reason::new(
-                        "transfer-failed",
+                        Code::TransferFailed,
                         format!("write {}: {e}", dest.display()),
                     ));
                 }
             }
             Some(Msg::Refused(status, Some(code), text)) => {
                 break Err(Reason::new(
-                    "egress-denied",
+                    Code::EgressDenied,
                     format!("the egress proxy refused {url} ({status}, {code}): {text}"),
                 ))
             }
             Some(Msg::Refused(status, None, _)) => {
                 break Err(Reason::new(
-                    "transfer-failed",
+                    Code::TransferFailed,
                     format!("{url} answered {status}"),
                 ))
             }
             Some(Msg::Error(e)) => {
-                break Err(Reason::new("transfer-failed", format!("{url}: {e}")))
+                break Err(Reason::new(Code::TransferFailed, format!("{url}: {e}")))
             }
         }
     };
@@ -160,8 +163,12 @@ pub(crate) fn fetch(
         task.abort();
         return result;
     }
-    file.sync_all()
-        .map_err(|e| Reason::new("transfer-failed", format!("write {}: {e}", dest.display())))?;
+    file.sync_all().map_err(|e| {
+        Reason::new(
+            Code::TransferFailed,
+            format!("write {}: {e}", dest.display()),
+        )
+    })?;
     result
 }
 

@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, watch};
 use super::Shared;
 use crate::activity::{Job, JobConfig, JobSpec, JobStopper};
 use crate::market::negotiation::{new_id, Agreement};
-use crate::net::wire::{ActivityRequest, ActivityResponse, CommandResult, Outcome, Reason};
+use crate::net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
 use crate::receipt::SignedReceipt;
 use crate::vm::Backend;
 
@@ -91,7 +91,7 @@ impl Jobs {
     }
 }
 
-fn error(code: &str, message: impl Into<String>) -> ActivityResponse {
+fn error(code: impl Into<Code>, message: impl Into<String>) -> ActivityResponse {
     ActivityResponse::Error {
         reason: Reason::new(code, message),
     }
@@ -102,11 +102,11 @@ fn slot(shared: &Shared, id: &str, peer: &str) -> Result<Arc<Slot>, ActivityResp
     match shared.jobs.lock().get(id) {
         Some(Some(s)) if s.peer == peer => Ok(s.clone()),
         Some(None) => Err(error(
-            "activity-starting",
+            Code::ActivityStarting,
             format!("activity {id} is still starting"),
         )),
         _ => Err(error(
-            "unknown-activity",
+            Code::UnknownActivity,
             format!("no activity {id} for peer {peer} (never created, terminated, or expired)"),
         )),
     }
@@ -128,14 +128,14 @@ pub(super) async fn handle(
                 Ok(cmds) => cmds.len(),
                 Err(e) => {
                     return error(
-                        "script-invalid",
+                        policies::Code::ScriptInvalid,
                         format!("the batch is not valid ExeScript: {e}"),
                     )
                 }
             };
             if slot.running() {
                 return error(
-                    "batch-running",
+                    Code::BatchRunning,
                     "a batch of this activity is still running; wait for its results first",
                 );
             }
@@ -158,7 +158,7 @@ pub(super) async fn handle(
             match sent {
                 Ok(()) => ActivityResponse::BatchStarted { batch_id },
                 Err(_) => error(
-                    "activity-ended",
+                    Code::ActivityEnded,
                     format!("activity {activity_id} has ended"),
                 ),
             }
@@ -181,7 +181,7 @@ pub(super) async fn handle(
                 .cloned();
             let Some(progress) = progress else {
                 return error(
-                    "unknown-batch",
+                    Code::UnknownBatch,
                     format!("no batch {batch_id} in activity {activity_id}"),
                 );
             };
@@ -214,9 +214,9 @@ pub(super) async fn handle(
             match terminate(&slot, "terminated by the requestor").await {
                 Ok(receipt) => match serde_json::to_value(&receipt) {
                     Ok(receipt) => ActivityResponse::Terminated { receipt },
-                    Err(e) => error("internal", format!("receipt: {e}")),
+                    Err(e) => error(Code::Internal, format!("receipt: {e}")),
                 },
-                Err(e) => error("terminate-failed", e),
+                Err(e) => error(Code::TerminateFailed, e),
             }
         }
     }
@@ -249,7 +249,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
         Ok(r) => r.clone(),
         Err(why) => {
             return error(
-                "no-backend",
+                Code::NoBackend,
                 format!("this provider cannot run VMs right now: {why}"),
             )
         }
@@ -263,13 +263,13 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
             .any(|s| s.agreement.id == agreement.id)
         {
             return error(
-                "activity-exists",
+                Code::ActivityExists,
                 format!("agreement {agreement_id} already has an activity"),
             );
         }
         if slots.len() >= shared.cfg.max_jobs {
             return error(
-                "busy",
+                Code::Busy,
                 format!(
                     "this provider runs {} jobs, its limit; try again later",
                     slots.len()
@@ -303,7 +303,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
     };
     if let Err(e) = thread {
         shared.jobs.lock().remove(&activity_id);
-        return error("internal", format!("cannot start a job thread: {e}"));
+        return error(Code::Internal, format!("cannot start a job thread: {e}"));
     }
     match ready_rx.await {
         Ok(Ok(stopper)) => {
@@ -326,7 +326,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
         Err(_) => {
             shared.jobs.lock().remove(&activity_id);
             error(
-                "job-start-failed",
+                Code::JobStartFailed,
                 "the job thread ended before the VM was ready",
             )
         }
@@ -446,11 +446,11 @@ fn fill_failed(results: &mut Vec<CommandResult>, len: usize, error: &str) {
     let mut first = true;
     for index in results.len()..len {
         let (outcome, reason) = if first {
-            (Outcome::Failed, Reason::new("job-failed", error))
+            (Outcome::Failed, Reason::new(Code::JobFailed, error))
         } else {
             (
                 Outcome::Skipped,
-                Reason::new("skipped", "an earlier command of the batch failed"),
+                Reason::new(Code::Skipped, "an earlier command of the batch failed"),
             )
         };
         first = false;

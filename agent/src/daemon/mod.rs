@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::egress::AuditLog;
 use crate::market::negotiation::{Market, MarketConfig};
 use crate::market::offer::{offer_properties, Resources};
-use crate::net::wire::{ActivityResponse, MarketResponse, Offer, Reason};
+use crate::net::wire::{ActivityResponse, Code, MarketResponse, Offer, Reason};
 use crate::net::{self, Inbound, InboundRequest, NetConfig};
 use crate::store::DataDir;
 pub use config::DaemonConfig;
@@ -208,7 +208,7 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
             })
             .await
             .unwrap_or_else(|e| MarketResponse::Error {
-                reason: Reason::new("internal", format!("the request failed: {e}")),
+                reason: Reason::new(Code::Internal, format!("the request failed: {e}")),
             });
             let _ = request.responder.respond(response);
         }

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::constraints::{Filter, Properties};
 use crate::egress::AuditLog;
-use crate::net::wire::{props, MarketRequest, MarketResponse, Offer, Reason};
+use crate::net::wire::{props, Code, MarketRequest, MarketResponse, Offer, Reason};
 use crate::store::DataDir;
 
 /// Negotiation settings (from the daemon's config).
@@ -193,7 +193,7 @@ impl Market {
                     let unmet = f.unmet(&self.offer_props);
                     if !unmet.is_empty() {
                         reasons.push(Reason::new(
-                            "constraints-unmet",
+                            policies::Code::ConstraintsUnmet,
                             format!(
                                 "this provider's offer does not meet the demand's constraints: {}",
                                 unmet.join("; ")
@@ -202,7 +202,7 @@ impl Market {
                     }
                 }
                 Err(e) => reasons.push(Reason::new(
-                    "constraints-unmet",
+                    policies::Code::ConstraintsUnmet,
                     format!("the demand's constraints do not parse: {e}"),
                 )),
             }
@@ -212,7 +212,7 @@ impl Market {
             let unmet = f.unmet(properties);
             if !unmet.is_empty() {
                 reasons.push(Reason::new(
-                    "constraints-unmet",
+                    policies::Code::ConstraintsUnmet,
                     format!(
                         "the demand does not meet this provider's constraints: {}",
                         unmet.join("; ")
@@ -225,7 +225,7 @@ impl Market {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.as_str())),
                 Some(other) => Err(Reason::new(
-                    "manifest-invalid",
+                    policies::Code::ManifestInvalid,
                     format!("demand property {key} must be a string, got {other}"),
                 )),
             }
@@ -246,7 +246,7 @@ impl Market {
                 Some(Ok(pem)) => Some(pem),
                 Some(Err(e)) => {
                     reasons.push(Reason::new(
-                        "cert-chain-untrusted",
+                        policies::Code::CertChainUntrusted,
                         format!(
                             "demand property {} is not base64 of a PEM chain: {e}",
                             props::PAYLOAD_CERT
@@ -268,7 +268,7 @@ impl Market {
         let mut matched = None;
         match self.judge() {
             Err(e) => reasons.push(Reason::new(
-                "provider-misconfigured",
+                Code::ProviderMisconfigured,
                 format!("this provider cannot read its own rules right now ({e}); try again later"),
             )),
             Ok(judge) => {
@@ -284,7 +284,7 @@ impl Market {
                     now,
                 );
                 for r in &verdict.reasons {
-                    reasons.push(Reason::new(r.code.as_str(), r.message.clone()));
+                    reasons.push(r.clone().widen());
                 }
                 if verdict.is_accept() {
                     // Judged valid above, so it parses; its expiry bounds the agreement's.
@@ -306,7 +306,7 @@ impl Market {
             }
             (true, _, _) => MarketResponse::Rejected {
                 reasons: vec![Reason::new(
-                    "manifest-invalid",
+                    policies::Code::ManifestInvalid,
                     "the demand carries no manifest (golem.srv.comp.payload)",
                 )],
             },
@@ -344,7 +344,7 @@ impl Market {
             if mine >= self.cfg.max_proposals_per_peer {
                 return MarketResponse::Rejected {
                     reasons: vec![Reason::new(
-                        "busy",
+                        Code::Busy,
                         format!(
                             "this peer already holds {mine} open proposals, the most one peer may; agree to one or wait {} s",
                             self.cfg.proposal_ttl.as_secs()
@@ -358,7 +358,7 @@ impl Market {
             if proposals.len() >= self.cfg.max_proposals {
                 return MarketResponse::Rejected {
                     reasons: vec![Reason::new(
-                        "busy",
+                        Code::Busy,
                         format!(
                             "this provider has {} open proposals; try again in {} s",
                             proposals.len(),
@@ -394,7 +394,7 @@ impl Market {
     }
 
     fn agree(&self, peer: &str, proposal_id: &str, now: DateTime<Utc>) -> MarketResponse {
-        let error = |code: &str, message: String| MarketResponse::Error {
+        let error = |code: Code, message: String| MarketResponse::Error {
             reason: Reason::new(code, message),
         };
         let pending = {
@@ -402,7 +402,7 @@ impl Market {
             match proposals.get(proposal_id) {
                 None => {
                     return error(
-                        "unknown-proposal",
+                        Code::UnknownProposal,
                         format!("no open proposal {proposal_id}: it never existed, was already agreed, or expired"),
                     )
                 }
@@ -410,7 +410,7 @@ impl Market {
                 // not say whether the id exists.
                 Some(p) if p.peer != peer => {
                     return error(
-                        "unknown-proposal",
+                        Code::UnknownProposal,
                         format!("no open proposal {proposal_id} for peer {peer}"),
                     )
                 }
@@ -419,7 +419,7 @@ impl Market {
         };
         if pending.proposal_expires <= now {
             return error(
-                "proposal-expired",
+                Code::ProposalExpired,
                 format!(
                     "proposal {proposal_id} expired at {}; send the demand again",
                     pending.proposal_expires.to_rfc3339()
@@ -433,7 +433,7 @@ impl Market {
         agreements.retain(|_, a| a.expires_at > now);
         if agreements.len() >= self.cfg.max_agreements {
             return error(
-                "busy",
+                Code::Busy,
                 format!(
                     "this provider holds {} agreements, its limit; try again later",
                     agreements.len()
@@ -467,14 +467,14 @@ impl Market {
         match agreements.get(id) {
             Some(a) if a.peer == peer && a.expires_at > now => Ok(a.clone()),
             Some(a) if a.peer == peer => Err(Reason::new(
-                "agreement-expired",
+                Code::AgreementExpired,
                 format!(
                     "agreement {id} expired at {}; negotiate again",
                     a.expires_at.to_rfc3339()
                 ),
             )),
             _ => Err(Reason::new(
-                "unknown-agreement",
+                Code::UnknownAgreement,
                 format!("no agreement {id} for peer {peer}"),
             )),
         }
@@ -634,7 +634,7 @@ mod tests {
     fn codes(r: &MarketResponse) -> Vec<String> {
         match r {
             MarketResponse::Rejected { reasons } => {
-                reasons.iter().map(|r| r.code.clone()).collect()
+                reasons.iter().map(|r| r.code.to_string()).collect()
             }
             other => panic!("expected a reject, got {other:?}"),
         }

@@ -21,6 +21,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use libp2p::request_response::OutboundFailure;
+
+use crate::codes::Code;
 use tokio::sync::mpsc;
 
 pub use client::Client;
@@ -60,11 +62,11 @@ impl Default for NetConfig {
 }
 
 /// Reason code sent when the inbound queue is full.
-pub const REASON_BUSY: &str = "busy";
+pub const REASON_BUSY: Code = Code::Busy;
 /// Reason code sent when no application is taking inbound requests any more.
-pub const REASON_UNAVAILABLE: &str = "unavailable";
+pub const REASON_UNAVAILABLE: Code = Code::Unavailable;
 /// Reason code sent in place of a response larger than [`wire::MAX_RESPONSE_BYTES`].
-pub const REASON_RESPONSE_TOO_LARGE: &str = "response-too-large";
+pub const REASON_RESPONSE_TOO_LARGE: Code = Code::ResponseTooLarge;
 
 /// Everything that can fail in the network layer, each saying what failed.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +113,7 @@ pub enum NetError {
     },
     #[error(
         "{protocol} response is {size} bytes, more than the {max} a requestor accepts; \
-         the requestor was sent a `{REASON_RESPONSE_TOO_LARGE}` error instead"
+         the requestor was sent a `response-too-large` error instead"
     )]
     ResponseTooLarge {
         protocol: &'static str,

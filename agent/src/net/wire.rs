@@ -41,22 +41,8 @@ pub mod props {
 }
 
 /// One reason for a reject or a denial: a stable code (DESIGN §5, `docs/verdicts.md`) and a
-/// message a person can act on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Reason {
-    pub code: String,
-    pub message: String,
-}
-
-impl Reason {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            code: code.into(),
-            message: message.into(),
-        }
-    }
-}
+/// message a person can act on (the one reason type, see [`crate::codes`]).
+pub use crate::codes::{Code, Reason};
 
 /// A provider's offer: its properties and the constraints it places on demands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use policies::manifest::{Payload, PayloadHash, Sha3};
 use policies::{Platform, ReceivedManifest};
 
 use super::fetch::{self, FetchLimits};
+use crate::codes::Code;
 use crate::store::DataDir;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,19 +64,19 @@ pub enum ImageError {
 
 impl ImageError {
     /// The stable code a requestor is told (docs/verdicts.md).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            ImageError::PlatformUnsupported { .. } => "platform-unsupported",
-            ImageError::BadHash(_) => "manifest-invalid",
-            ImageError::HashMismatch { .. } => "payload-hash-mismatch",
-            ImageError::Fetch { .. } => "payload-fetch-failed",
-            ImageError::UrlRefused { .. } => "payload-url-refused",
-            ImageError::TooLarge { .. } => "payload-too-large",
-            ImageError::Io { .. } | ImageError::Store => "payload-store-failed",
-            ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => "payload-image-invalid",
+            ImageError::PlatformUnsupported { .. } => policies::Code::PlatformUnsupported.into(),
+            ImageError::BadHash(_) => policies::Code::ManifestInvalid.into(),
+            ImageError::HashMismatch { .. } => Code::PayloadHashMismatch,
+            ImageError::Fetch { .. } => Code::PayloadFetchFailed,
+            ImageError::UrlRefused { .. } => policies::Code::PayloadUrlRefused.into(),
+            ImageError::TooLarge { .. } => Code::PayloadTooLarge,
+            ImageError::Io { .. } | ImageError::Store => Code::PayloadStoreFailed,
+            ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => Code::PayloadImageInvalid,
             ImageError::Several(all) => match all.first().map(ImageError::code) {
                 Some(first) if all.iter().all(|e| e.code() == first) => first,
-                _ => "payload-fetch-failed",
+                _ => Code::PayloadFetchFailed,
             },
         }
     }
