@@ -10,6 +10,9 @@
 //!
 //! A requestor reads codes from providers that may be newer than itself: a code it does
 //! not know deserializes as [`Code::Unknown`], which only deserialization can make.
+//!
+//! A command's [`Outcome`] (`ok`, `failed`, `denied`, `skipped`) is part of the same
+//! vocabulary: results and receipts both carry it.
 
 use std::fmt;
 
@@ -135,6 +138,20 @@ codes! {
     TransferTooLarge => "transfer-too-large",
     /// The job's egress proxy refused a transfer's URL.
     EgressDenied => "egress-denied",
+}
+
+/// What happened to one command of a batch (its result and the receipt say it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Ran and exited 0.
+    Ok,
+    /// Ran and failed (non-zero exit, signal, timeout) or could not be run.
+    Failed,
+    /// The ExeScript gate (or a limit) refused it; it did not reach the guest.
+    Denied,
+    /// Not run because an earlier command of the batch was denied or failed.
+    Skipped,
 }
 
 /// A code text this build does not know (see [`Code::Unknown`]).

@@ -11,9 +11,8 @@ use chrono::{DateTime, Utc};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::net::wire::{Outcome, Reason};
+use crate::codes::{Outcome, Reason};
 
 /// The receipt format's version.
 pub const RECEIPT_VERSION: u32 = 1;
@@ -140,10 +139,6 @@ impl SignedReceipt {
     /// Parses a receipt file's JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ReceiptError> {
         serde_json::from_slice(bytes).map_err(|e| ReceiptError::Format(e.to_string()))
-    }
-
-    pub fn from_value(value: Value) -> Result<Self, ReceiptError> {
-        serde_json::from_value(value).map_err(|e| ReceiptError::Format(e.to_string()))
     }
 
     /// Checks the signature and that the key is the provider's the receipt names.

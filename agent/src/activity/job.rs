@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use exescript::{Command, Gate};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::runtime::Handle;
 
 use super::bridge::EgressBridge;
@@ -265,18 +265,17 @@ impl Job {
         &self.bridge
     }
 
-    /// Runs a batch (a JSON array of ExeScript commands), reporting each command's result
-    /// through `on_result` as soon as it ends. A batch that does not parse is refused whole.
-    /// Otherwise every command passes the gate first; the first one denied, failed or
-    /// `terminate` ends the batch, and each later command is reported `skipped`.
+    /// Runs a batch (its ExeScript commands, parsed by the caller: see
+    /// `exescript::parse_batch`), reporting each command's result through `on_result` as
+    /// soon as it ends. Every command passes the gate first; the first one denied, failed
+    /// or `terminate` ends the batch, and each later command is reported `skipped`.
     /// Batches of one job run one after the other.
     pub fn exec(
         &self,
         batch_id: &str,
-        batch: &Value,
+        commands: &[Command],
         on_result: &mut dyn FnMut(CommandResult),
     ) -> Result<(), ActivityError> {
-        let commands = exescript::parse_batch(&batch.to_string())?;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = self.stopped() {
             return Err(ActivityError::Stopped(why));

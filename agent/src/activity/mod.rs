@@ -111,8 +111,6 @@ pub enum ActivityError {
     Initramfs(#[from] crate::vm::initramfs::InitramfsError),
     #[error("the job's VM: {0}")]
     Vm(#[from] crate::vm::VmError),
-    #[error("the batch is invalid and nothing of it ran: {0}")]
-    Batch(#[from] exescript::BatchError),
     #[error("the agreement expired at {0}; no more commands run")]
     Expired(DateTime<Utc>),
     #[error("the job is ending ({0}); no more batches run")]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
 use super::Shared;
@@ -34,8 +34,7 @@ struct Progress {
 enum JobCmd {
     Exec {
         batch_id: String,
-        batch: Value,
-        len: usize,
+        commands: Vec<exescript::Command>,
         progress: Arc<watch::Sender<Progress>>,
     },
     Terminate {
@@ -124,8 +123,9 @@ pub(super) async fn handle(
                 Ok(s) => s,
                 Err(e) => return e,
             };
-            let len = match exescript::parse_batch(&batch.to_string()) {
-                Ok(cmds) => cmds.len(),
+            // Parsed here, once: the job gets the commands, not the JSON.
+            let commands = match exescript::parse_batch(&batch.to_string()) {
+                Ok(commands) => commands,
                 Err(e) => {
                     return error(
                         policies::Code::ScriptInvalid,
@@ -151,8 +151,7 @@ pub(super) async fn handle(
             }
             let sent = slot.tx.send(JobCmd::Exec {
                 batch_id: batch_id.clone(),
-                batch,
-                len,
+                commands,
                 progress,
             });
             match sent {
@@ -212,9 +211,8 @@ pub(super) async fn handle(
             };
             shared.jobs.lock().remove(&activity_id);
             match terminate(&slot, "terminated by the requestor").await {
-                Ok(receipt) => match serde_json::to_value(&receipt) {
-                    Ok(receipt) => ActivityResponse::Terminated { receipt },
-                    Err(e) => error(Code::Internal, format!("receipt: {e}")),
+                Ok(receipt) => ActivityResponse::Terminated {
+                    receipt: Box::new(receipt),
                 },
                 Err(e) => error(Code::TerminateFailed, e),
             }
@@ -401,8 +399,7 @@ fn job_thread(
         match cmd {
             JobCmd::Exec {
                 batch_id,
-                batch,
-                len,
+                commands,
                 progress,
             } => {
                 let mut kept = 0usize;
@@ -418,10 +415,10 @@ fn job_thread(
                     }
                     progress.send_modify(|p| p.results.push(r))
                 };
-                let outcome = job.exec(&batch_id, &batch, &mut sink);
+                let outcome = job.exec(&batch_id, &commands, &mut sink);
                 progress.send_modify(|p| {
                     if let Err(e) = &outcome {
-                        fill_failed(&mut p.results, len, &format!("{e:#}"));
+                        fill_failed(&mut p.results, commands.len(), &format!("{e:#}"));
                     }
                     p.done = true;
                 });

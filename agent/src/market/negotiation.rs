@@ -368,7 +368,6 @@ impl Market {
                 };
             }
         }
-        let matched_rule = rule.as_ref().and_then(|r| serde_json::to_value(r).ok());
         proposals.insert(
             id.clone(),
             Pending {
@@ -377,7 +376,7 @@ impl Market {
                     id: String::new(),
                     peer: peer.to_owned(),
                     manifest_base64: manifest.to_owned(),
-                    matched_rule: rule,
+                    matched_rule: rule.clone(),
                     whitelist,
                     created_at: now,
                     expires_at,
@@ -389,7 +388,7 @@ impl Market {
             proposal_id: id,
             offer: self.offer.clone(),
             expires_at: proposal_expires,
-            matched_rule,
+            matched_rule: rule,
         }
     }
 

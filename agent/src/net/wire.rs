@@ -13,8 +13,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use policies::MatchedRule;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::receipt::SignedReceipt;
 
 /// The market protocol's name.
 pub const MARKET_PROTOCOL: &str = "/provider/market/1";
@@ -42,7 +45,7 @@ pub mod props {
 
 /// One reason for a reject or a denial: a stable code (DESIGN §5, `docs/verdicts.md`) and a
 /// message a person can act on (the one reason type, see [`crate::codes`]).
-pub use crate::codes::{Code, Reason};
+pub use crate::codes::{Code, Outcome, Reason};
 
 /// A provider's offer: its properties and the constraints it places on demands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,8 +86,9 @@ pub enum MarketResponse {
         proposal_id: String,
         offer: Offer,
         expires_at: DateTime<Utc>,
-        /// Which operator rule accepted the manifest (`docs/verdicts.md`).
-        matched_rule: Option<Value>,
+        /// Which operator rule accepted the manifest (`docs/verdicts.md`); none when the
+        /// manifest asks for no outbound traffic.
+        matched_rule: Option<MatchedRule>,
     },
     /// The demand was rejected; every reason that applies.
     Rejected {
@@ -107,7 +111,9 @@ pub enum MarketResponse {
 pub enum ActivityRequest {
     /// Start the job for an agreement: image fetched and verified, VM booted.
     Create { agreement_id: String },
-    /// Run an ExeScript batch (a JSON array of commands, as in `docs/exescript.md`).
+    /// Run an ExeScript batch (a JSON array of commands, as in `docs/exescript.md`). Sent
+    /// as the requestor wrote it: the provider parses it once, on receipt, and answers a
+    /// batch that is not ExeScript with `script-invalid` rather than a protocol error.
     Exec { activity_id: String, batch: Value },
     /// Results of a batch from command `from` on; waits up to `wait_ms` for the next one.
     GetResults {
@@ -137,26 +143,12 @@ pub enum ActivityResponse {
         done: bool,
     },
     Terminated {
-        /// The signed receipt (`agent::receipt::SignedReceipt` as JSON).
-        receipt: Value,
+        /// The signed receipt (boxed: it is by far the largest answer).
+        receipt: Box<SignedReceipt>,
     },
     Error {
         reason: Reason,
     },
-}
-
-/// What happened to one command of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    /// Ran and exited 0.
-    Ok,
-    /// Ran and failed (non-zero exit, signal, timeout) or could not be run.
-    Failed,
-    /// The ExeScript gate (or a limit) refused it; it did not reach the guest.
-    Denied,
-    /// Not run because an earlier command of the batch was denied or failed.
-    Skipped,
 }
 
 /// One command's result, sent as soon as the command ends.

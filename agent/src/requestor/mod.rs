@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use policies::MatchedRule;
 use serde_json::{json, Value};
 
 use crate::cli::manifest::{manifest_base64, read_chain, read_signature};
@@ -320,12 +321,16 @@ fn offers(wait: Duration, json: bool) -> anyhow::Result<u8> {
 }
 
 /// `matched_rule` as a person reads it: ` (rule audited-payload "CN=…", outbound mode all)`.
-fn describe_rule(rule: &Value) -> String {
-    let name = rule["rule"].as_str().unwrap_or("?");
-    let mode = rule["mode"].as_str().unwrap_or("?");
-    match rule["subject"].as_str() {
-        Some(subject) => format!(" (rule {name} \"{subject}\", outbound mode {mode})"),
-        None => format!(" (rule {name}, outbound mode {mode})"),
+fn describe_rule(rule: &MatchedRule) -> String {
+    let mode = rule.mode();
+    match rule {
+        MatchedRule::Everyone { .. } => format!(" (rule everyone, outbound mode {mode})"),
+        MatchedRule::AuditedPayload { subject, .. } => {
+            format!(" (rule audited-payload \"{subject}\", outbound mode {mode})")
+        }
+        MatchedRule::Partner { subject, .. } => {
+            format!(" (rule partner \"{subject}\", outbound mode {mode})")
+        }
     }
 }
 
@@ -679,9 +684,7 @@ async fn session(
             )))
         }
     };
-    let signed = SignedReceipt::from_value(receipt.clone())
-        .context("the provider's receipt")
-        .map_err(unreachable)?;
+    let signed = *receipt;
     let valid = signed.verify();
     let valid = match valid {
         Ok(()) if signed.receipt.provider_id == peer.to_string() => Ok(()),
@@ -695,7 +698,9 @@ async fn session(
         .with_context(|| format!("create {}", args.out_dir.display()))
         .map_err(unreachable)?;
     let path = args.out_dir.join(format!("receipt-{activity_id}.json"));
-    let bytes = serde_json::to_vec_pretty(&receipt).expect("JSON serializes");
+    // Through a JSON value, whose keys are sorted: the file is laid out as it always was.
+    let value = serde_json::to_value(&signed).expect("JSON serializes");
+    let bytes = serde_json::to_vec_pretty(&value).expect("JSON serializes");
     crate::store::atomic_write(&path, &bytes)
         .context("save the receipt")
         .map_err(unreachable)?;
