@@ -21,6 +21,7 @@
 pub mod bridge;
 mod capture;
 mod job;
+mod service;
 mod transfer;
 
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use chrono::{DateTime, Utc};
 
 pub use bridge::EgressBridge;
 pub use job::{Job, JobStopper};
+pub use service::ActivityService;
 
 use crate::egress::{AddressPolicy, Limits};
 #[cfg(doc)]

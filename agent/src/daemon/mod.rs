@@ -1,24 +1,24 @@
 //! `provider run`: the daemon that joins the network, the market and the job runtime.
 //!
-//! One tokio runtime carries the libp2p event loop and one task per inbound request, so a
-//! slow request (a VM booting) never holds up others. Each job lives on its own OS thread
-//! for its whole life: the VM backend ties the QEMU child to the thread that started it
-//! (`PR_SET_PDEATHSIG`), and the thread serialises the job's batches and its termination.
+//! Wiring only: the settings become a [`Market`] and an [`ActivityService`], and each
+//! inbound request is handed to the one its protocol names. One tokio runtime carries the
+//! libp2p event loop and one task per inbound request, so a slow request (a VM booting)
+//! never holds up others. Each job lives on its own OS thread for its whole life (see
+//! [`crate::activity`]).
 //!
 //! Every verdict, agreement, command decision, egress decision and job end is a line in
 //! `<data-dir>/audit.jsonl`; every job that started leaves a signed receipt in
 //! `<data-dir>/receipts/`, also when the agreement expires or the daemon is stopped.
 
 pub mod config;
-mod jobs;
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use serde_json::json;
 
+use crate::activity::{ActivityService, JobConfig};
 use crate::egress::AuditLog;
 use crate::market::negotiation::{Market, MarketConfig};
 use crate::market::offer::{offer_properties, Resources};
@@ -26,17 +26,11 @@ use crate::net::wire::{ActivityResponse, Code, MarketResponse, Offer, Reason};
 use crate::net::{self, Inbound, InboundRequest, NetConfig};
 use crate::store::DataDir;
 pub use config::DaemonConfig;
-use jobs::Jobs;
 
 /// What the daemon shares with its request tasks.
-pub struct Shared {
-    pub data: DataDir,
-    pub cfg: DaemonConfig,
-    pub identity: Keypair,
-    pub provider_id: String,
-    pub market: Market,
-    pub audit: Arc<AuditLog>,
-    jobs: Jobs,
+struct Shared {
+    market: Arc<Market>,
+    activities: ActivityService,
     /// Judging is CPU-bound (openssl); more threads than cores only add threads, memory
     /// arenas and context switches, so a burst of demands queues here instead.
     judging: tokio::sync::Semaphore,
@@ -75,16 +69,7 @@ pub async fn run(
         AuditLog::open(&data.audit_path())
             .with_context(|| format!("open {}", data.audit_path().display()))?,
     );
-    let runtime = (|| -> anyhow::Result<jobs::Runtime> {
-        let (backend, why) = crate::vm::Backend::select(cfg.vmm, &crate::vm::HostInfo::detect())?;
-        tracing::info!("{why}");
-        Ok(jobs::Runtime {
-            backend,
-            kernel: crate::vm::find_kernel(cfg.kernel.as_deref())?,
-            guest: crate::vm::find_guest_agent(cfg.guest.as_deref())?,
-        })
-    })()
-    .map_err(|e| {
+    let jobs = job_config(&cfg).map_err(|e| {
         tracing::warn!("jobs cannot run on this host ({e:#}); demands will still be judged");
         format!("{e:#}")
     });
@@ -101,7 +86,7 @@ pub async fn run(
             .collect(),
         constraints: cfg.constraints_text.clone(),
     };
-    let market = Market::new(
+    let market = Arc::new(Market::new(
         data.clone(),
         offer,
         MarketConfig {
@@ -112,7 +97,7 @@ pub async fn run(
             ..MarketConfig::default()
         },
         audit.clone(),
-    );
+    ));
 
     let (client, mut inbound, event_loop) = net::new(
         identity.clone(),
@@ -149,19 +134,22 @@ pub async fn run(
         "pid": std::process::id(),
     }));
 
+    let activities = ActivityService::new(
+        jobs,
+        cfg.max_jobs,
+        market.clone(),
+        identity,
+        data,
+        audit.clone(),
+    );
     let shared = Arc::new(Shared {
-        jobs: Jobs::new(runtime),
+        market,
+        activities: activities.clone(),
         judging: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),
-        data,
-        cfg,
-        identity,
-        provider_id,
-        market,
-        audit,
     });
-    let reaper = tokio::spawn(jobs::reap_expired(shared.clone()));
+    let reaper = tokio::spawn(async move { activities.reap_expired().await });
 
     loop {
         tokio::select! {
@@ -186,8 +174,11 @@ pub async fn run(
         }
     }
     reaper.abort();
-    let ended = jobs::terminate_all(&shared, "the provider was shut down").await;
-    shared.audit.write_event(&json!({
+    let ended = shared
+        .activities
+        .terminate_all("the provider was shut down")
+        .await;
+    audit.write_event(&json!({
         "time": crate::egress::audit::now(),
         "event": "daemon-stop",
         "jobs_terminated": ended,
@@ -213,11 +204,36 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
             let _ = request.responder.respond(response);
         }
         InboundRequest::Activity(req) => {
-            let response = jobs::handle(&shared, &peer, req).await;
+            let response = shared.activities.handle(&peer, req).await;
             if let ActivityResponse::Error { reason } = &response {
                 tracing::info!(%peer, code = %reason.code, "activity request refused: {}", reason.message);
             }
             let _ = request.responder.respond(response);
         }
     }
+}
+
+/// Every job's settings: the backend this host runs, the guest kernel and agent, and the
+/// operator's limits.
+fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
+    let (backend, why) = crate::vm::Backend::select(c.vmm, &crate::vm::HostInfo::detect())?;
+    tracing::info!("{why}");
+    Ok(JobConfig {
+        backend,
+        kernel: crate::vm::find_kernel(c.kernel.as_deref())?,
+        guest_agent: crate::vm::find_guest_agent(c.guest.as_deref())?,
+        mem_mib: c.mem_mib,
+        cpus: c.cpus,
+        boot_timeout: c.boot_timeout,
+        command_timeout: c.command_timeout,
+        max_output_bytes: usize::try_from(c.max_output_bytes).unwrap_or(usize::MAX),
+        max_transfer_bytes: c.max_transfer_bytes,
+        // https transfers trust the system's anchors only until the daemon has a flag for
+        // extra CAs.
+        transfer_ca_files: Vec::new(),
+        addresses: crate::egress::AddressPolicy::new(c.allow_cidr.clone()),
+        max_image_bytes: c.max_image_bytes,
+        image_disk_reserve: c.image_disk_reserve,
+        limits: crate::egress::Limits::default(),
+    })
 }

@@ -1,8 +1,11 @@
-//! The daemon's jobs: one activity per agreement, each on its own thread, with batches
-//! whose results requestors long-poll.
+//! The activity service: `/provider/activity/1` requests from peers become jobs, one per
+//! agreement, each on its own thread, with batches whose results requestors long-poll.
+//!
+//! [`ActivityService::handle`] answers one request, as `Market::handle` does for the
+//! market; the daemon only hands it the requests and runs [`ActivityService::reap_expired`]
+//! and, at shutdown, [`ActivityService::terminate_all`].
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,12 +13,14 @@ use chrono::Utc;
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
-use super::Shared;
-use crate::activity::{Job, JobConfig, JobSpec, JobStopper};
-use crate::market::negotiation::{new_id, Agreement};
+use libp2p::identity::Keypair;
+
+use super::{Job, JobConfig, JobSpec, JobStopper};
+use crate::egress::AuditLog;
+use crate::market::negotiation::{new_id, Agreement, Market};
 use crate::net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
 use crate::receipt::SignedReceipt;
-use crate::vm::Backend;
+use crate::store::DataDir;
 
 /// Longest a results request waits for news.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -62,31 +67,74 @@ impl Slot {
     }
 }
 
-/// What this host runs jobs with: the VM backend, the guest kernel and the guest agent.
+/// The provider's activities: every live job, and what it needs to start more.
 #[derive(Clone)]
-pub(super) struct Runtime {
-    pub backend: Backend,
-    pub kernel: PathBuf,
-    pub guest: PathBuf,
+pub struct ActivityService {
+    inner: Arc<Inner>,
 }
 
-/// Live jobs by activity id (`None` while the job's VM is starting).
-pub(super) struct Jobs {
-    /// Why jobs cannot run here, when they cannot.
-    runtime: Result<Runtime, String>,
+struct Inner {
+    /// Every job's settings, or why jobs cannot run on this host.
+    jobs: Result<JobConfig, String>,
+    max_jobs: usize,
+    /// Where agreements come from, and are ended when their job is.
+    market: Arc<Market>,
+    /// Signs receipts.
+    identity: Keypair,
+    provider_id: String,
+    data: DataDir,
+    audit: Arc<AuditLog>,
+    /// Live jobs by activity id (`None` while the job's VM is starting).
     slots: Mutex<HashMap<String, Option<Arc<Slot>>>>,
 }
 
-impl Jobs {
-    pub(super) fn new(runtime: Result<Runtime, String>) -> Self {
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Arc<Slot>>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ActivityService {
+    /// `jobs` is every job's settings, or why this host cannot run them (then demands are
+    /// still judged, and `create` answers `no-backend` with the reason). At most
+    /// `max_jobs` run at once.
+    pub fn new(
+        jobs: Result<JobConfig, String>,
+        max_jobs: usize,
+        market: Arc<Market>,
+        identity: Keypair,
+        data: DataDir,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        let provider_id = identity.public().to_peer_id().to_string();
         Self {
-            runtime,
-            slots: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                jobs,
+                max_jobs,
+                market,
+                identity,
+                provider_id,
+                data,
+                audit,
+                slots: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Arc<Slot>>>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    /// Answers one activity request from `peer`.
+    pub async fn handle(&self, peer: &str, request: ActivityRequest) -> ActivityResponse {
+        handle(&self.inner, peer, request).await
+    }
+
+    /// Ends jobs whose agreement expired (their receipts are stored, not sent); runs until
+    /// dropped.
+    pub async fn reap_expired(&self) {
+        reap_expired(&self.inner).await
+    }
+
+    /// Terminates every job and waits for their receipts; returns how many ended.
+    pub async fn terminate_all(&self, why: &str) -> usize {
+        terminate_all(&self.inner, why).await
     }
 }
 
@@ -97,8 +145,8 @@ fn error(code: impl Into<Code>, message: impl Into<String>) -> ActivityResponse 
 }
 
 /// The activity `id` if `peer` owns it. Another peer learns nothing about it.
-fn slot(shared: &Shared, id: &str, peer: &str) -> Result<Arc<Slot>, ActivityResponse> {
-    match shared.jobs.lock().get(id) {
+fn slot(shared: &Inner, id: &str, peer: &str) -> Result<Arc<Slot>, ActivityResponse> {
+    match shared.lock().get(id) {
         Some(Some(s)) if s.peer == peer => Ok(s.clone()),
         Some(None) => Err(error(
             Code::ActivityStarting,
@@ -111,11 +159,7 @@ fn slot(shared: &Shared, id: &str, peer: &str) -> Result<Arc<Slot>, ActivityResp
     }
 }
 
-pub(super) async fn handle(
-    shared: &Arc<Shared>,
-    peer: &str,
-    request: ActivityRequest,
-) -> ActivityResponse {
+async fn handle(shared: &Arc<Inner>, peer: &str, request: ActivityRequest) -> ActivityResponse {
     match request {
         ActivityRequest::Create { agreement_id } => create(shared, peer, &agreement_id).await,
         ActivityRequest::Exec { activity_id, batch } => {
@@ -209,7 +253,7 @@ pub(super) async fn handle(
                 Ok(s) => s,
                 Err(e) => return e,
             };
-            shared.jobs.lock().remove(&activity_id);
+            shared.lock().remove(&activity_id);
             match terminate(&slot, "terminated by the requestor").await {
                 Ok(receipt) => ActivityResponse::Terminated {
                     receipt: Box::new(receipt),
@@ -238,13 +282,13 @@ async fn terminate(slot: &Slot, why: &str) -> Result<SignedReceipt, String> {
         .map_err(|_| "the job ended without a receipt".to_string())?
 }
 
-async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> ActivityResponse {
+async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> ActivityResponse {
     let agreement = match shared.market.agreement(agreement_id, peer, Utc::now()) {
         Ok(a) => a,
         Err(reason) => return ActivityResponse::Error { reason },
     };
-    let runtime = match &shared.jobs.runtime {
-        Ok(r) => r.clone(),
+    let cfg = match &shared.jobs {
+        Ok(c) => c.clone(),
         Err(why) => {
             return error(
                 Code::NoBackend,
@@ -254,7 +298,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
     };
     let activity_id = new_id();
     {
-        let mut slots = shared.jobs.lock();
+        let mut slots = shared.lock();
         if slots
             .values()
             .flatten()
@@ -265,7 +309,7 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
                 format!("agreement {agreement_id} already has an activity"),
             );
         }
-        if slots.len() >= shared.cfg.max_jobs {
+        if slots.len() >= shared.max_jobs {
             return error(
                 Code::Busy,
                 format!(
@@ -291,7 +335,6 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
         whitelist: agreement.whitelist.clone(),
         expires_at: agreement.expires_at,
     };
-    let cfg = job_config(shared, runtime);
     let thread = {
         let shared = shared.clone();
         let rt = tokio::runtime::Handle::current();
@@ -300,12 +343,12 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
             .spawn(move || job_thread(shared, spec, cfg, rt, ready_tx, rx))
     };
     if let Err(e) = thread {
-        shared.jobs.lock().remove(&activity_id);
+        shared.lock().remove(&activity_id);
         return error(Code::Internal, format!("cannot start a job thread: {e}"));
     }
     match ready_rx.await {
         Ok(Ok(stopper)) => {
-            shared.jobs.lock().insert(
+            shared.lock().insert(
                 activity_id.clone(),
                 Some(Arc::new(Slot {
                     peer: peer.to_owned(),
@@ -318,11 +361,11 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
             ActivityResponse::Created { activity_id }
         }
         Ok(Err(reason)) => {
-            shared.jobs.lock().remove(&activity_id);
+            shared.lock().remove(&activity_id);
             ActivityResponse::Error { reason }
         }
         Err(_) => {
-            shared.jobs.lock().remove(&activity_id);
+            shared.lock().remove(&activity_id);
             error(
                 Code::JobStartFailed,
                 "the job thread ended before the VM was ready",
@@ -331,31 +374,9 @@ async fn create(shared: &Arc<Shared>, peer: &str, agreement_id: &str) -> Activit
     }
 }
 
-fn job_config(shared: &Shared, runtime: Runtime) -> JobConfig {
-    let c = &shared.cfg;
-    JobConfig {
-        backend: runtime.backend,
-        kernel: runtime.kernel,
-        guest_agent: runtime.guest,
-        mem_mib: c.mem_mib,
-        cpus: c.cpus,
-        boot_timeout: c.boot_timeout,
-        command_timeout: c.command_timeout,
-        max_output_bytes: usize::try_from(c.max_output_bytes).unwrap_or(usize::MAX),
-        max_transfer_bytes: c.max_transfer_bytes,
-        // https transfers trust the system's anchors only until the daemon has a flag for
-        // extra CAs.
-        transfer_ca_files: Vec::new(),
-        addresses: crate::egress::AddressPolicy::new(c.allow_cidr.clone()),
-        max_image_bytes: c.max_image_bytes,
-        image_disk_reserve: c.image_disk_reserve,
-        limits: crate::egress::Limits::default(),
-    }
-}
-
 /// Owns one job from VM start to receipt.
 fn job_thread(
-    shared: Arc<Shared>,
+    shared: Arc<Inner>,
     spec: JobSpec,
     cfg: JobConfig,
     rt: tokio::runtime::Handle,
@@ -467,7 +488,7 @@ fn fill_failed(results: &mut Vec<CommandResult>, len: usize, error: &str) {
 }
 
 /// Tears the job down, signs and stores its receipt.
-fn finish(shared: &Shared, job: Job, why: &str) -> Result<SignedReceipt, String> {
+fn finish(shared: &Inner, job: Job, why: &str) -> Result<SignedReceipt, String> {
     let receipt = job.terminate(why);
     let activity_id = receipt.activity_id.clone();
     shared.market.end_agreement(&receipt.agreement_id);
@@ -492,14 +513,13 @@ fn finish(shared: &Shared, job: Job, why: &str) -> Result<SignedReceipt, String>
     Ok(signed)
 }
 
-/// Ends jobs whose agreement expired (their receipts are stored, not sent).
-pub(super) async fn reap_expired(shared: Arc<Shared>) {
+async fn reap_expired(shared: &Inner) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let now = Utc::now();
         let expired: Vec<Arc<Slot>> = {
-            let mut slots = shared.jobs.lock();
+            let mut slots = shared.lock();
             let ids: Vec<String> = slots
                 .iter()
                 .filter_map(|(id, s)| {
@@ -523,9 +543,8 @@ pub(super) async fn reap_expired(shared: Arc<Shared>) {
     }
 }
 
-/// Terminates every job and waits for their receipts; returns how many ended.
-pub(super) async fn terminate_all(shared: &Arc<Shared>, why: &str) -> usize {
-    let slots: Vec<Arc<Slot>> = shared.jobs.lock().drain().filter_map(|(_, s)| s).collect();
+async fn terminate_all(shared: &Inner, why: &str) -> usize {
+    let slots: Vec<Arc<Slot>> = shared.lock().drain().filter_map(|(_, s)| s).collect();
     let n = slots.len();
     let waits = slots.iter().map(|s| terminate(s, why));
     for r in futures::future::join_all(waits).await {
