@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod activity;
+pub mod audit;
 pub mod cli;
 pub mod codes;
 pub mod confine;

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use exescript::{Command, Gate};
-use serde_json::json;
 use tokio::runtime::Handle;
 
 use super::bridge::EgressBridge;
 use super::capture::{sha256_hex, Capture};
 use super::{transfer, ActivityError, JobConfig, JobSpec};
+use crate::audit::{self, AuditEvent, JobEvent};
 use crate::codes::Code;
 use crate::egress::{AuditLog, EgressPolicy, Proxy};
 use crate::net::wire::{CommandResult, Outcome, Reason};
@@ -219,19 +219,19 @@ impl Job {
             state: Mutex::new(State::default()),
             spec,
         };
-        job.audit.write_event(&json!({
-            "time": crate::egress::audit::now(),
-            "event": "job",
-            "phase": "started",
-            "activity_id": job.spec.activity_id,
-            "agreement_id": job.spec.agreement_id,
-            "requestor_id": job.spec.requestor_id,
-            "manifest_sha256": job.manifest_sha256,
-            "image_hash": job.image_hash,
-            "backend": job.backend,
-            "boot_ms": job.boot_ms,
-            "egress": job.proxy.policy().describe(),
-        }));
+        audit::record(
+            &job.audit,
+            AuditEvent::Job(JobEvent::Started {
+                activity_id: &job.spec.activity_id,
+                agreement_id: &job.spec.agreement_id,
+                requestor_id: &job.spec.requestor_id,
+                manifest_sha256: &job.manifest_sha256,
+                image_hash: &job.image_hash,
+                backend: job.backend,
+                boot_ms: job.boot_ms,
+                egress: job.proxy.policy().describe(),
+            }),
+        );
         Ok(job)
     }
 
@@ -560,22 +560,18 @@ impl Job {
 
     /// Keeps the command for the receipt and writes its audit line.
     fn record(&self, state: &mut State, batch_id: &str, r: &CommandResult, h: Hashes) {
-        let mut line = json!({
-            "time": crate::egress::audit::now(),
-            "event": "command",
-            "activity_id": self.spec.activity_id,
-            "batch_id": batch_id,
-            "index": r.index,
-            "command": r.command,
-            "outcome": r.outcome,
-        });
-        if let Some(reason) = &r.reason {
-            line["code"] = json!(reason.code);
-        }
-        if let Some(c) = r.exit_code {
-            line["exit_code"] = json!(c);
-        }
-        self.audit.write_event(&line);
+        audit::record(
+            &self.audit,
+            AuditEvent::Command {
+                activity_id: &self.spec.activity_id,
+                batch_id,
+                index: r.index,
+                command: &r.command,
+                outcome: r.outcome,
+                code: r.reason.as_ref().map(|reason| &reason.code),
+                exit_code: r.exit_code,
+            },
+        );
         state.records.push(CommandRecord {
             batch_id: batch_id.to_owned(),
             index: r.index,
@@ -635,16 +631,16 @@ impl Job {
                 commands_run: state.commands_run,
             },
         };
-        self.audit.write_event(&json!({
-            "time": crate::egress::audit::now(),
-            "event": "job",
-            "phase": "ended",
-            "activity_id": self.spec.activity_id,
-            "termination": why,
-            "commands": receipt.commands.len(),
-            "egress_decisions": receipt.egress.len(),
-            "wall_ms": receipt.usage.wall_ms,
-        }));
+        audit::record(
+            &self.audit,
+            AuditEvent::Job(JobEvent::Ended {
+                activity_id: &self.spec.activity_id,
+                termination: why,
+                commands: receipt.commands.len(),
+                egress_decisions: receipt.egress.len(),
+                wall_ms: receipt.usage.wall_ms,
+            }),
+        );
         receipt
     }
 

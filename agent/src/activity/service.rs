@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
 use libp2p::identity::Keypair;
 
 use super::{Job, JobConfig, JobSpec, JobStopper};
+use crate::audit::{self, AuditEvent};
 use crate::egress::AuditLog;
 use crate::market::negotiation::{new_id, Agreement, Market};
 use crate::net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
@@ -391,24 +391,26 @@ fn job_thread(
             let reason = e.public_reason();
             // The operator's audit line has the whole error; the requestor gets the code
             // and a message without the host's paths or socket errors.
-            shared.audit.write_event(&json!({
-                "time": crate::egress::audit::now(),
-                "event": "activity-failed",
-                "activity_id": activity_id,
-                "agreement_id": agreement_id,
-                "code": reason.code,
-                "error": format!("{e:#}"),
-            }));
+            audit::record(
+                &shared.audit,
+                AuditEvent::ActivityFailed {
+                    activity_id: &activity_id,
+                    agreement_id: &agreement_id,
+                    code: &reason.code,
+                    error: format!("{e:#}"),
+                },
+            );
             let _ = ready.send(Err(reason));
             return;
         }
     };
-    shared.audit.write_event(&json!({
-        "time": crate::egress::audit::now(),
-        "event": "activity-created",
-        "activity_id": activity_id,
-        "agreement_id": agreement_id,
-    }));
+    audit::record(
+        &shared.audit,
+        AuditEvent::ActivityCreated {
+            activity_id: &activity_id,
+            agreement_id: &agreement_id,
+        },
+    );
     if ready.send(Ok(job.stopper())).is_err() {
         // The requestor's request went away while the VM booted: nobody holds this job.
         let _ = finish(&shared, job, "the create request was abandoned");
@@ -502,14 +504,15 @@ fn finish(shared: &Inner, job: Job, why: &str) -> Result<SignedReceipt, String> 
     if let Err(e) = &written {
         tracing::error!(path = %path.display(), error = %e, "cannot store the receipt");
     }
-    shared.audit.write_event(&json!({
-        "time": crate::egress::audit::now(),
-        "event": "activity-terminated",
-        "activity_id": activity_id,
-        "agreement_id": signed.receipt.agreement_id,
-        "why": why,
-        "receipt": path,
-    }));
+    audit::record(
+        &shared.audit,
+        AuditEvent::ActivityTerminated {
+            activity_id: &activity_id,
+            agreement_id: &signed.receipt.agreement_id,
+            why,
+            receipt: &path,
+        },
+    );
     Ok(signed)
 }
 

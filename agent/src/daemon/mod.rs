@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use libp2p::Multiaddr;
-use serde_json::json;
 
 use crate::activity::{ActivityService, JobConfig};
+use crate::audit::{self, AuditEvent};
 use crate::egress::AuditLog;
 use crate::market::negotiation::{Market, MarketConfig};
 use crate::market::offer::{offer_properties, Resources};
@@ -127,12 +127,13 @@ pub async fn run(
             announce(&full);
         }
     }
-    audit.write_event(&json!({
-        "time": crate::egress::audit::now(),
-        "event": "daemon-start",
-        "provider_id": provider_id,
-        "pid": std::process::id(),
-    }));
+    audit::record(
+        &audit,
+        AuditEvent::DaemonStart {
+            provider_id: &provider_id,
+            pid: std::process::id(),
+        },
+    );
 
     let activities = ActivityService::new(
         jobs,
@@ -178,11 +179,12 @@ pub async fn run(
         .activities
         .terminate_all("the provider was shut down")
         .await;
-    audit.write_event(&json!({
-        "time": crate::egress::audit::now(),
-        "event": "daemon-stop",
-        "jobs_terminated": ended,
-    }));
+    audit::record(
+        &audit,
+        AuditEvent::DaemonStop {
+            jobs_terminated: ended,
+        },
+    );
     net_task.abort();
     drop(client);
     Ok(())

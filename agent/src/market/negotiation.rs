@@ -20,9 +20,10 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use policies::{Judge, MatchedRule, WhitelistMatcher};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::constraints::{Filter, Properties};
+use crate::audit::{self, AuditEvent};
 use crate::egress::AuditLog;
 use crate::net::wire::{props, Code, MarketRequest, MarketResponse, Offer, Reason};
 use crate::store::DataDir;
@@ -443,14 +444,15 @@ impl Market {
             agreement_id: agreement.id.clone(),
             expires_at: agreement.expires_at,
         };
-        self.audit.write_event(&json!({
-            "time": crate::egress::audit::now(),
-            "event": "agreement",
-            "peer": peer,
-            "agreement_id": agreement.id,
-            "proposal_id": proposal_id,
-            "expires_at": agreement.expires_at.to_rfc3339(),
-        }));
+        audit::record(
+            &self.audit,
+            AuditEvent::Agreement {
+                peer,
+                agreement_id: &agreement.id,
+                proposal_id,
+                expires_at: agreement.expires_at.to_rfc3339(),
+            },
+        );
         agreements.insert(agreement.id.clone(), Arc::new(agreement));
         response
     }
@@ -509,30 +511,31 @@ impl Market {
                     .ok()
             })
             .map(|json| hex(&openssl::sha::sha256(&json)));
-        let (verdict, reasons, rule, proposal) = match response {
+        let (verdict, reasons, matched_rule, proposal_id) = match response {
             MarketResponse::Proposal {
                 proposal_id,
                 matched_rule,
                 ..
             } => (
                 "accept",
-                Vec::new(),
-                matched_rule.clone(),
-                Some(proposal_id.clone()),
+                &[][..],
+                matched_rule.as_ref(),
+                Some(proposal_id.as_str()),
             ),
-            MarketResponse::Rejected { reasons } => ("reject", reasons.clone(), None, None),
-            _ => ("error", Vec::new(), None, None),
+            MarketResponse::Rejected { reasons } => ("reject", &reasons[..], None, None),
+            _ => ("error", &[][..], None, None),
         };
-        self.audit.write_event(&json!({
-            "time": crate::egress::audit::now(),
-            "event": "verdict",
-            "peer": peer,
-            "verdict": verdict,
-            "reasons": reasons,
-            "matched_rule": rule,
-            "proposal_id": proposal,
-            "manifest_sha256": manifest_sha256,
-        }));
+        audit::record(
+            &self.audit,
+            AuditEvent::Verdict {
+                peer,
+                verdict,
+                reasons,
+                matched_rule,
+                proposal_id,
+                manifest_sha256,
+            },
+        );
     }
 }
 
@@ -547,6 +550,7 @@ mod tests {
     use certs::testpki::{self, KeyKind, Validity};
     use openssl::hash::MessageDigest;
     use policies::Rules;
+    use serde_json::json;
 
     const PEER: &str = "12D3KooWHk6JmCpT1YgUp1wYm4yUjJ3yTTsAxE3pJRgE4sS2zCvo";
     const OTHER: &str = "12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE";
