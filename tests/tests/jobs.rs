@@ -310,6 +310,10 @@ fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
         .arg(&j.cert)
         .arg("--script")
         .arg(&batch)
+        // The receipt goes to the test's temp dir, never the source tree (the cwd).
+        .arg("--out-dir")
+        .arg(j.p.input("receipts"))
+        .current_dir(j.p.input(""))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
