@@ -18,7 +18,7 @@ pub mod net;
 pub mod receipt;
 pub mod requestor;
 pub mod store;
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testsupport;
 pub mod units;
 pub mod vm;

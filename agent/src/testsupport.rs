@@ -1,10 +1,11 @@
-//! What the VM and job tests of several crates need from this host: the static guest
-//! agent built once, a busybox rootfs, the guest kernel and QEMU, and a small HTTP
-//! upstream on loopback. Compiled only with the `test-support` feature (the test crates
-//! enable it); nothing in the product uses it.
+//! What the tests of this crate and of the `tests` crate need from this host: the static
+//! guest agent built once, a busybox rootfs, the guest kernel and QEMU, and a small HTTP
+//! upstream on loopback (the one copy of it). Compiled only for this crate's unit tests and
+//! with the `test-support` feature (the test crates enable it); nothing in the product uses
+//! it.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,7 +125,7 @@ pub fn hex_digest(md: openssl::hash::MessageDigest, bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A running [`http_server`].
+/// A running [`http_server`] or [`http_responder`].
 pub struct Upstream {
     pub port: u16,
     /// TCP connections accepted (also those that never sent a request).
@@ -139,6 +140,11 @@ impl Upstream {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
     pub fn paths(&self) -> Vec<String> {
         self.paths.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -148,6 +154,21 @@ impl Upstream {
     }
 }
 
+/// The whole answer for a `200 OK` with `body`, closing the connection.
+pub fn http_ok(body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The whole answer for a `404 Not Found`.
+pub const HTTP_NOT_FOUND: &[u8] =
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
 /// A small HTTP/1.1 server on 127.0.0.1 (over TLS when given an acceptor): `GET <path>`
 /// answers with the route's body, other paths with `fallback` (or 404 without one). One
 /// request per connection.
@@ -156,26 +177,45 @@ pub fn http_server(
     fallback: Option<Vec<u8>>,
     tls: Option<Arc<openssl::ssl::SslAcceptor>>,
 ) -> Upstream {
+    serve_http(tls, move |path| {
+        routes
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, b)| b.as_slice())
+            .or(fallback.as_deref())
+            .map_or_else(|| HTTP_NOT_FOUND.to_vec(), http_ok)
+    })
+}
+
+/// The same server with the whole answer (status line, headers, body) from `reply` for
+/// each request's path: for upstreams that misbehave on purpose (a short body, no
+/// `Content-Length`) or answer every path alike. The connection is closed after it.
+pub fn http_responder(reply: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> Upstream {
+    serve_http(None, reply)
+}
+
+fn serve_http(
+    tls: Option<Arc<openssl::ssl::SslAcceptor>>,
+    reply: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let port = listener.local_addr().expect("local addr").port();
     let paths = Arc::new(Mutex::new(Vec::new()));
     let connections = Arc::new(AtomicUsize::new(0));
     let (log, count) = (paths.clone(), connections.clone());
-    let routes = Arc::new(routes);
-    let fallback = Arc::new(fallback);
+    let reply = Arc::new(reply);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(c) = conn else { continue };
             count.fetch_add(1, Ordering::SeqCst);
-            let (routes, fallback, log, tls) =
-                (routes.clone(), fallback.clone(), log.clone(), tls.clone());
+            let (reply, log, tls) = (reply.clone(), log.clone(), tls.clone());
             std::thread::spawn(move || match tls {
                 Some(acceptor) => {
                     if let Ok(s) = acceptor.accept(c) {
-                        answer(s, &routes, fallback.as_deref(), &log);
+                        answer(s, &*reply, &log);
                     }
                 }
-                None => answer(c, &routes, fallback.as_deref(), &log),
+                None => answer(c, &*reply, &log),
             });
         }
     });
@@ -186,12 +226,7 @@ pub fn http_server(
     }
 }
 
-fn answer<S: Read + Write>(
-    mut c: S,
-    routes: &[(String, Vec<u8>)],
-    fallback: Option<&[u8]>,
-    log: &Mutex<Vec<String>>,
-) {
+fn answer<S: Read + Write>(mut c: S, reply: &dyn Fn(&str) -> Vec<u8>, log: &Mutex<Vec<String>>) {
     let mut req = Vec::new();
     let mut buf = [0u8; 4096];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -210,22 +245,7 @@ fn answer<S: Read + Write>(
     log.lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(path.clone());
-    let body = routes
-        .iter()
-        .find(|(p, _)| *p == path)
-        .map(|(_, b)| b.as_slice())
-        .or(fallback);
-    let _ = match body {
-        Some(b) => write!(
-            c,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            b.len()
-        )
-        .and_then(|()| c.write_all(b)),
-        None => {
-            c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        }
-    };
+    let _ = c.write_all(&reply(&path));
     let _ = c.flush();
 }
 

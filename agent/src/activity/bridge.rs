@@ -287,7 +287,6 @@ mod tests {
     //! and a real proxy with a real upstream on loopback.
 
     use std::io::{Read, Write};
-    use std::net::TcpListener;
     use std::time::{Duration, Instant};
 
     use channel::{Mux, Side};
@@ -306,33 +305,12 @@ mod tests {
     /// An upstream answering `hello` to anything, a proxy allowing it, a bridge serving the
     /// host side of a channel pair.
     fn rig(max_connections: usize) -> Rig {
-        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = upstream.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for c in upstream.incoming() {
-                let Ok(mut c) = c else { continue };
-                std::thread::spawn(move || {
-                    let mut req = Vec::new();
-                    let mut buf = [0u8; 512];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match c.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    if req.starts_with(b"GET /big ") {
-                        let _ = c.write_all(
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n",
-                        );
-                        let _ = c.write_all(&[b'x'; 200_000]);
-                        return;
-                    }
-                    let _ = c.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-                    );
-                });
-            }
-        });
+        let port = crate::testsupport::http_server(
+            vec![("/big".into(), vec![b'x'; 200_000])],
+            Some(b"hello".to_vec()),
+            None,
+        )
+        .port;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

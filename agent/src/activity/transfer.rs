@@ -372,33 +372,12 @@ mod tests {
     /// An upstream on loopback: `/big` is 100 000 bytes, `/short` promises 1000 and sends
     /// 10 before closing, anything else is 404. A proxy allowing it, and a runtime.
     fn rig() -> (u16, Arc<Proxy>, tokio::runtime::Runtime) {
-        use std::io::Read;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for c in listener.incoming() {
-                let Ok(mut c) = c else { continue };
-                std::thread::spawn(move || {
-                    let mut req = Vec::new();
-                    let mut buf = [0u8; 512];
-                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match c.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => req.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let req = String::from_utf8_lossy(&req).into_owned();
-                    let _ = if req.starts_with("GET /big ") {
-                        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-                            .and_then(|()| c.write_all(&[7u8; 100_000]))
-                    } else if req.starts_with("GET /short ") {
-                        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-                    } else {
-                        c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                    };
-                });
-            }
-        });
+        let port = crate::testsupport::http_responder(|path| match path {
+            "/big" => crate::testsupport::http_ok(&[7u8; 100_000]),
+            "/short" => b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789".to_vec(),
+            _ => crate::testsupport::HTTP_NOT_FOUND.to_vec(),
+        })
+        .port;
         let policy = crate::egress::EgressPolicy::new(
             "transfer-test",
             &policies::Outbound::Urls {

@@ -2,30 +2,18 @@
 //! upstream, the audit log in the data dir, the domain whitelist read from it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agent::testsupport::{http_ok, http_responder};
+
 const BOUND: Duration = Duration::from_secs(20);
 
-/// Answers every connection with `200 ok` after reading its request head.
+/// Answers every request with `200 ok`.
 fn upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).is_ok_and(|n| n == 1) {
-                head.push(b[0]);
-            }
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
-        }
-    });
-    addr
+    http_responder(|_| http_ok(b"ok")).addr()
 }
 
 fn manifest(dir: &Path, urls: &[String]) -> std::path::PathBuf {

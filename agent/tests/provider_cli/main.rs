@@ -1,5 +1,10 @@
-//! The `provider` binary starts and describes itself. (Also what makes `cargo test
-//! --workspace` build the binary the `tests` crate drives.)
+//! The `provider` binary as an operator runs it: it starts and describes itself
+//! (here), serves one manifest's egress proxy (`egress_serve`), and refuses `--vmm kvm`
+//! where KVM is PVM (`vmm_kvm`). One test binary; also what makes `cargo test
+//! --workspace` build the binaries the `tests` crate drives.
+
+mod egress_serve;
+mod vmm_kvm;
 
 use std::process::Command;
 
