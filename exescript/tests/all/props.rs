@@ -2,8 +2,6 @@
 //! verdict is exactly "the rendering equals a constraint" under strict matching (and under
 //! regex matching of escaped renderings, which would fail if a prefix or infix sufficed).
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 
 use exescript::{

@@ -1,5 +1,4 @@
 //! Builders shared by the integration tests, so each case reads as the command it checks.
-#![allow(dead_code)] // each test crate uses a different subset
 
 use std::collections::BTreeMap;
 

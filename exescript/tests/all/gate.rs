@@ -1,9 +1,7 @@
 //! Table tests for the gate: one row per constraint list, command and expected verdict.
 //! The semantics they pin down are written out in `docs/exescript.md`.
 
-mod common;
-
-use common::{run, run_env, transfer};
+use crate::util::{run, run_env, transfer};
 use exescript::{compile, Command, CompileError, DenialReason, Gate, Kind, Match};
 use serde_json::{json, Value};
 

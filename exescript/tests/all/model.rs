@@ -1,7 +1,5 @@
 //! The command model: what parses, what round-trips, and how bad input is reported.
 
-mod common;
-
 use std::net::{IpAddr, Ipv4Addr};
 
 use exescript::{
