@@ -105,7 +105,7 @@ fn vcpu_filter_fails_forbidden_syscalls_and_passes_kvm_ones() {
         let got = std::thread::spawn(|| {
             confine::apply_to_this_thread(&confine::vcpu_filter(OnViolation::Errno).unwrap())
                 .unwrap();
-            // SAFETY (test): raw syscalls with valid or deliberately invalid arguments; none
+            // SAFETY: (a test) raw syscalls with valid or deliberately invalid arguments; none
             // touches memory we do not own.
             // errno is read right after each call: the next call overwrites it.
             unsafe {
@@ -150,7 +150,7 @@ fn vcpu_filter_kills_the_process_on_a_forbidden_syscall() {
         let _ = std::thread::spawn(|| {
             confine::apply_to_this_thread(&confine::vcpu_filter(OnViolation::KillProcess).unwrap())
                 .unwrap();
-            // SAFETY (test): getppid has no arguments.
+            // SAFETY: (a test) getppid has no arguments.
             unsafe { libc::syscall(libc::SYS_getppid) };
         })
         .join();
