@@ -5,7 +5,7 @@
 //! it.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,6 +127,8 @@ pub fn hex_digest(md: openssl::hash::MessageDigest, bytes: &[u8]) -> String {
 
 /// A running [`http_server`] or [`http_responder`].
 pub struct Upstream {
+    /// The address it listens on (127.0.0.1 unless [`http_responder_on`] said otherwise).
+    pub ip: IpAddr,
     pub port: u16,
     /// TCP connections accepted (also those that never sent a request).
     pub connections: Arc<AtomicUsize>,
@@ -135,14 +137,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<ip>:<port>`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.addr())
     }
 
-    /// `127.0.0.1:<port>`.
+    /// `<ip>:<port>`.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+        SocketAddr::from((self.ip, self.port))
     }
 
     pub fn paths(&self) -> Vec<String> {
@@ -177,7 +179,7 @@ pub fn http_server(
     fallback: Option<Vec<u8>>,
     tls: Option<Arc<openssl::ssl::SslAcceptor>>,
 ) -> Upstream {
-    serve_http(tls, move |path| {
+    serve_http(Ipv4Addr::LOCALHOST.into(), tls, move |path| {
         routes
             .iter()
             .find(|(p, _)| p == path)
@@ -191,14 +193,24 @@ pub fn http_server(
 /// each request's path: for upstreams that misbehave on purpose (a short body, no
 /// `Content-Length`) or answer every path alike. The connection is closed after it.
 pub fn http_responder(reply: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> Upstream {
-    serve_http(None, reply)
+    http_responder_on(Ipv4Addr::LOCALHOST.into(), reply)
+}
+
+/// [`http_responder`] on another local address (e.g. `127.0.0.2`, or `::1`), for tests of
+/// address policies.
+pub fn http_responder_on(
+    ip: IpAddr,
+    reply: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+) -> Upstream {
+    serve_http(ip, None, reply)
 }
 
 fn serve_http(
+    ip: IpAddr,
     tls: Option<Arc<openssl::ssl::SslAcceptor>>,
     reply: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
 ) -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
     let port = listener.local_addr().expect("local addr").port();
     let paths = Arc::new(Mutex::new(Vec::new()));
     let connections = Arc::new(AtomicUsize::new(0));
@@ -220,6 +232,7 @@ fn serve_http(
         }
     });
     Upstream {
+        ip,
         port,
         connections,
         paths,
