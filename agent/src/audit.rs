@@ -1,18 +1,156 @@
-//! The daemon's own audit lines, typed: every event the market, the activity service and
-//! the daemon write to `audit.jsonl` is an [`AuditEvent`] (the egress proxy's records are
-//! [`crate::egress::AuditRecord`]). The lines are those of `docs/daemon.md`: one JSON
-//! object with `time` and `event`, keys in sorted order.
+//! The audit log (`audit.jsonl` in the data dir) and the daemon's own events on it.
 //!
-//! For now the lines go through [`AuditLog::write_event`]; the log itself still lives in
-//! `egress` (it moves into its own module with a sink trait for the proxy later).
+//! Every event the market, the activity service and the daemon write is an [`AuditEvent`];
+//! the egress proxy's records ([`egress::AuditRecord`]) come in through the log's
+//! [`egress::AuditSink`]. The lines are those of `docs/daemon.md`: one JSON object with
+//! `time` and `event`, keys in sorted order. Each line is handed to the kernel in one
+//! `write` on a file opened with `O_APPEND`, so lines from the proxy and from other
+//! writers of the same log never interleave.
 
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use egress::{AuditRecord, AuditSink};
 use policies::MatchedRule;
 use serde::Serialize;
 
 use crate::codes::{Code, Outcome, Reason};
-use crate::egress::AuditLog;
+
+/// Why the audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("open audit log {path}: {source}")]
+pub struct AuditError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Where audit lines go.
+#[derive(Debug)]
+pub struct AuditLog {
+    sink: Sink,
+}
+
+#[derive(Debug)]
+enum Sink {
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+    },
+    Memory {
+        records: Mutex<Vec<AuditRecord>>,
+        /// Where every line goes as well (the daemon's `audit.jsonl`).
+        parent: Option<Arc<AuditLog>>,
+    },
+}
+
+impl AuditLog {
+    /// Appends to `path`, creating it (and its directory) if needed.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let err = |source| AuditError {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        Ok(Self {
+            sink: Sink::File {
+                path: path.to_owned(),
+                file: Mutex::new(file),
+            },
+        })
+    }
+
+    /// Keeps records in memory, for embedding and tests.
+    pub fn memory() -> Self {
+        Self {
+            sink: Sink::Memory {
+                records: Mutex::new(Vec::new()),
+                parent: None,
+            },
+        }
+    }
+
+    /// Keeps one job's records in memory (for its receipt) and passes every line on to
+    /// `parent` too.
+    pub fn tee(parent: Arc<AuditLog>) -> Self {
+        Self {
+            sink: Sink::Memory {
+                records: Mutex::new(Vec::new()),
+                parent: Some(parent),
+            },
+        }
+    }
+
+    /// The records kept by [`AuditLog::memory`] (empty for a file log).
+    pub fn records(&self) -> Vec<AuditRecord> {
+        match &self.sink {
+            Sink::Memory { records, .. } => {
+                records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }
+            Sink::File { .. } => Vec::new(),
+        }
+    }
+
+    /// Writes one line. A failing audit write must not take the proxy down with it, but
+    /// it must not go unnoticed either: it is logged as an error.
+    pub fn write(&self, record: AuditRecord) {
+        match &self.sink {
+            Sink::Memory { records, parent } => {
+                if let Some(p) = parent {
+                    p.write(record.clone());
+                }
+                records
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(record);
+            }
+            Sink::File { .. } => {
+                let line = serde_json::to_vec(&record).expect("audit record serializes");
+                self.append(line);
+            }
+        }
+    }
+
+    /// Writes any other event (a verdict, a command decision) as one line. Memory logs
+    /// without a parent drop it: they keep egress records only.
+    pub fn write_event(&self, event: &serde_json::Value) {
+        match &self.sink {
+            Sink::Memory { parent, .. } => {
+                if let Some(p) = parent {
+                    p.write_event(event);
+                }
+            }
+            Sink::File { .. } => self.append(serde_json::to_vec(event).expect("JSON serializes")),
+        }
+    }
+
+    fn append(&self, mut line: Vec<u8>) {
+        let Sink::File { path, file } = &self.sink else {
+            return;
+        };
+        line.push(b'\n');
+        // One write_all of the whole line on an O_APPEND file: lines from concurrent
+        // writers never interleave.
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(&line) {
+            tracing::error!(path = %path.display(), error = %e, "cannot write audit line");
+        }
+    }
+}
+
+impl AuditSink for AuditLog {
+    fn record(&self, record: AuditRecord) {
+        self.write(record);
+    }
+}
 
 /// One event of the daemon's audit log.
 #[derive(Debug, Serialize)]
@@ -110,7 +248,7 @@ struct Line<'a> {
 impl AuditEvent<'_> {
     /// The line as it is written, `time` now.
     pub fn to_line(&self) -> serde_json::Value {
-        self.line_at(crate::egress::audit::now())
+        self.line_at(egress::audit::now())
     }
 
     fn line_at(&self, time: String) -> serde_json::Value {

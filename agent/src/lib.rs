@@ -16,7 +16,6 @@ pub mod cli;
 pub mod codes;
 pub mod confine;
 pub mod daemon;
-pub mod egress;
 pub mod market;
 pub mod net;
 pub mod receipt;
@@ -34,7 +33,6 @@ pub const LAYERS: &[&str] = &[
     "units",
     "confine",
     "store",
-    "egress",
     "receipt",
     "audit",
     "net",

@@ -28,8 +28,8 @@ use channel::Stream;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
-use crate::egress::{serve_connection, Proxy};
 use crate::vm::StreamHandler;
+use egress::{serve_connection, Proxy};
 
 /// Copy buffer per direction: a few frames of the channel at a time.
 const PUMP_BUF: usize = 32 * 1024;
@@ -293,7 +293,8 @@ mod tests {
     use policies::{Mode, Outbound, WhitelistMatcher};
 
     use super::*;
-    use crate::egress::{AddressPolicy, AuditLog, EgressPolicy, Limits};
+    use crate::audit::AuditLog;
+    use egress::{AddressPolicy, EgressPolicy, Limits};
 
     struct Rig {
         guest: Mux,

@@ -33,10 +33,10 @@ pub use bridge::EgressBridge;
 pub use job::{Job, JobStopper};
 pub use service::ActivityService;
 
-use crate::egress::{AddressPolicy, Limits};
 #[cfg(doc)]
 use crate::receipt::Receipt;
 use crate::vm::Backend;
+use egress::{AddressPolicy, Limits};
 
 /// The operator's settings for every job (the daemon's configuration).
 #[derive(Debug, Clone)]

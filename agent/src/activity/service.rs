@@ -15,8 +15,8 @@ use tokio::sync::{oneshot, watch};
 use libp2p::identity::Keypair;
 
 use super::{Job, JobConfig, JobSpec, JobStopper};
+use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
-use crate::egress::AuditLog;
 use crate::market::negotiation::{new_id, Agreement, Market};
 use crate::net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
 use crate::receipt::SignedReceipt;

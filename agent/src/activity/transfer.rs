@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio_native_tls::TlsConnector;
 use url::{Position, Url};
 
-use crate::egress::{serve_connection, Proxy};
 use crate::net::wire::{Code, Reason};
+use egress::{serve_connection, Proxy};
 
 /// A transfer this job can carry out.
 #[derive(Debug, Clone)]
@@ -378,7 +378,7 @@ mod tests {
             _ => crate::testsupport::HTTP_NOT_FOUND.to_vec(),
         })
         .port;
-        let policy = crate::egress::EgressPolicy::new(
+        let policy = egress::EgressPolicy::new(
             "transfer-test",
             &policies::Outbound::Urls {
                 protocols: vec!["http".into()],
@@ -386,10 +386,10 @@ mod tests {
             },
             policies::Mode::All,
             &policies::WhitelistMatcher::new(&[]).unwrap(),
-            crate::egress::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-            crate::egress::Limits::default(),
+            egress::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            egress::Limits::default(),
         );
-        let proxy = Proxy::new(policy, Arc::new(crate::egress::AuditLog::memory()));
+        let proxy = Proxy::new(policy, Arc::new(crate::audit::AuditLog::memory()));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

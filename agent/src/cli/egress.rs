@@ -12,8 +12,9 @@ use clap::{Args, Subcommand};
 use policies::{Mode, ReceivedManifest, WhitelistMatcher};
 
 use super::{Ctx, Outcome};
-use crate::egress::{self, AddressPolicy, AuditLog, Cidr, EgressPolicy, Limits, Proxy};
+use crate::audit::AuditLog;
 use crate::units::ByteSize;
+use egress::{AddressPolicy, Cidr, EgressPolicy, Limits, Proxy};
 
 #[derive(Debug, Subcommand)]
 pub enum EgressCmd {

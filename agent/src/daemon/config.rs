@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::egress::Cidr;
 use crate::market::constraints::Filter;
 use crate::units::{ByteSize, HumanDuration, MemSize};
 use crate::vm::Vmm;
+use egress::Cidr;
 
 /// `provider run`'s configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -18,8 +18,8 @@ use anyhow::Context as _;
 use libp2p::Multiaddr;
 
 use crate::activity::{ActivityService, JobConfig};
+use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
-use crate::egress::AuditLog;
 use crate::market::negotiation::{Market, MarketConfig};
 use crate::market::offer::{offer_properties, Resources};
 use crate::net::wire::{ActivityResponse, Code, MarketResponse, Offer, Reason};
@@ -233,9 +233,9 @@ fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
         // https transfers trust the system's anchors only until the daemon has a flag for
         // extra CAs.
         transfer_ca_files: Vec::new(),
-        addresses: crate::egress::AddressPolicy::new(c.allow_cidr.clone()),
+        addresses: egress::AddressPolicy::new(c.allow_cidr.clone()),
         max_image_bytes: c.max_image_bytes,
         image_disk_reserve: c.image_disk_reserve,
-        limits: crate::egress::Limits::default(),
+        limits: egress::Limits::default(),
     })
 }

@@ -23,8 +23,8 @@ use policies::{Judge, MatchedRule, WhitelistMatcher};
 use serde_json::Value;
 
 use super::constraints::{Filter, Properties};
+use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
-use crate::egress::AuditLog;
 use crate::net::wire::{props, Code, MarketRequest, MarketResponse, Offer, Reason};
 use crate::store::DataDir;
 

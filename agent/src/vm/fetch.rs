@@ -23,7 +23,7 @@ use std::time::Duration;
 use url::{Host, Url};
 
 use super::image::ImageError;
-use crate::egress::AddressPolicy;
+use egress::AddressPolicy;
 
 /// Redirects one image fetch may follow.
 pub const MAX_REDIRECTS: usize = 5;
@@ -55,8 +55,8 @@ impl FetchLimits {
     pub fn operator() -> Self {
         Self {
             addresses: AddressPolicy::new(vec![
-                crate::egress::Cidr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
-                crate::egress::Cidr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
+                egress::Cidr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+                egress::Cidr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
             ]),
             max_bytes: u64::MAX,
             disk_reserve: 0,

@@ -6,7 +6,7 @@
 //! - [`EgressPolicy`] is the job's allowlist, the manifest's `compManifest.net.inet.out`
 //!   intersected with the operator's mode, plus the CIDRs the operator opens and the
 //!   job's [`Limits`];
-//! - [`Proxy`] holds a policy, the job's usage and the [`AuditLog`];
+//! - [`Proxy`] holds a policy, the job's usage and the [`AuditSink`] its records go to;
 //! - [`serve_connection`] serves one client stream of any type (a TCP socket here, a
 //!   stream from a VM's host channel later), [`serve_listener`] accepts TCP clients.
 //!
@@ -16,6 +16,8 @@
 //! WebSocket where a `ws` URL allows it, request paths that cannot be decoded out of their
 //! prefix, an exact request-head limit) and the audit format are described in
 //! `docs/egress.md`.
+
+#![forbid(unsafe_code)]
 
 pub mod addr;
 pub mod audit;
@@ -29,6 +31,6 @@ pub mod sni;
 mod tests;
 
 pub use addr::{AddrDenied, AddressPolicy, Cidr, CidrError};
-pub use audit::{AuditError, AuditLog, AuditRecord};
+pub use audit::{AuditRecord, AuditSink};
 pub use policy::{Denial, DenyCode, EgressPolicy, Limits};
 pub use proxy::{serve_connection, serve_listener, EgressError, Proxy};

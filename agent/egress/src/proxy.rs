@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::audit::{now, AuditLog, AuditRecord};
+use super::audit::{now, AuditRecord, AuditSink};
 use super::body::{Counted, OnClose, ProxyBody};
 use super::io::{Metered, Usage};
 use super::policy::{Access, Denial, DenyCode, Destination, EgressPolicy, Host, Scheme};
@@ -59,7 +59,7 @@ pub enum EgressError {
 #[derive(Debug)]
 pub struct Proxy {
     policy: EgressPolicy,
-    audit: Arc<AuditLog>,
+    audit: Arc<dyn AuditSink>,
     usage: Arc<Usage>,
     tunnels: Arc<Semaphore>,
     /// Addresses this proxy listens on: never a destination.
@@ -67,7 +67,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(policy: EgressPolicy, audit: Arc<AuditLog>) -> Arc<Self> {
+    pub fn new(policy: EgressPolicy, audit: Arc<dyn AuditSink>) -> Arc<Self> {
         let limits = policy.limits();
         Arc::new(Self {
             usage: Arc::new(Usage::new(limits.max_bytes)),
@@ -113,7 +113,7 @@ impl Proxy {
     }
 
     fn audit(&self, ask: &Ask, o: Outcome<'_>) {
-        self.audit.write(AuditRecord {
+        self.audit.record(AuditRecord {
             time: now(),
             event: "egress".into(),
             job: self.policy.job().to_owned(),

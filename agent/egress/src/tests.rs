@@ -205,7 +205,23 @@ fn manifest(urls: &[String]) -> Outbound {
 struct TestProxy {
     addr: SocketAddr,
     proxy: Arc<Proxy>,
-    audit: Arc<AuditLog>,
+    audit: Arc<Records>,
+}
+
+/// The test's sink: every record, in memory.
+#[derive(Debug, Default)]
+struct Records(std::sync::Mutex<Vec<AuditRecord>>);
+
+impl AuditSink for Records {
+    fn record(&self, record: AuditRecord) {
+        self.0.lock().unwrap().push(record);
+    }
+}
+
+impl Records {
+    fn records(&self) -> Vec<AuditRecord> {
+        self.0.lock().unwrap().clone()
+    }
 }
 
 async fn start(outbound: Outbound, allow: &[&str], limits: Limits) -> TestProxy {
@@ -228,7 +244,7 @@ async fn start_on(
         AddressPolicy::new(allow.iter().map(|c| c.parse().unwrap()).collect()),
         limits,
     );
-    let audit = Arc::new(AuditLog::memory());
+    let audit = Arc::new(Records::default());
     let proxy = Proxy::new(policy, audit.clone());
     tokio::spawn(serve_listener(listener, proxy.clone()));
     TestProxy { addr, proxy, audit }
