@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::daemon::{self, DaemonConfig};
-use agent::net::wire::{props, MarketRequest, MarketResponse};
-use agent::net::{self, Keypair, Multiaddr, NetConfig};
 use agent::store::DataDir;
 use base64::Engine as _;
 use certs::testpki::{self, KeyKind, Validity};
+use net::wire::{props, MarketRequest, MarketResponse};
+use net::{Keypair, Multiaddr, NetConfig};
 use openssl::hash::MessageDigest;
 use serde_json::{json, Value};
 

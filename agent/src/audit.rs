@@ -16,7 +16,7 @@ use egress::{AuditRecord, AuditSink};
 use policies::MatchedRule;
 use serde::Serialize;
 
-use crate::codes::{Code, Outcome, Reason};
+use net::codes::{Code, Outcome, Reason};
 
 /// Why the audit log could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -13,12 +13,9 @@
 pub mod activity;
 pub mod audit;
 pub mod cli;
-pub mod codes;
 pub mod confine;
 pub mod daemon;
 pub mod market;
-pub mod net;
-pub mod receipt;
 pub mod requestor;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]
@@ -29,13 +26,10 @@ pub mod vm;
 /// The crate's modules from the leaves up: each may use only modules before it (the test
 /// helpers, `testsupport`, are exempt).
 pub const LAYERS: &[&str] = &[
-    "codes",
     "units",
     "confine",
     "store",
-    "receipt",
     "audit",
-    "net",
     "vm",
     "market",
     "activity",

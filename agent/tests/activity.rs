@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use agent::activity::{ActivityError, Job, JobConfig, JobSpec};
 use agent::audit::AuditLog;
-use agent::net::wire::{CommandResult, Outcome};
 use agent::store::DataDir;
 use agent::testsupport::{hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use agent::vm::{self, qemu::QemuOptions, Backend};
 use base64::Engine as _;
 use egress::{AddressPolicy, Limits};
+use net::wire::{CommandResult, Outcome};
 use openssl::hash::MessageDigest;
 use openssl::pkey::PKey;
 use openssl::ssl::{SslAcceptor, SslMethod};

@@ -1,4 +1,4 @@
-//! `agent::net` over real TCP + noise + yamux on 127.0.0.1: swarms in one process, one
+//! `net` over real TCP + noise + yamux on 127.0.0.1: swarms in one process, one
 //! serving, one asking; a third speaks raw bytes on the protocols to feed the server bad
 //! input.
 
@@ -6,18 +6,18 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use agent::net::wire::{
-    ActivityRequest, ActivityResponse, MarketRequest, MarketResponse, Offer, ACTIVITY_PROTOCOL,
-    MARKET_PROTOCOL, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
-};
-use agent::net::{
-    self, load_or_create_identity, Client, Inbound, InboundRequest, Keypair, NetConfig, NetError,
-};
 use futures::prelude::*;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
+use net::wire::{
+    ActivityRequest, ActivityResponse, MarketRequest, MarketResponse, Offer, ACTIVITY_PROTOCOL,
+    MARKET_PROTOCOL, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+};
+use net::{
+    self, load_or_create_identity, Client, Inbound, InboundRequest, Keypair, NetConfig, NetError,
+};
 use tokio::sync::mpsc;
 
 /// Longer than any test should take, shorter than the harness' patience: a hang shows up
@@ -81,8 +81,8 @@ fn serve(me: PeerId, mut inbound: mpsc::Receiver<Inbound>) {
                     responder.respond(MarketResponse::Offer { offer: offer(me) })
                 }
                 InboundRequest::Market(other) => responder.respond(MarketResponse::Error {
-                    reason: agent::net::wire::Reason::new(
-                        agent::net::wire::Code::Internal,
+                    reason: net::wire::Reason::new(
+                        net::wire::Code::Internal,
                         format!("unexpected: {other:?}"),
                     ),
                 }),
@@ -91,8 +91,8 @@ fn serve(me: PeerId, mut inbound: mpsc::Receiver<Inbound>) {
                         activity_id: format!("act-{agreement_id}"),
                     }),
                 InboundRequest::Activity(other) => responder.respond(ActivityResponse::Error {
-                    reason: agent::net::wire::Reason::new(
-                        agent::net::wire::Code::Internal,
+                    reason: net::wire::Reason::new(
+                        net::wire::Code::Internal,
                         format!("unexpected: {other:?}"),
                     ),
                 }),
@@ -374,10 +374,10 @@ async fn a_response_too_large_for_the_requestor_becomes_an_error() {
     let answered = tokio::spawn(async move {
         let request = inbound.recv().await.unwrap();
         let now = chrono::Utc::now();
-        let huge = agent::net::wire::CommandResult {
+        let huge = net::wire::CommandResult {
             index: 0,
             command: "run".into(),
-            outcome: agent::net::wire::Outcome::Ok,
+            outcome: net::wire::Outcome::Ok,
             exit_code: Some(0),
             stdout: "x".repeat(MAX_RESPONSE_BYTES as usize),
             stderr: String::new(),

@@ -257,8 +257,8 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn fifty_requestors_with_twenty_concurrent_demands_each_are_all_answered() {
-    use agent::net::wire::{props, MarketRequest, MarketResponse};
-    use agent::net::{self, Keypair, NetConfig};
+    use net::wire::{props, MarketRequest, MarketResponse};
+    use net::{Keypair, NetConfig};
     let s = setup();
     let cfg = s.p.write_input("config.json", r#"{"proposal_ttl": "2s"}"#);
     let d = s.p.daemon(&["--config", cfg.to_str().unwrap()]);
@@ -273,8 +273,8 @@ fn fifty_requestors_with_twenty_concurrent_demands_each_are_all_answered() {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
     .collect();
-    let addr: agent::net::Multiaddr = d.addr.parse().unwrap();
-    let provider: agent::net::PeerId = d.peer_id().parse().unwrap();
+    let addr: net::Multiaddr = d.addr.parse().unwrap();
+    let provider: net::PeerId = d.peer_id().parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

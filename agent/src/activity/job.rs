@@ -13,14 +13,14 @@ use super::capture::{sha256_hex, Capture};
 use super::{transfer, ActivityError, JobConfig, JobSpec};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent, JobEvent};
-use crate::codes::Code;
-use crate::net::wire::{CommandResult, Outcome, Reason};
-use crate::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
 use crate::store::DataDir;
 use crate::vm::fetch::FetchLimits;
 use crate::vm::image::{self, ImageStore};
 use crate::vm::{self, initramfs, MachineSpec, RunSpec, Vm};
 use egress::{EgressPolicy, Proxy};
+use net::codes::Code;
+use net::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
+use net::wire::{CommandResult, Outcome, Reason};
 
 /// How long the guest gets to power off before its VM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);

@@ -33,10 +33,10 @@ pub use bridge::EgressBridge;
 pub use job::{Job, JobStopper};
 pub use service::ActivityService;
 
-#[cfg(doc)]
-use crate::receipt::Receipt;
 use crate::vm::Backend;
 use egress::{AddressPolicy, Limits};
+#[cfg(doc)]
+use net::receipt::Receipt;
 
 /// The operator's settings for every job (the daemon's configuration).
 #[derive(Debug, Clone)]
@@ -124,8 +124,8 @@ pub enum ActivityError {
 impl ActivityError {
     /// What the requestor is told when a job cannot start: a stable code and a message
     /// without the provider's paths or socket errors (the audit log keeps the whole error).
-    pub fn public_reason(&self) -> crate::net::wire::Reason {
-        use crate::net::wire::{Code, Reason};
+    pub fn public_reason(&self) -> net::wire::Reason {
+        use net::wire::{Code, Reason};
         match self {
             ActivityError::Image(e) => Reason::new(e.code(), e.public_message()),
             ActivityError::Manifest(e) => {

@@ -18,9 +18,9 @@ use super::{Job, JobConfig, JobSpec, JobStopper};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
 use crate::market::negotiation::{new_id, Agreement, Market};
-use crate::net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
-use crate::receipt::SignedReceipt;
 use crate::store::DataDir;
+use net::receipt::SignedReceipt;
+use net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
 
 /// Longest a results request waits for news.
 const MAX_WAIT: Duration = Duration::from_secs(60);

@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio_native_tls::TlsConnector;
 use url::{Position, Url};
 
-use crate::net::wire::{Code, Reason};
 use egress::{serve_connection, Proxy};
+use net::wire::{Code, Reason};
 
 /// A transfer this job can carry out.
 #[derive(Debug, Clone)]

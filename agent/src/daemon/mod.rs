@@ -22,10 +22,10 @@ use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
 use crate::market::negotiation::{Market, MarketConfig};
 use crate::market::offer::{offer_properties, Resources};
-use crate::net::wire::{ActivityResponse, Code, MarketResponse, Offer, Reason};
-use crate::net::{self, Inbound, InboundRequest, NetConfig};
 use crate::store::DataDir;
 pub use config::DaemonConfig;
+use net::wire::{ActivityResponse, Code, MarketResponse, Offer, Reason};
+use net::{Inbound, InboundRequest, NetConfig};
 
 /// What the daemon shares with its request tasks.
 struct Shared {

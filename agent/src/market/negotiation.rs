@@ -25,8 +25,8 @@ use serde_json::Value;
 use super::constraints::{Filter, Properties};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
-use crate::net::wire::{props, Code, MarketRequest, MarketResponse, Offer, Reason};
 use crate::store::DataDir;
+use net::wire::{props, Code, MarketRequest, MarketResponse, Offer, Reason};
 
 /// Negotiation settings (from the daemon's config).
 #[derive(Debug, Clone)]

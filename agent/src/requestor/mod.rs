@@ -21,13 +21,13 @@ use serde_json::{json, Value};
 
 use crate::cli::manifest::{manifest_base64, read_chain, read_signature};
 use crate::cli::output::{self, Table};
-use crate::net::wire::{
+use crate::units::HumanDuration;
+use net::receipt::SignedReceipt;
+use net::wire::{
     props, ActivityRequest, ActivityResponse, CommandResult, MarketRequest, MarketResponse,
     Outcome as CmdOutcome,
 };
-use crate::net::{self, NetConfig};
-use crate::receipt::SignedReceipt;
-use crate::units::HumanDuration;
+use net::NetConfig;
 
 /// Requestor: get a signed payload run on a provider, with its commands gated and its
 /// egress filtered, and keep the signed receipt.

@@ -14,8 +14,8 @@ use policies::manifest::{Payload, PayloadHash, Sha3};
 use policies::{Platform, ReceivedManifest};
 
 use super::fetch::{self, FetchLimits};
-use crate::codes::Code;
 use crate::store::DataDir;
+use net::codes::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

@@ -341,7 +341,7 @@ mod tests {
     /// Every code a requestor can be told is documented, so the docs cannot fall behind.
     #[test]
     fn every_code_is_in_the_docs() {
-        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
         let text: String = ["verdicts.md", "activity.md"]
             .iter()
             .map(|f| std::fs::read_to_string(docs.join(f)).unwrap())

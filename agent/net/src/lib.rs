@@ -8,13 +8,19 @@
 //! on the application (a full inbound queue is answered `busy` at once).
 //!
 //! See `docs/network.md` for the protocols, limits and timeouts.
+//!
+//! Beside the peer: [`codes`], the stable reason codes every answer on the wire carries,
+//! and [`receipt`], the signed receipt a terminated job's answer holds.
+#![forbid(unsafe_code)]
 
 mod behaviour;
 mod client;
 mod codec;
+pub mod codes;
 mod event_loop;
 mod identity;
 mod inbound;
+pub mod receipt;
 pub mod wire;
 
 use std::path::PathBuf;
