@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use agent::images::ImageStore;
 use agent::store::DataDir;
-use agent::vm::image::ImageStore;
-use agent::vm::initramfs::{self, Header, NewcWriter};
-use agent::vm::qemu::QemuOptions;
-use agent::vm::{self, Backend, MachineSpec, RunSpec, Vm};
+use vm::initramfs::{self, Header, NewcWriter};
+use vm::qemu::QemuOptions;
+use vm::{Backend, MachineSpec, RunSpec, Vm};
 
 const ROUNDS: usize = 5;
 const THROUGHPUT_BYTES: u64 = 2 * 1024 * 1024;

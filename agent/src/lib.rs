@@ -5,32 +5,29 @@
 //! leaves; [`LAYERS`] lists the order and a test holds every module to it (see
 //! `docs/architecture.md`).
 //!
-//! `unsafe` is denied crate-wide and allowed only in the VMM (`vm::kvm`), the
-//! confinement glue (`confine`) and the QEMU child's `pre_exec` hook, where each block
-//! carries a `// SAFETY:` note.
-#![deny(unsafe_code)]
+//! No `unsafe` here: the VMM, the confinement glue and the QEMU child's `pre_exec` hook
+//! are in the `vm` crate.
+#![forbid(unsafe_code)]
 
 pub mod activity;
 pub mod audit;
 pub mod cli;
-pub mod confine;
 pub mod daemon;
+pub mod images;
 pub mod market;
 pub mod requestor;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testsupport;
 pub mod units;
-pub mod vm;
 
 /// The crate's modules from the leaves up: each may use only modules before it (the test
 /// helpers, `testsupport`, are exempt).
 pub const LAYERS: &[&str] = &[
     "units",
-    "confine",
     "store",
+    "images",
     "audit",
-    "vm",
     "market",
     "activity",
     "daemon",

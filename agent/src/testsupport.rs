@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::vm::{self, qemu::QemuOptions, Backend};
+use vm::{qemu::QemuOptions, Backend};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

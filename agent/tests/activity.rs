@@ -15,7 +15,6 @@ use agent::activity::{ActivityError, Job, JobConfig, JobSpec};
 use agent::audit::AuditLog;
 use agent::store::DataDir;
 use agent::testsupport::{hex_digest, http_server, qemu_processes_mentioning, vm_env};
-use agent::vm::{self, qemu::QemuOptions, Backend};
 use base64::Engine as _;
 use egress::{AddressPolicy, Limits};
 use net::wire::{CommandResult, Outcome};
@@ -24,6 +23,7 @@ use openssl::pkey::PKey;
 use openssl::ssl::{SslAcceptor, SslMethod};
 use openssl::x509::X509;
 use serde_json::{json, Value};
+use vm::{qemu::QemuOptions, Backend};
 
 /// A TLS server identity for 127.0.0.1 (self-signed: the client trusts it as a root).
 fn tls_identity() -> (Arc<SslAcceptor>, String) {

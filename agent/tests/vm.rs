@@ -12,8 +12,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use agent::testsupport::{self, hex_digest, http_server, qemu_processes_mentioning, vm_env};
-use agent::vm::{self, initramfs, qemu::QemuOptions, Backend, MachineSpec, RunSpec, Vm};
 use openssl::hash::MessageDigest;
+use vm::{initramfs, qemu::QemuOptions, Backend, MachineSpec, RunSpec, Vm};
 
 const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");
 

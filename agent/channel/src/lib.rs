@@ -1,5 +1,5 @@
 //! The host↔guest channel: a framed, multiplexed protocol over one byte stream (the VM's
-//! second serial port, `ttyS1`), shared by the host (`agent::vm`) and the guest agent
+//! second serial port, `ttyS1`), shared by the host (the `vm` crate) and the guest agent
 //! (`provider-guest`). The wire format is documented in `docs/guest-protocol.md`.
 //!
 //! - [`frame`]: length-prefixed frames with a kind and a stream id;

@@ -12,6 +12,13 @@
 //! connections to its proxy listener (`127.0.0.1:3128`) to the host as channel streams.
 //! Whatever happens it ends by powering the VM off. Its own messages go to the console
 //! (`ttyS0`, the job's log).
+//!
+//! `unsafe` is allowed only for the system calls that std and nix do not wrap (`klogctl` in
+//! [`klog`], the channel's `TIOCEXCL` and `prctl` in [`lockdown`], `finit_module` in
+//! [`modules`], the interface-flag ioctls in [`setup`]) and for the payload's `pre_exec`
+//! hook in [`serve`]; each block carries a `// SAFETY:` comment saying why it is sound
+//! (`clippy::undocumented_unsafe_blocks` is denied workspace-wide). With `vm`, this is the only crate with `unsafe`; every other
+//! crate is `#![forbid(unsafe_code)]`.
 
 mod boot;
 mod disk;

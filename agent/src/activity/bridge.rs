@@ -28,8 +28,8 @@ use channel::Stream;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
-use crate::vm::StreamHandler;
 use egress::{serve_connection, Proxy};
+use vm::StreamHandler;
 
 /// Copy buffer per direction: a few frames of the channel at a time.
 const PUMP_BUF: usize = 32 * 1024;

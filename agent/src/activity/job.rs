@@ -13,14 +13,14 @@ use super::capture::{sha256_hex, Capture};
 use super::{transfer, ActivityError, JobConfig, JobSpec};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent, JobEvent};
+use crate::images::fetch::FetchLimits;
+use crate::images::{self, ImageStore};
 use crate::store::DataDir;
-use crate::vm::fetch::FetchLimits;
-use crate::vm::image::{self, ImageStore};
-use crate::vm::{self, initramfs, MachineSpec, RunSpec, Vm};
 use egress::{EgressPolicy, Proxy};
 use net::codes::Code;
 use net::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
 use net::wire::{CommandResult, Outcome, Reason};
+use vm::{initramfs, MachineSpec, RunSpec, Vm};
 
 /// How long the guest gets to power off before its VM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
@@ -130,7 +130,7 @@ impl Job {
         };
         let tls = transfer::tls_connector(&config.transfer_ca_files)
             .map_err(ActivityError::TransferTls)?;
-        let payload = image::select_payload(&manifest, &policies::Platform::host())?;
+        let payload = images::select_payload(&manifest, &policies::Platform::host())?;
         let mut store = ImageStore::for_requestor(
             data,
             FetchLimits {

@@ -33,10 +33,10 @@ pub use bridge::EgressBridge;
 pub use job::{Job, JobStopper};
 pub use service::ActivityService;
 
-use crate::vm::Backend;
 use egress::{AddressPolicy, Limits};
 #[cfg(doc)]
 use net::receipt::Receipt;
+use vm::Backend;
 
 /// The operator's settings for every job (the daemon's configuration).
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub enum ActivityError {
     #[error("the manifest's compManifest.script does not compile: {0}")]
     Script(#[from] exescript::CompileError),
     #[error("the payload image: {0}")]
-    Image(#[from] crate::vm::image::ImageError),
+    Image(#[from] vm::image::ImageError),
     #[error("the job directory {path}: {source}")]
     JobDir {
         path: PathBuf,
@@ -110,9 +110,9 @@ pub enum ActivityError {
     #[error("the TLS client for https transfers: {0}")]
     TransferTls(String),
     #[error("the job's initramfs: {0}")]
-    Initramfs(#[from] crate::vm::initramfs::InitramfsError),
+    Initramfs(#[from] vm::initramfs::InitramfsError),
     #[error("the job's VM: {0}")]
-    Vm(#[from] crate::vm::VmError),
+    Vm(#[from] vm::VmError),
     #[error("the agreement expired at {0}; no more commands run")]
     Expired(DateTime<Utc>),
     #[error("the job is ending ({0}); no more batches run")]
@@ -127,15 +127,15 @@ impl ActivityError {
     pub fn public_reason(&self) -> net::wire::Reason {
         use net::wire::{Code, Reason};
         match self {
-            ActivityError::Image(e) => Reason::new(e.code(), e.public_message()),
+            ActivityError::Image(e) => Reason::new(crate::images::code(e), e.public_message()),
             ActivityError::Manifest(e) => {
                 Reason::new(policies::Code::ManifestInvalid, e.to_string())
             }
             ActivityError::Script(e) => Reason::new(policies::Code::ScriptInvalid, e.to_string()),
             ActivityError::Expired(_) => Reason::new(Code::AgreementExpired, self.to_string()),
             ActivityError::BadActivityId(_) => Reason::new(Code::JobStartFailed, self.to_string()),
-            ActivityError::Initramfs(crate::vm::initramfs::InitramfsError::Image(e)) => {
-                Reason::new(e.code(), e.public_message())
+            ActivityError::Initramfs(vm::initramfs::InitramfsError::Image(e)) => {
+                Reason::new(crate::images::code(e), e.public_message())
             }
             ActivityError::Vm(_) => Reason::new(
                 Code::JobStartFailed,

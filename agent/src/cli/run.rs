@@ -9,8 +9,8 @@ use clap::Args;
 use super::vm::vmm_parser;
 use super::{Ctx, Outcome};
 use crate::daemon::{self, DaemonConfig};
-use crate::vm::Vmm;
 use egress::Cidr;
+use vm::Vmm;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

@@ -12,10 +12,10 @@ use serde::Serialize;
 
 use super::output::{self, Table};
 use super::{Ctx, Outcome};
+use crate::images::ImageStore;
 use crate::units::{HumanDuration, MemSize};
-use crate::vm::host::HostInfo;
-use crate::vm::image::ImageStore;
-use crate::vm::{self, initramfs, Backend, MachineSpec, RunSpec, Vm, Vmm};
+use vm::host::HostInfo;
+use vm::{initramfs, Backend, MachineSpec, RunSpec, Vm, Vmm};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {

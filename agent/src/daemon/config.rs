@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use crate::market::constraints::Filter;
 use crate::units::{ByteSize, HumanDuration, MemSize};
-use crate::vm::Vmm;
 use egress::Cidr;
+use vm::Vmm;
 
 /// `provider run`'s configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -218,12 +218,12 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
 /// Every job's settings: the backend this host runs, the guest kernel and agent, and the
 /// operator's limits.
 fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
-    let (backend, why) = crate::vm::Backend::select(c.vmm, &crate::vm::HostInfo::detect())?;
+    let (backend, why) = vm::Backend::select(c.vmm, &vm::HostInfo::detect())?;
     tracing::info!("{why}");
     Ok(JobConfig {
         backend,
-        kernel: crate::vm::find_kernel(c.kernel.as_deref())?,
-        guest_agent: crate::vm::find_guest_agent(c.guest.as_deref())?,
+        kernel: vm::find_kernel(c.kernel.as_deref())?,
+        guest_agent: vm::find_guest_agent(c.guest.as_deref())?,
         mem_mib: c.mem_mib,
         cpus: c.cpus,
         boot_timeout: c.boot_timeout,

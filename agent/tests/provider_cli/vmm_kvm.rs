@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn vmm_kvm_on_a_pvm_host_fails_fast_naming_pvm() {
-    if !Path::new(agent::vm::host::PVM_MODULE_PATH).exists() {
+    if !Path::new(vm::host::PVM_MODULE_PATH).exists() {
         eprintln!(
             "skipped: {} does not exist, this host's KVM is not PVM",
-            agent::vm::host::PVM_MODULE_PATH
+            vm::host::PVM_MODULE_PATH
         );
         return;
     }

@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use agent::confine::{self, Enforcement, FsPolicy, OnViolation};
+use vm::confine::{self, Enforcement, FsPolicy, OnViolation};
 
 /// Exit code a child uses to say "the kernel has no Landlock".
 const NO_LANDLOCK: i32 = 77;

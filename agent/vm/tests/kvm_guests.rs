@@ -10,13 +10,13 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use agent::confine::{self, Enforcement, FsPolicy, OnViolation};
-use agent::vm::host::host_is_pvm;
-use agent::vm::kvm::{
+use vm::confine::{self, Enforcement, FsPolicy, OnViolation};
+use vm::host::host_is_pvm;
+use vm::kvm::{
     self, guests, ConfinedCheck, KernelImage, KvmError, ShutdownCause, VmConfig, VmExit,
 };
-use agent::vm::kvm_backend::KvmMachine;
-use agent::vm::{Machine, MachineSpec};
+use vm::kvm_backend::KvmMachine;
+use vm::{Machine, MachineSpec};
 
 /// Bound on any single read from a guest, so a broken VMM fails the test instead of
 /// hanging it.
@@ -43,11 +43,7 @@ fn config(dir: &tempfile::TempDir, program: Vec<u8>, limit: Duration) -> VmConfi
 fn start(
     program: Vec<u8>,
     limit: Duration,
-) -> (
-    agent::vm::kvm::RunningVm,
-    BufReader<UnixStream>,
-    tempfile::TempDir,
-) {
+) -> (vm::kvm::RunningVm, BufReader<UnixStream>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (host, guest) = UnixStream::pair().unwrap();
     host.set_read_timeout(Some(IO_BOUND)).unwrap();
@@ -196,7 +192,7 @@ fn linux_on_pvm_fails_fast_naming_pvm_and_qemu() {
     let cfg = VmConfig {
         mem_bytes: 256 << 20,
         kernel: KernelImage::BzImage(kernel),
-        cmdline: agent::vm::kvm::DEFAULT_CMDLINE.into(),
+        cmdline: vm::kvm::DEFAULT_CMDLINE.into(),
         ..config(&dir, Vec::new(), Duration::from_secs(30))
     };
     let started = Instant::now();

@@ -593,7 +593,7 @@ mod tests {
             &path,
             false,
             Some(initrd.path()),
-            crate::vm::kvm::DEFAULT_CMDLINE,
+            crate::kvm::DEFAULT_CMDLINE,
         )
         .unwrap();
         assert_eq!(entry, Entry::Linux64(layout::HIMEM_START + 0x200));

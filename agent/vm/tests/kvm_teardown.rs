@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use agent::confine::{FsPolicy, OnViolation};
-use agent::vm::kvm::{self, guests, KernelImage, ShutdownCause, VmConfig, VmExit};
+use vm::confine::{FsPolicy, OnViolation};
+use vm::kvm::{self, guests, KernelImage, ShutdownCause, VmConfig, VmExit};
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()

@@ -1,7 +1,7 @@
 //! How fast the own VMM turns a VM around: create → the guest's first byte on COM2 →
 //! teardown, with the real-mode `first_byte` guest (one `out` to COM2, then halt).
 //!
-//! Run with `cargo bench -p agent --bench kvm_cycle`. The whole process is pinned to one
+//! Run with `cargo bench -p vm --bench kvm_cycle`. The whole process is pinned to one
 //! CPU. Two passes of 200 VMs each:
 //! - sequential: one VM at a time, timing each phase (median and p99);
 //! - pipelined: four VMs in flight at once on that one CPU. Most of a KVM teardown is
@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::confine::{FsPolicy, OnViolation};
-use agent::vm::kvm::{self, guests, KernelImage, VmConfig, VmExit};
+use vm::confine::{FsPolicy, OnViolation};
+use vm::kvm::{self, guests, KernelImage, VmConfig, VmExit};
 
 const RUNS: usize = 200;
 const IN_FLIGHT: usize = 4;

@@ -1,14 +1,20 @@
-//! Payloads in a VM: images ([`image`]), the per-job initramfs ([`initramfs`]), the
-//! backends that run a machine ([`qemu`]; the project's own VMM plugs in beside it), host
-//! capability detection ([`host`]), and [`Vm`]: the host side of the channel to the guest
-//! agent (run commands, stream output, transfer files, power off).
+//! Payloads in a VM: rootfs images ([`image`]: the tarball reader and its guards), the
+//! per-job initramfs ([`initramfs`]), the backends that run a machine ([`qemu`] and the
+//! project's own VMM, [`kvm`]), the confinement they run under ([`confine`]: Landlock,
+//! seccomp, rlimits), host capability detection ([`host`]), and [`Vm`]: the host side of
+//! the channel to the guest agent (run commands, stream output, transfer files, power off).
 //!
 //! The seam between a backend and the rest (see `docs/vm.md`): a backend turns a
 //! [`MachineSpec`] into a running [`Machine`], which writes the guest console (`ttyS0`) to
 //! `spec.console_log` and hands over the host end of the guest's `ttyS1` as a connected
 //! [`UnixStream`]. Everything above (the channel, [`Vm`]) works on that stream alone.
+//!
+//! `unsafe` is denied crate-wide and allowed only in the own VMM (`kvm`), the confinement
+//! glue (`confine`) and the QEMU child's `pre_exec` hook, where each block carries a
+//! `// SAFETY:` note.
+#![deny(unsafe_code)]
 
-pub mod fetch;
+pub mod confine;
 pub mod host;
 pub mod image;
 pub mod initramfs;

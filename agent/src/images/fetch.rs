@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use url::{Host, Url};
 
-use super::image::ImageError;
 use egress::AddressPolicy;
+use vm::image::ImageError;
 
 /// Redirects one image fetch may follow.
 pub const MAX_REDIRECTS: usize = 5;
@@ -365,7 +365,7 @@ mod tests {
             "oci://r/x",
         ] {
             let e = requestor_url(url).unwrap_err();
-            assert_eq!(e.code(), "payload-url-refused", "{url}: {e}");
+            assert_eq!(crate::images::code(&e), "payload-url-refused", "{url}: {e}");
         }
         assert!(requestor_url("https://example.com/image.tar").is_ok());
     }
@@ -382,7 +382,11 @@ mod tests {
             format!("http://localhost:{port}/image.tar"),
         ] {
             let e = get(&spelling, &limits(&[]), 1 << 20).unwrap_err();
-            assert_eq!(e.code(), "payload-url-refused", "{spelling}: {e}");
+            assert_eq!(
+                crate::images::code(&e),
+                "payload-url-refused",
+                "{spelling}: {e}"
+            );
             assert!(!e.to_string().contains("127.0.0.1 is"), "{e}");
         }
         assert_eq!(hits.load(Ordering::SeqCst), 0, "a refused fetch connected");
@@ -413,19 +417,19 @@ mod tests {
         let open = limits(&["127.0.0.1/32"]);
         let base = format!("http://127.0.0.1:{port}");
         let e = get(&format!("{base}/to-hidden"), &open, 1 << 20).unwrap_err();
-        assert_eq!(e.code(), "payload-url-refused", "{e}");
+        assert_eq!(crate::images::code(&e), "payload-url-refused", "{e}");
         assert_eq!(hidden_hits.load(Ordering::SeqCst), 0);
         let e = get(&format!("{base}/to-file"), &open, 1 << 20).unwrap_err();
-        assert_eq!(e.code(), "payload-url-refused", "{e}");
+        assert_eq!(crate::images::code(&e), "payload-url-refused", "{e}");
         let e = get(&format!("{base}/loop"), &open, 1 << 20).unwrap_err();
-        assert_eq!(e.code(), "payload-url-refused", "{e}");
+        assert_eq!(crate::images::code(&e), "payload-url-refused", "{e}");
         assert!(e.to_string().contains("redirects"), "{e}");
         assert_eq!(
             get(&format!("{base}/hop/{MAX_REDIRECTS}"), &open, 1 << 20).unwrap(),
             b"image"
         );
         let e = get(&format!("{base}/hop/{}", MAX_REDIRECTS + 1), &open, 1 << 20).unwrap_err();
-        assert_eq!(e.code(), "payload-url-refused", "{e}");
+        assert_eq!(crate::images::code(&e), "payload-url-refused", "{e}");
     }
 
     #[test]
@@ -443,7 +447,7 @@ mod tests {
         for path in ["sized", "streamed"] {
             let url = format!("http://127.0.0.1:{port}/{path}");
             let e = get(&url, &open, 1000).unwrap_err();
-            assert_eq!(e.code(), "payload-too-large", "{path}: {e}");
+            assert_eq!(crate::images::code(&e), "payload-too-large", "{path}: {e}");
             assert_eq!(get(&url, &open, 5000).unwrap().len(), 5000);
         }
     }
@@ -460,7 +464,7 @@ mod tests {
         let (reset, _) = server("127.0.0.1", |_| Vec::new());
         let a = get(&format!("http://127.0.0.1:{closed}/x"), &open, 100).unwrap_err();
         let b = get(&format!("http://127.0.0.1:{reset}/x"), &open, 100).unwrap_err();
-        assert_eq!(a.code(), "payload-fetch-failed");
+        assert_eq!(crate::images::code(&a), "payload-fetch-failed");
         assert_eq!(
             a.to_string().replace(&closed.to_string(), "P"),
             b.to_string().replace(&reset.to_string(), "P")

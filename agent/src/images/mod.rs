@@ -1,0 +1,381 @@
+//! The image store: payload images fetched (for a requestor only `http(s)://` under
+//! [`FetchLimits`], see [`fetch`]; for the operator's own `provider vm run` also `file://`
+//! and a local path), verified against the manifest's `sha3:` hash before anything uses the
+//! bytes, and stored by hash in the data dir's `images/`. Reading a stored rootfs tarball
+//! is `vm::image`'s.
+
+pub mod fetch;
+
+use std::fs;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use net::codes::Code;
+use openssl::hash::{Hasher, MessageDigest};
+use policies::manifest::{Payload, PayloadHash, Sha3};
+use policies::{Platform, ReceivedManifest};
+use vm::image::{io_err, ImageError};
+
+use self::fetch::FetchLimits;
+use crate::store::DataDir;
+
+/// The stable code a requestor is told for `e` (docs/verdicts.md).
+pub fn code(e: &ImageError) -> Code {
+    match e {
+        ImageError::PlatformUnsupported { .. } => policies::Code::PlatformUnsupported.into(),
+        ImageError::BadHash(_) => policies::Code::ManifestInvalid.into(),
+        ImageError::HashMismatch { .. } => Code::PayloadHashMismatch,
+        ImageError::Fetch { .. } => Code::PayloadFetchFailed,
+        ImageError::UrlRefused { .. } => policies::Code::PayloadUrlRefused.into(),
+        ImageError::TooLarge { .. } => Code::PayloadTooLarge,
+        ImageError::Io { .. } | ImageError::Store => Code::PayloadStoreFailed,
+        ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => Code::PayloadImageInvalid,
+        ImageError::Several(all) => match all.first().map(code) {
+            Some(first) if all.iter().all(|e| code(e) == first) => first,
+            _ => Code::PayloadFetchFailed,
+        },
+    }
+}
+
+/// The first payload whose platform matches this host, else `platform-unsupported`.
+pub fn select_payload<'m>(
+    manifest: &'m ReceivedManifest,
+    host: &Platform,
+) -> Result<&'m Payload, ImageError> {
+    manifest.select_payload(host).ok_or_else(|| {
+        let offered: Vec<String> = manifest
+            .manifest
+            .payload
+            .iter()
+            .map(|p| {
+                let pl = p.platform.clone().unwrap_or_else(Platform::golem_default);
+                format!("{}/{}", pl.arch, pl.os)
+            })
+            .collect();
+        ImageError::PlatformUnsupported {
+            arch: host.arch.clone(),
+            os: host.os.clone(),
+            offered: offered.join(", "),
+        }
+    })
+}
+
+fn digest(alg: Sha3) -> MessageDigest {
+    match alg {
+        Sha3::Sha3_224 => MessageDigest::sha3_224(),
+        Sha3::Sha3_256 => MessageDigest::sha3_256(),
+        Sha3::Sha3_384 => MessageDigest::sha3_384(),
+        Sha3::Sha3_512 => MessageDigest::sha3_512(),
+    }
+}
+
+fn alg_name(alg: Sha3) -> &'static str {
+    match alg {
+        Sha3::Sha3_224 => "sha3-224",
+        Sha3::Sha3_256 => "sha3-256",
+        Sha3::Sha3_384 => "sha3-384",
+        Sha3::Sha3_512 => "sha3-512",
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An image in the store.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub path: PathBuf,
+    pub hash: PayloadHash,
+    /// False when the store already had it (nothing was fetched or copied).
+    pub fetched: bool,
+    pub bytes: u64,
+}
+
+/// `images/` in the data dir: `images/<sha3-N>/<hex>`, written only after verification
+/// (temp file, fsync, rename), so a file there always matches its name.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    dir: PathBuf,
+    /// Show a progress bar on stderr for downloads (hidden when stderr is not a terminal).
+    pub progress: bool,
+    /// `None`: the operator's own fetch (`provider vm run`): local paths, `file://`, any
+    /// address. `Some`: a requestor's manifest, fetched under these limits.
+    requestor: Option<FetchLimits>,
+}
+
+impl ImageStore {
+    /// The store for the operator's own commands.
+    pub fn new(data: &DataDir) -> Self {
+        Self {
+            dir: data.root().join("images"),
+            progress: true,
+            requestor: None,
+        }
+    }
+
+    /// The store for a requestor's payloads: only `http(s)`, under `limits`.
+    pub fn for_requestor(data: &DataDir, limits: FetchLimits) -> Self {
+        Self {
+            requestor: Some(limits),
+            ..Self::new(data)
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path_for(&self, hash: &PayloadHash) -> PathBuf {
+        self.dir.join(alg_name(hash.algorithm)).join(&hash.hex)
+    }
+
+    /// The payload's image: from the store when present, else from its URLs in order (the
+    /// first that yields bytes with the right hash wins; every failure is reported).
+    pub fn fetch_payload(&self, payload: &Payload) -> Result<StoredImage, ImageError> {
+        let hash = PayloadHash::parse(&payload.hash).map_err(ImageError::BadHash)?;
+        let mut errors = Vec::new();
+        for url in &payload.urls {
+            match self.fetch(url, Some(&hash)) {
+                Ok(img) => return Ok(img),
+                Err(e) => errors.push(e),
+            }
+        }
+        match errors.len() {
+            0 => Err(ImageError::Fetch {
+                url: "(none)".into(),
+                message: "the payload lists no URL".into(),
+            }),
+            1 => Err(errors.remove(0)),
+            _ => Err(ImageError::Several(errors)),
+        }
+    }
+
+    /// Fetches `source` (a URL or a local path). With `expected`, the store is consulted
+    /// first and the bytes must hash to it; without, the image is stored under its
+    /// SHA3-256.
+    pub fn fetch(
+        &self,
+        source: &str,
+        expected: Option<&PayloadHash>,
+    ) -> Result<StoredImage, ImageError> {
+        if let Some(h) = expected {
+            let path = self.path_for(h);
+            if let Ok(meta) = fs::metadata(&path) {
+                return Ok(StoredImage {
+                    path,
+                    hash: h.clone(),
+                    fetched: false,
+                    bytes: meta.len(),
+                });
+            }
+        }
+        // A requestor's source must be http(s); the operator's may also be a local file.
+        let http = match &self.requestor {
+            Some(limits) => Some((fetch::requestor_url(source)?, limits.clone())),
+            None => url::Url::parse(source)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .map(|u| (u, FetchLimits::operator())),
+        };
+        let alg = expected.map(|h| h.algorithm).unwrap_or(Sha3::Sha3_256);
+        fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".fetch-")
+            .tempfile_in(&self.dir)
+            .map_err(io_err("create a temp file in", &self.dir))?;
+        let mut sink = HashingWriter {
+            inner: io::BufWriter::new(tmp.as_file()),
+            hasher: Hasher::new(digest(alg)).map_err(|e| ImageError::Format {
+                path: self.dir.clone(),
+                message: e.to_string(),
+            })?,
+            bytes: 0,
+        };
+        match http {
+            Some((url, limits)) => {
+                let cap = limits.cap(fs4::available_space(&self.dir).ok());
+                let bar = self.progress_bar();
+                let mut progress = |len: Option<u64>, n: u64| {
+                    if let Some(b) = &bar {
+                        if n == 0 {
+                            if let Some(len) = len {
+                                b.set_length(len);
+                            }
+                        }
+                        b.inc(n);
+                    }
+                };
+                fetch::fetch(url, &limits, cap, &mut sink, &mut progress)?;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+            }
+            None => self.copy_local(source, &mut sink)?,
+        }
+        sink.inner.flush().map_err(io_err("write", tmp.path()))?;
+        let actual = hex(&sink.hasher.finish().map_err(|e| ImageError::Format {
+            path: tmp.path().to_owned(),
+            message: e.to_string(),
+        })?);
+        let bytes = sink.bytes;
+        drop(sink);
+        if let Some(h) = expected {
+            if h.hex != actual {
+                return Err(ImageError::HashMismatch {
+                    source_name: source.to_owned(),
+                    expected: h.hex.clone(),
+                    actual,
+                });
+            }
+        }
+        let hash = PayloadHash {
+            algorithm: alg,
+            hex: actual,
+        };
+        let path = self.path_for(&hash);
+        let parent = path.parent().unwrap_or(&self.dir).to_owned();
+        fs::create_dir_all(&parent).map_err(io_err("create", &parent))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err("fsync", tmp.path()))?;
+        tmp.persist(&path).map_err(|e| ImageError::Io {
+            action: "store",
+            path: path.clone(),
+            source: e.error,
+        })?;
+        Ok(StoredImage {
+            path,
+            hash,
+            fetched: true,
+            bytes,
+        })
+    }
+
+    /// The operator's own `file://` or path (http(s) went through [`fetch::fetch`]).
+    fn copy_local(&self, source: &str, sink: &mut dyn Write) -> Result<(), ImageError> {
+        let fetch_err = |message: String| ImageError::Fetch {
+            url: source.to_owned(),
+            message,
+        };
+        let local = if source.contains("://") {
+            let url = url::Url::parse(source).map_err(|e| fetch_err(e.to_string()))?;
+            match url.scheme() {
+                "file" => url
+                    .to_file_path()
+                    .map_err(|_| fetch_err("not a local file path".into()))?,
+                other => {
+                    return Err(fetch_err(format!(
+                        "unsupported scheme `{other}` (http, https and file are)"
+                    )))
+                }
+            }
+        } else {
+            PathBuf::from(source)
+        };
+        let mut f = File::open(&local).map_err(io_err("open", &local))?;
+        io::copy(&mut f, sink).map_err(io_err("read", &local))?;
+        Ok(())
+    }
+}
+
+impl ImageStore {
+    /// A download's progress on stderr (hidden when stderr is not a terminal).
+    fn progress_bar(&self) -> Option<indicatif::ProgressBar> {
+        if !self.progress {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::no_length();
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_message("fetching image");
+        Some(bar)
+    }
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]).map_err(io::Error::other)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_verifies_before_storing_and_skips_a_second_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore {
+            dir: dir.path().join("images"),
+            progress: false,
+            requestor: None,
+        };
+        let src = dir.path().join("img.tar");
+        fs::write(&src, b"some image bytes").unwrap();
+        let first = store.fetch(src.to_str().unwrap(), None).unwrap();
+        assert!(first.fetched);
+        assert_eq!(fs::read(&first.path).unwrap(), b"some image bytes");
+
+        let wrong = PayloadHash::parse(&format!("sha3:{}", "0".repeat(64))).unwrap();
+        let err = store
+            .fetch(src.to_str().unwrap(), Some(&wrong))
+            .unwrap_err();
+        assert!(matches!(err, ImageError::HashMismatch { .. }), "{err}");
+        assert!(!store.path_for(&wrong).exists());
+
+        // Same hash again, even from a URL that no longer exists: served from the store.
+        fs::remove_file(&src).unwrap();
+        let again = store
+            .fetch(&format!("file://{}", src.display()), Some(&first.hash))
+            .unwrap();
+        assert!(!again.fetched);
+        assert_eq!(again.path, first.path);
+        let leftovers: Vec<_> = fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".fetch-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn sha3_variants_follow_the_hex_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore {
+            dir: dir.path().join("images"),
+            progress: false,
+            requestor: None,
+        };
+        let src = dir.path().join("abc");
+        fs::write(&src, b"abc").unwrap();
+        // FIPS 202 test vectors for "abc".
+        for h in [
+            "sha3:e642824c3f8cf24ad09234ee7d3c766fc9a3a5168d0c94ad73b46fdf",
+            "sha3:3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532",
+            "sha3:ec01498288516fc926459f58e2c6ad8df9b473cb0fc08c2596da7cf0e49be4b298d88cea927ac7f539f1edf228376d25",
+            "sha3:b751850b1a57168a5693cd924b6b096e08f621827444f70d884f5d0240d2712e10e116e9192af3c91a7ec57647e3934057340b4cf408d5a56592f8274eec53f0",
+        ] {
+            let hash = PayloadHash::parse(h).unwrap();
+            let img = store.fetch(src.to_str().unwrap(), Some(&hash)).unwrap();
+            assert_eq!(img.hash, hash);
+        }
+    }
+}
