@@ -18,7 +18,7 @@ run() { printf '$ %s\n' "$*"; "$@"; }
 
 step "Build: provider, requestor, the static guest agent; the guest kernel; a busybox image"
 scripts/install-deps.sh
-cargo build --quiet -p agent --bins
+cargo build --quiet -p provider --bins
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=true \
   cargo build --quiet --release -p guest --target x86_64-unknown-linux-gnu --target-dir target/guest
 export PROVIDER_GUEST="$repo/target/guest/x86_64-unknown-linux-gnu/release/provider-guest"

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 if ! command -v squid >/dev/null; then
   echo "note: squid not installed (apt-get install squid); its row will be missing" >&2
 fi
-exec cargo bench -p agent --bench egress "$@"
+exec cargo bench -p provider --bench egress "$@"

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --quiet -p agent --bin provider
+cargo build --quiet -p provider --bin provider
 provider="$PWD/target/debug/provider"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -20,7 +20,7 @@
 //! figure; `EGRESS_BENCH_AUDIT=/dev/null` sends the proxy's audit lines nowhere, to see
 //! what writing them costs; `EGRESS_BENCH_THREADS` sets the proxy's `--threads` (default 1).
 //!
-//! Run with `cargo bench -p agent --bench egress` (or `scripts/egress-bench.sh`); squid is
+//! Run with `cargo bench -p provider --bench egress` (or `scripts/egress-bench.sh`); squid is
 //! skipped with a note when `squid` is not installed.
 
 use std::convert::Infallible;
@@ -608,7 +608,7 @@ fn main() {
     // `cargo bench` passes `--bench`; a plain `cargo test --benches` passes nothing and
     // should not spend a minute here.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("egress bench: run with `cargo bench -p agent --bench egress`");
+        println!("egress bench: run with `cargo bench -p provider --bench egress`");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,21 +1,21 @@
 //! Negotiation over loopback: accepted demands (signature and chain checked) per second and
-//! their round-trip latency, through a real daemon (`agent::daemon::run`) and real
+//! their round-trip latency, through a real daemon (`provider::daemon::run`) and real
 //! requestor swarms (TCP + noise + yamux).
 //!
-//! `cargo bench -p agent --bench negotiation` — prints figures; asserts nothing about
+//! `cargo bench -p provider --bench negotiation` — prints figures; asserts nothing about
 //! speed. `NEG_CLIENTS` (default 8) requestor peers each send `NEG_DEMANDS` (default 500)
 //! demands one after another.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::daemon::{self, DaemonConfig};
-use agent::store::DataDir;
 use base64::Engine as _;
 use certs::testpki::{self, KeyKind, Validity};
 use net::wire::{props, MarketRequest, MarketResponse};
 use net::{Keypair, Multiaddr, NetConfig};
 use openssl::hash::MessageDigest;
+use provider::daemon::{self, DaemonConfig};
+use provider::store::DataDir;
 use serde_json::{json, Value};
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -1,4 +1,4 @@
-//! `cargo bench -p agent --bench vm_boot`: time from `vm run` start to the first byte of a
+//! `cargo bench -p provider --bench vm_boot`: time from `vm run` start to the first byte of a
 //! command's output, by phase, beside the floor on this machine (the same kernel booting a
 //! busybox init that writes one byte to ttyS1 and powers off), rounds interleaved so load
 //! from elsewhere hits both alike; then the channel's guest→host throughput.
@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agent::images::ImageStore;
-use agent::store::DataDir;
+use provider::images::ImageStore;
+use provider::store::DataDir;
 use vm::initramfs::{self, Header, NewcWriter};
 use vm::qemu::QemuOptions;
 use vm::{Backend, MachineSpec, RunSpec, Vm};

@@ -1,9 +1,11 @@
-//! The provider agent: the operator CLI, the daemon (network, market, activities, VMs,
-//! egress proxy) and the requestor CLI.
+//! The provider (package `provider`, directory `agent/`): its state (the data dir, the
+//! audit log, the image store), the market and the jobs, the daemon that wires them to the
+//! network, the VMs and the egress proxy (the crates `net`, `vm`, `egress`), the operator
+//! CLI (`provider`), and the requestor CLI (`requestor`), its counterpart on the same wire.
 //!
 //! Modules depend on each other in one direction only, from the front ends down to the
 //! leaves; [`LAYERS`] lists the order and a test holds every module to it (see
-//! `docs/architecture.md`).
+//! `docs/architecture.md`). Between crates, Cargo holds the direction.
 //!
 //! No `unsafe` here: the VMM, the confinement glue and the QEMU child's `pre_exec` hook
 //! are in the `vm` crate.

@@ -1,4 +1,4 @@
-//! `agent::activity` end to end: a manifest becomes a job in a real VM (QEMU, TCG where
+//! `provider::activity` end to end: a manifest becomes a job in a real VM (QEMU, TCG where
 //! KVM cannot boot Linux), batches pass the ExeScript gate, the payload's traffic goes
 //! through the job's egress proxy to real sockets, and the receipt records it all.
 //!
@@ -11,10 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::activity::{ActivityError, Job, JobConfig, JobSpec};
-use agent::audit::AuditLog;
-use agent::store::DataDir;
-use agent::testsupport::{hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use base64::Engine as _;
 use egress::{AddressPolicy, Limits};
 use net::wire::{CommandResult, Outcome};
@@ -22,6 +18,10 @@ use openssl::hash::MessageDigest;
 use openssl::pkey::PKey;
 use openssl::ssl::{SslAcceptor, SslMethod};
 use openssl::x509::X509;
+use provider::activity::{ActivityError, Job, JobConfig, JobSpec};
+use provider::audit::AuditLog;
+use provider::store::DataDir;
+use provider::testsupport::{hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use serde_json::{json, Value};
 use vm::{qemu::QemuOptions, Backend};
 

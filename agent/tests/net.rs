@@ -593,21 +593,21 @@ async fn bad_input_fails_that_request_and_the_server_keeps_serving() {
     refuses_bad_input_and_keeps_serving(server_id, server_addr).await;
 }
 
-/// The same bad input against the whole daemon (`agent::daemon::run`, with its market and
+/// The same bad input against the whole daemon (`provider::daemon::run`, with its market and
 /// jobs behind the network layer): each bad request fails, the daemon answers the next.
 #[tokio::test]
 async fn the_daemon_refuses_bad_input_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let data = agent::store::DataDir::new(dir.path());
+    let data = provider::store::DataDir::new(dir.path());
     let (tx, rx) = std::sync::mpsc::channel::<Multiaddr>();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let cfg = agent::daemon::DaemonConfig {
+        let cfg = provider::daemon::DaemonConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             mdns: false,
             ..Default::default()
         };
-        let _ = rt.block_on(agent::daemon::run(data, cfg, move |a| {
+        let _ = rt.block_on(provider::daemon::run(data, cfg, move |a| {
             let _ = tx.send(a.clone());
         }));
     });
@@ -832,7 +832,7 @@ fn multicast_works() -> Result<(), String> {
 
 #[tokio::test]
 async fn mdns_discovers_a_local_peer() {
-    if agent::testsupport::rerun_in_private_netns("mdns_discovers_a_local_peer") {
+    if provider::testsupport::rerun_in_private_netns("mdns_discovers_a_local_peer") {
         return;
     }
     if let Err(why) = multicast_works() {

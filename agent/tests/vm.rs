@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use agent::testsupport::{self, hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use openssl::hash::MessageDigest;
+use provider::testsupport::{self, hex_digest, http_server, qemu_processes_mentioning, vm_env};
 use vm::{initramfs, qemu::QemuOptions, Backend, MachineSpec, RunSpec, Vm};
 
 const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");

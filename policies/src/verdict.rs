@@ -114,7 +114,7 @@ impl fmt::Display for Code {
 /// One reason for a reject or a denial: a stable code and a message a person can act on.
 ///
 /// The one reason type of the project: a verdict's reasons carry a [`Code`]; the agent's
-/// wire messages use the same type over its wider set of codes (`agent::codes::Code`),
+/// wire messages use the same type over its wider set of codes (`net::codes::Code`),
 /// which embeds these. The JSON is `{"code": "...", "message": "..."}` either way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

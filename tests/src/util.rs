@@ -25,7 +25,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} not built; run `cargo build -p agent` (or the whole `cargo test --workspace`)",
+        "{} not built; run `cargo build -p provider` (or the whole `cargo test --workspace`)",
         path.display()
     );
     path

@@ -7,11 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use agent::testsupport::{
-    hex_digest, http_server, qemu_processes_mentioning, vm_env, Upstream, VmEnv,
-};
 use certs::testpki::{self, KeyKind, Validity};
 use openssl::hash::MessageDigest;
+use provider::testsupport::{
+    hex_digest, http_server, qemu_processes_mentioning, vm_env, Upstream, VmEnv,
+};
 use serde_json::{json, Value};
 use tests::util::{write_signed, Provider, Run};
 

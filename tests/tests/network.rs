@@ -397,8 +397,9 @@ fn requestor_signs_a_manifest_the_provider_accepts() {
 
 #[test]
 fn requestor_offers_lists_a_provider_found_by_mdns() {
-    if agent::testsupport::rerun_in_private_netns("requestor_offers_lists_a_provider_found_by_mdns")
-    {
+    if provider::testsupport::rerun_in_private_netns(
+        "requestor_offers_lists_a_provider_found_by_mdns",
+    ) {
         return;
     }
     let s = setup();

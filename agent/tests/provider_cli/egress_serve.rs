@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::testsupport::{http_ok, http_responder};
+use provider::testsupport::{http_ok, http_responder};
 
 const BOUND: Duration = Duration::from_secs(20);
 
