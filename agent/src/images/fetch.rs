@@ -281,45 +281,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use super::*;
 
-    /// A server on `ip` answering every request with `respond(path)`'s raw bytes, then
-    /// closing; counts connections.
+    /// The test-support upstream on `ip`, answering with `respond(path)`'s raw bytes;
+    /// its port and a count of its connections.
     fn server(
         ip: &str,
         respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
     ) -> (u16, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind((ip, 0)).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let count = hits.clone();
-        let respond = Arc::new(respond);
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut c) = conn else { continue };
-                count.fetch_add(1, Ordering::SeqCst);
-                let respond = respond.clone();
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(c.try_clone().unwrap());
-                    let mut line = String::new();
-                    let _ = reader.read_line(&mut line);
-                    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                    }
-                    let _ = c.write_all(&respond(&path));
-                });
-            }
-        });
-        (port, hits)
+        let up = crate::testsupport::http_responder_on(ip.parse().unwrap(), respond);
+        (up.port, up.connections)
     }
 
     fn ok(body: &[u8]) -> Vec<u8> {
