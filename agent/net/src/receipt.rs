@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codes::{Outcome, Reason};
 
-/// The receipt format's version.
-pub const RECEIPT_VERSION: u32 = 1;
+/// The receipt format's version (2: the `charge` and `runtime_profile`; a version 1
+/// receipt, without them, still verifies).
+pub const RECEIPT_VERSION: u32 = 2;
 
 /// One command as the receipt records it: the verdict, the exit, and hashes of the output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +65,90 @@ pub struct Usage {
     pub commands_run: u32,
 }
 
+/// What the job owes: the usage vector measured, the preset's linear coefficients, and
+/// the amount, `coeffs[n] + Σ coeffs[i] × usage[i]` (yagna's linear model: the last
+/// coefficient is the start fee). Numbers are decimal text: the signature is over
+/// canonical JSON, which has integers only, and text keeps every digit a requestor checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charge {
+    /// The preset the job was agreed under.
+    pub preset: String,
+    pub currency: String,
+    /// The counters' names (`golem.usage.duration_sec`, `golem.usage.cpu_sec`,
+    /// `golem.usage.egress_mib`).
+    pub usage_vector: Vec<String>,
+    /// The counters' values, in `usage_vector` order (decimal text).
+    pub usage: Vec<String>,
+    /// One per counter, then the start fee (decimal text).
+    pub coeffs: Vec<String>,
+    /// The amount due, a decimal with 9 fractional digits.
+    pub amount: String,
+}
+
+/// `x` with at most `places` fractional digits, trailing zeros dropped (`0.0001`, `12`).
+pub fn decimal(x: f64, places: usize) -> String {
+    let s = format!("{x:.places$}");
+    if !s.contains('.') {
+        return s;
+    }
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
+fn number(field: &str, text: &str) -> Result<f64, ReceiptError> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| ReceiptError::BadCharge(format!("{field} `{text}` is not a decimal number")))
+}
+
+impl Charge {
+    /// `coeffs`' last element plus the dot product of the rest with `usage`, as the
+    /// decimal text receipts carry (9 fractional digits).
+    pub fn amount_of(usage: &[f64], coeffs: &[f64]) -> String {
+        let start = coeffs.last().copied().unwrap_or(0.0);
+        let sum: f64 = usage.iter().zip(coeffs).map(|(u, c)| u * c).sum();
+        format!("{:.9}", start + sum)
+    }
+
+    /// Checks the stated amount against the usage and coefficients: a receipt whose
+    /// arithmetic is wrong is refused even when its signature holds.
+    pub fn check_amount(&self) -> Result<(), ReceiptError> {
+        if self.usage.len() != self.usage_vector.len() || self.coeffs.len() != self.usage.len() + 1
+        {
+            return Err(ReceiptError::BadCharge(format!(
+                "{} counters, {} values and {} coefficients (want one value per counter and one coefficient more)",
+                self.usage_vector.len(),
+                self.usage.len(),
+                self.coeffs.len()
+            )));
+        }
+        let usage = self
+            .usage
+            .iter()
+            .map(|u| number("usage", u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let coeffs = self
+            .coeffs
+            .iter()
+            .map(|c| number("coefficient", c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let want = Self::amount_of(&usage, &coeffs);
+        if want != self.amount {
+            return Err(ReceiptError::BadCharge(format!(
+                "the amount is {} but the usage and coefficients give {want}",
+                self.amount
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The receipt body: everything the signature covers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +171,12 @@ pub struct Receipt {
     pub commands: Vec<CommandRecord>,
     pub egress: Vec<EgressRecord>,
     pub usage: Usage,
+    /// What the job owes (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<Charge>,
+    /// The runtime profile the job's VM ran under (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_profile: Option<String>,
 }
 
 /// A receipt with its signature.
@@ -110,6 +201,8 @@ pub enum ReceiptError {
     WrongProvider { claimed: String, actual: String },
     #[error("the signature does not match the receipt: it was altered or signed by another key")]
     BadSignature,
+    #[error("the receipt's charge does not add up: {0}")]
+    BadCharge(String),
     #[error("signing failed: {0}")]
     Sign(String),
 }
@@ -159,10 +252,12 @@ impl SignedReceipt {
         let signature = b64
             .decode(&self.signature)
             .map_err(|_| ReceiptError::BadSignature)?;
-        if key.verify(&canonical(&self.receipt)?, &signature) {
-            Ok(())
-        } else {
-            Err(ReceiptError::BadSignature)
+        if !key.verify(&canonical(&self.receipt)?, &signature) {
+            return Err(ReceiptError::BadSignature);
+        }
+        match &self.receipt.charge {
+            Some(c) => c.check_amount(),
+            None => Ok(()),
         }
     }
 }
@@ -204,6 +299,18 @@ mod tests {
             }],
             egress: vec![],
             usage: Usage::default(),
+            charge: Some(Charge {
+                preset: "std".into(),
+                currency: "GLM".into(),
+                usage_vector: vec![
+                    "golem.usage.duration_sec".into(),
+                    "golem.usage.cpu_sec".into(),
+                ],
+                usage: vec!["10.5".into(), "4.25".into()],
+                coeffs: vec!["0.0001".into(), "0.0005".into(), "0.01".into()],
+                amount: Charge::amount_of(&[10.5, 4.25], &[0.0001, 0.0005, 0.01]),
+            }),
+            runtime_profile: Some("default".into()),
         }
     }
 
@@ -225,5 +332,39 @@ mod tests {
             forged.verify(),
             Err(ReceiptError::WrongProvider { .. })
         ));
+
+        // The amount is covered by the signature.
+        let mut cheaper = signed.clone();
+        cheaper.receipt.charge.as_mut().unwrap().amount = "0.000000001".into();
+        assert!(matches!(cheaper.verify(), Err(ReceiptError::BadSignature)));
+        assert_eq!(
+            signed.receipt.charge.as_ref().unwrap().amount,
+            "0.013175000"
+        );
+    }
+
+    #[test]
+    fn a_signed_amount_that_does_not_add_up_is_refused() {
+        let key = Keypair::generate_ed25519();
+        let mut r = sample(&key);
+        r.charge.as_mut().unwrap().amount = "1.000000000".into();
+        let signed = SignedReceipt::sign(r, &key).unwrap();
+        let e = signed.verify().unwrap_err();
+        assert!(matches!(e, ReceiptError::BadCharge(_)), "{e}");
+    }
+
+    #[test]
+    fn a_version_1_receipt_still_verifies() {
+        let key = Keypair::generate_ed25519();
+        let mut r = sample(&key);
+        r.version = 1;
+        r.charge = None;
+        r.runtime_profile = None;
+        let text = serde_json::to_string(&SignedReceipt::sign(r, &key).unwrap()).unwrap();
+        assert!(!text.contains("charge") && !text.contains("runtime_profile"));
+        SignedReceipt::from_json(text.as_bytes())
+            .unwrap()
+            .verify()
+            .unwrap();
     }
 }

@@ -261,6 +261,11 @@ impl Job {
             .clone()
     }
 
+    /// Measures the job's usage from now on (see [`super::meter`]).
+    pub fn meter(&self) -> super::meter::Meter {
+        super::meter::Meter::new(self.vm.as_ref().and_then(|vm| vm.pid()), self.proxy.clone())
+    }
+
     /// The job's egress bridge (for watching its live connections).
     pub fn egress(&self) -> &EgressBridge {
         &self.bridge
@@ -631,6 +636,9 @@ impl Job {
                 egress_bytes: self.proxy.bytes_used(),
                 commands_run: state.commands_run,
             },
+            // Filled by the activity service, which knows the agreement's preset.
+            charge: None,
+            runtime_profile: None,
         };
         audit::record(
             &self.audit,

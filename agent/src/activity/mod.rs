@@ -21,6 +21,7 @@
 pub mod bridge;
 mod capture;
 mod job;
+pub mod meter;
 mod service;
 mod transfer;
 
@@ -31,7 +32,7 @@ use chrono::{DateTime, Utc};
 
 pub use bridge::EgressBridge;
 pub use job::{Job, JobStopper};
-pub use service::ActivityService;
+pub use service::{ActivityService, RunningJob};
 
 use egress::{AddressPolicy, Limits};
 #[cfg(doc)]

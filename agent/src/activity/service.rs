@@ -14,10 +14,12 @@ use tokio::sync::{oneshot, watch};
 
 use libp2p::identity::Keypair;
 
+use super::meter::Meter;
 use super::{Job, JobConfig, JobSpec, JobStopper};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
 use crate::market::negotiation::{new_id, Agreement, Market};
+use crate::market::pricing::Metered;
 use crate::store::DataDir;
 use net::receipt::SignedReceipt;
 use net::wire::{ActivityRequest, ActivityResponse, Code, CommandResult, Outcome, Reason};
@@ -55,6 +57,27 @@ struct Slot {
     /// Ends the job at once from here, while its thread may be inside a long command.
     stopper: JobStopper,
     batches: Mutex<HashMap<String, Arc<watch::Sender<Progress>>>>,
+    /// The job's usage so far.
+    meter: Arc<Meter>,
+    started_at: chrono::DateTime<Utc>,
+}
+
+/// A running job as the operator's status shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningJob {
+    pub activity_id: String,
+    pub agreement_id: String,
+    pub requestor_id: String,
+    pub started_at: chrono::DateTime<Utc>,
+    pub grant: crate::market::profile::Grant,
+    pub preset: String,
+    /// Usage since the VM was ready.
+    pub usage: Metered,
+    /// What it owes so far under its preset.
+    pub amount: String,
+    /// Whether a batch is running.
+    pub busy: bool,
 }
 
 impl Slot {
@@ -130,6 +153,35 @@ impl ActivityService {
     /// dropped.
     pub async fn reap_expired(&self) {
         reap_expired(&self.inner).await
+    }
+
+    /// The jobs running now (those still starting are not listed).
+    pub fn running(&self) -> Vec<RunningJob> {
+        let slots: Vec<(String, Arc<Slot>)> = self
+            .inner
+            .lock()
+            .iter()
+            .filter_map(|(id, s)| s.clone().map(|s| (id.clone(), s)))
+            .collect();
+        let mut jobs: Vec<RunningJob> = slots
+            .into_iter()
+            .map(|(id, s)| {
+                let usage = s.meter.sample();
+                RunningJob {
+                    activity_id: id,
+                    agreement_id: s.agreement.id.clone(),
+                    requestor_id: s.peer.clone(),
+                    started_at: s.started_at,
+                    grant: s.agreement.grant,
+                    preset: s.agreement.preset.name.clone(),
+                    amount: s.agreement.preset.charge(&usage).amount,
+                    usage,
+                    busy: s.running(),
+                }
+            })
+            .collect();
+        jobs.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        jobs
     }
 
     /// Terminates every job and waits for their receipts; returns how many ended.
@@ -287,7 +339,7 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
         Ok(a) => a,
         Err(reason) => return ActivityResponse::Error { reason },
     };
-    let cfg = match &shared.jobs {
+    let mut cfg = match &shared.jobs {
         Ok(c) => c.clone(),
         Err(why) => {
             return error(
@@ -296,6 +348,12 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
             )
         }
     };
+    // The VM is the agreement's share of the hardware profile, a hard limit.
+    cfg.mem_mib = agreement.grant.mem_mib();
+    cfg.cpus = agreement.grant.cpu_threads;
+    if let Err(reason) = shared.market.hold_capacity(&agreement, Utc::now()) {
+        return ActivityResponse::Error { reason };
+    }
     let activity_id = new_id();
     {
         let mut slots = shared.lock();
@@ -320,7 +378,7 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
         }
         slots.insert(activity_id.clone(), None);
     }
-    let (ready_tx, ready_rx) = oneshot::channel::<Result<JobStopper, Reason>>();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<(JobStopper, Arc<Meter>), Reason>>();
     let (tx, rx) = std::sync::mpsc::channel();
     let spec = JobSpec {
         activity_id: activity_id.clone(),
@@ -337,17 +395,19 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
     };
     let thread = {
         let shared = shared.clone();
+        let agreement = agreement.clone();
         let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("job-{}", &activity_id[..8]))
-            .spawn(move || job_thread(shared, spec, cfg, rt, ready_tx, rx))
+            .spawn(move || job_thread(shared, spec, agreement, cfg, rt, ready_tx, rx))
     };
     if let Err(e) = thread {
         shared.lock().remove(&activity_id);
+        shared.market.release_capacity(&agreement.id);
         return error(Code::Internal, format!("cannot start a job thread: {e}"));
     }
     match ready_rx.await {
-        Ok(Ok(stopper)) => {
+        Ok(Ok((stopper, meter))) => {
             shared.lock().insert(
                 activity_id.clone(),
                 Some(Arc::new(Slot {
@@ -356,16 +416,20 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
                     tx,
                     stopper,
                     batches: Mutex::new(HashMap::new()),
+                    meter,
+                    started_at: Utc::now(),
                 })),
             );
             ActivityResponse::Created { activity_id }
         }
         Ok(Err(reason)) => {
             shared.lock().remove(&activity_id);
+            shared.market.release_capacity(&agreement.id);
             ActivityResponse::Error { reason }
         }
         Err(_) => {
             shared.lock().remove(&activity_id);
+            shared.market.release_capacity(&agreement.id);
             error(
                 Code::JobStartFailed,
                 "the job thread ended before the VM was ready",
@@ -378,9 +442,10 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
 fn job_thread(
     shared: Arc<Inner>,
     spec: JobSpec,
+    agreement: Arc<Agreement>,
     cfg: JobConfig,
     rt: tokio::runtime::Handle,
-    ready: oneshot::Sender<Result<JobStopper, Reason>>,
+    ready: oneshot::Sender<Result<(JobStopper, Arc<Meter>), Reason>>,
     rx: std::sync::mpsc::Receiver<JobCmd>,
 ) {
     let activity_id = spec.activity_id.clone();
@@ -411,9 +476,17 @@ fn job_thread(
             agreement_id: &agreement_id,
         },
     );
-    if ready.send(Ok(job.stopper())).is_err() {
+    // Metering starts with the guest agent ready: the boot is not the requestor's.
+    let meter = Arc::new(job.meter());
+    if ready.send(Ok((job.stopper(), meter.clone()))).is_err() {
         // The requestor's request went away while the VM booted: nobody holds this job.
-        let _ = finish(&shared, job, "the create request was abandoned");
+        let _ = finish(
+            &shared,
+            job,
+            &agreement,
+            &meter,
+            "the create request was abandoned",
+        );
         return;
     }
     let mut why = "the provider dropped the job".to_string();
@@ -453,7 +526,7 @@ fn job_thread(
             }
         }
     }
-    let receipt = finish(&shared, job, &why);
+    let receipt = finish(&shared, job, &agreement, &meter, &why);
     if let Some(reply) = reply {
         let _ = reply.send(receipt);
     }
@@ -489,9 +562,25 @@ fn fill_failed(results: &mut Vec<CommandResult>, len: usize, error: &str) {
     }
 }
 
-/// Tears the job down, signs and stores its receipt.
-fn finish(shared: &Inner, job: Job, why: &str) -> Result<SignedReceipt, String> {
-    let receipt = job.terminate(why);
+/// Tears the job down, signs and stores its receipt, with the usage and the amount due.
+fn finish(
+    shared: &Inner,
+    job: Job,
+    agreement: &Agreement,
+    meter: &Meter,
+    why: &str,
+) -> Result<SignedReceipt, String> {
+    // Before the teardown, while the VMM process can still be read.
+    let usage = meter.sample();
+    let mut receipt = job.terminate(why);
+    receipt.charge = Some(agreement.preset.charge(&usage));
+    receipt.runtime_profile = Some(
+        agreement
+            .preset
+            .runtime_profile
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    );
     let activity_id = receipt.activity_id.clone();
     shared.market.end_agreement(&receipt.agreement_id);
     let signed = SignedReceipt::sign(receipt, &shared.identity).map_err(|e| e.to_string())?;

@@ -34,9 +34,12 @@ pub struct RunArgs {
     /// The static guest agent.
     #[arg(long, value_name = "PATH")]
     guest: Option<PathBuf>,
-    /// Jobs running at once.
+    /// Jobs running at once (overrides the hardware profile's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_jobs: Option<u64>,
+    /// The preset the offer publishes (`provider preset list`).
+    #[arg(long, value_name = "NAME")]
+    preset: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
@@ -54,7 +57,10 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     cfg.kernel = args.kernel.or(cfg.kernel);
     cfg.guest = args.guest.or(cfg.guest);
     if let Some(n) = args.max_jobs {
-        cfg.max_jobs = n as usize;
+        cfg.max_jobs = Some(n as usize);
+    }
+    if let Some(p) = args.preset {
+        cfg.preset = Some(p);
     }
     let json = ctx.json;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -23,11 +23,17 @@ pub struct ConfigFile {
     pub vmm: Option<Vmm>,
     pub kernel: Option<PathBuf>,
     pub guest: Option<PathBuf>,
-    /// Memory of one job's VM, e.g. `512M`.
+    /// Memory of one job's VM when its demand asks for none (the least a job gets), e.g.
+    /// `512M`.
     pub mem: Option<MemSize>,
     pub cpus: Option<u32>,
-    /// Jobs running at once.
+    /// Disk of one job when its demand asks for none, e.g. `1G`.
+    pub storage: Option<ByteSize>,
+    /// Jobs running at once (overrides the hardware profile's `max_jobs`).
     pub max_jobs: Option<usize>,
+    /// The preset the offer publishes (`provider preset list`); default: `default` if the
+    /// operator made one, else the built-in `free`.
+    pub preset: Option<String>,
     /// CIDRs the egress proxy may connect to although they are private or loopback.
     pub allow_cidr: Option<Vec<String>>,
     pub command_timeout: Option<HumanDuration>,
@@ -58,7 +64,11 @@ pub struct DaemonConfig {
     pub guest: Option<PathBuf>,
     pub mem_mib: u32,
     pub cpus: u32,
-    pub max_jobs: usize,
+    /// A job's disk when its demand asks for none, GiB.
+    pub storage_gib: f64,
+    /// Overrides the hardware profile's `max_jobs` when set.
+    pub max_jobs: Option<usize>,
+    pub preset: Option<String>,
     pub allow_cidr: Vec<Cidr>,
     pub command_timeout: Duration,
     pub boot_timeout: Duration,
@@ -84,7 +94,9 @@ impl Default for DaemonConfig {
             guest: None,
             mem_mib: 512,
             cpus: 1,
-            max_jobs: 2,
+            storage_gib: 1.0,
+            max_jobs: None,
+            preset: None,
             allow_cidr: Vec::new(),
             command_timeout: Duration::from_secs(300),
             boot_timeout: Duration::from_secs(120),
@@ -138,7 +150,16 @@ impl DaemonConfig {
             if v == 0 {
                 return Err(at("max_jobs", "must be at least 1".into()));
             }
-            cfg.max_jobs = v;
+            cfg.max_jobs = Some(v);
+        }
+        if let Some(v) = file.storage {
+            if v.bytes() == 0 {
+                return Err(at("storage", "must be more than 0".into()));
+            }
+            cfg.storage_gib = v.bytes() as f64 / (1u64 << 30) as f64;
+        }
+        if let Some(v) = file.preset {
+            cfg.preset = Some(v);
         }
         if let Some(v) = file.allow_cidr {
             cfg.allow_cidr = v
@@ -205,7 +226,7 @@ mod tests {
         let c = DaemonConfig::from_file(Some(&p)).unwrap();
         assert_eq!(c.listen, ["/ip4/127.0.0.1/tcp/0"]);
         assert!(!c.mdns);
-        assert_eq!((c.mem_mib, c.max_jobs), (256, 3));
+        assert_eq!((c.mem_mib, c.max_jobs), (256, Some(3)));
         assert_eq!(c.command_timeout, Duration::from_secs(30));
         assert_eq!(c.max_output_bytes, 64 * 1024);
         assert_eq!(c.allow_cidr.len(), 1);

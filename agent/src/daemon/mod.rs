@@ -11,6 +11,7 @@
 //! `<data-dir>/receipts/`, also when the agreement expires or the daemon is stopped.
 
 pub mod config;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -21,7 +22,9 @@ use crate::activity::{ActivityService, JobConfig};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
 use crate::market::negotiation::{Market, MarketConfig};
-use crate::market::offer::{offer_properties, Resources};
+use crate::market::offer::offer_properties;
+use crate::market::pricing::Presets;
+use crate::market::profile::{Grant, HardwareProfile, HostCapacity};
 use crate::store::DataDir;
 pub use config::DaemonConfig;
 use net::wire::{ActivityResponse, Code, MarketResponse, Offer, Reason};
@@ -63,6 +66,7 @@ pub async fn run(
         .context("the operator's rules, whitelist or keystore do not load")?;
     std::fs::create_dir_all(data.root())
         .with_context(|| format!("create the data dir {}", data.root().display()))?;
+    let (profile, preset, job_floor) = sizing(&data, &cfg)?;
     let identity = net::load_or_create_identity(&data.root().join("identity.key"))?;
     let provider_id = identity.public().to_peer_id().to_string();
     let audit = Arc::new(
@@ -74,18 +78,21 @@ pub async fn run(
         format!("{e:#}")
     });
 
-    let resources = Resources {
-        mem_gib: f64::from(cfg.mem_mib) / 1024.0,
-        storage_gib: 10.0,
-        cpu_threads: cfg.cpus,
-    };
     let offer = Offer {
         provider_id: provider_id.clone(),
-        properties: offer_properties(&resources, &provider_id)
+        properties: offer_properties(&profile, &preset, &provider_id)
             .into_iter()
             .collect(),
         constraints: cfg.constraints_text.clone(),
     };
+    tracing::info!(
+        cpu_threads = profile.cpu_threads,
+        mem_gib = profile.mem_gib,
+        storage_gib = profile.storage_gib,
+        max_jobs = profile.max_jobs,
+        preset = %preset.name,
+        "offering"
+    );
     let market = Arc::new(Market::new(
         data.clone(),
         offer,
@@ -94,6 +101,9 @@ pub async fn run(
             agreement_ttl: cfg.agreement_ttl,
             demand_filter: cfg.constraints.clone(),
             max_proposals_per_peer: cfg.max_proposals_per_peer,
+            profile: profile.clone(),
+            job_floor,
+            preset,
             ..MarketConfig::default()
         },
         audit.clone(),
@@ -119,12 +129,14 @@ pub async fn run(
     // An unspecified address (0.0.0.0) listens on every interface: announce each, since a
     // requestor on another machine needs the LAN one, not loopback.
     let mut announced = std::collections::BTreeSet::new();
+    let mut listening = Vec::new();
     for addr in client.listen_addrs().await? {
         let full = addr
             .with_p2p(identity.public().to_peer_id())
             .unwrap_or_else(|a| a);
         if announced.insert(full.to_string()) {
             announce(&full);
+            listening.push(full.to_string());
         }
     }
     audit::record(
@@ -135,9 +147,10 @@ pub async fn run(
         },
     );
 
+    let data_for_status = data.clone();
     let activities = ActivityService::new(
         jobs,
-        cfg.max_jobs,
+        profile.max_jobs,
         market.clone(),
         identity,
         data,
@@ -151,6 +164,34 @@ pub async fn run(
         ),
     });
     let reaper = tokio::spawn(async move { activities.reap_expired().await });
+    let status = {
+        let shared = shared.clone();
+        let data = data_for_status.clone();
+        let started_at = chrono::Utc::now();
+        let peer_id = provider_id.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(status::INTERVAL);
+            loop {
+                tick.tick().await;
+                let now = chrono::Utc::now();
+                let s = status::Status {
+                    pid: std::process::id(),
+                    peer_id: peer_id.clone(),
+                    listen: listening.clone(),
+                    started_at,
+                    updated_at: now,
+                    profile: profile.clone(),
+                    in_use: shared.market.ledger().in_use(now).into(),
+                    offer: shared.market.offer().clone(),
+                    jobs: shared.activities.running(),
+                    metrics: None,
+                };
+                let data = data.clone();
+                // Sampling reads /proc and the write fsyncs: off the event loop.
+                let _ = tokio::task::spawn_blocking(move || s.write(&data)).await;
+            }
+        })
+    };
 
     loop {
         tokio::select! {
@@ -175,6 +216,9 @@ pub async fn run(
         }
     }
     reaper.abort();
+    status.abort();
+    let _ = status.await;
+    let _ = std::fs::remove_file(status::path(&data_for_status));
     let ended = shared
         .activities
         .terminate_all("the provider was shut down")
@@ -213,6 +257,43 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
             let _ = request.responder.respond(response);
         }
     }
+}
+
+/// What the daemon sells: the hardware profile (the data dir's, else the host's default),
+/// checked against the host; the offered preset; the least a job gets. Every problem is
+/// an error before anything is started.
+fn sizing(
+    data: &DataDir,
+    cfg: &DaemonConfig,
+) -> anyhow::Result<(HardwareProfile, crate::market::pricing::Preset, Grant)> {
+    let host = HostCapacity::detect(data.root())?;
+    let mut profile = match HardwareProfile::load(data)? {
+        Some(p) => p,
+        None => HardwareProfile::default_for(&host, cfg.max_jobs.unwrap_or(2)),
+    };
+    if let Some(n) = cfg.max_jobs {
+        profile.max_jobs = n;
+    }
+    profile.check_host(&host).with_context(|| {
+        format!(
+            "the hardware profile ({}) sells more than this host has; change it with `provider profile set`",
+            HardwareProfile::path(data).display()
+        )
+    })?;
+    let floor = Grant {
+        cpu_threads: cfg.cpus,
+        mem_gib: f64::from(cfg.mem_mib) / 1024.0,
+        storage_gib: cfg.storage_gib,
+    };
+    if !profile.holds(&floor) {
+        anyhow::bail!(
+            "one job's size (cpus {}, mem {} MiB, storage {} GiB) is more than the hardware profile sells ({} threads, {} GiB, {} GiB); lower `cpus`/`mem`/`storage` or raise the profile",
+            floor.cpu_threads, cfg.mem_mib, floor.storage_gib,
+            profile.cpu_threads, profile.mem_gib, profile.storage_gib
+        );
+    }
+    let preset = Presets::load(data)?.offered(cfg.preset.as_deref())?;
+    Ok((profile, preset, floor))
 }
 
 /// Every job's settings: the backend this host runs, the guest kernel and agent, and the

@@ -5,3 +5,5 @@
 pub mod constraints;
 pub mod negotiation;
 pub mod offer;
+pub mod pricing;
+pub mod profile;

@@ -11,6 +11,13 @@
 //! size and modification time), so `provider rule …`, `whitelist …` and `keystore …` take
 //! effect on the next demand without a restart. If they cannot be read, demands are
 //! rejected (`provider-misconfigured`) rather than judged by stale or partial rules.
+//!
+//! Capacity: an accepted demand's [`Grant`] (what its constraints ask of CPU, memory and
+//! disk, at least the per-job size) must fit the hardware profile at all
+//! (`constraints-unmet` if not) and beside the grants already agreed (`busy` if not).
+//! `agree` reserves it in the [`Ledger`] for `proposal_ttl`; creating the activity holds
+//! it until the agreement ends. Checks and reservations take one lock, so concurrent
+//! demands never sell the same share twice.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,6 +30,8 @@ use policies::{Judge, MatchedRule, WhitelistMatcher};
 use serde_json::Value;
 
 use super::constraints::{Filter, Properties};
+use super::pricing::Preset;
+use super::profile::{Grant, HardwareProfile, Ledger};
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
 use crate::store::DataDir;
@@ -43,6 +52,12 @@ pub struct MarketConfig {
     pub max_agreements: usize,
     /// The provider's constraints over a demand's properties.
     pub demand_filter: Option<Filter>,
+    /// What the provider sells in all (the offer advertises it).
+    pub profile: HardwareProfile,
+    /// The smallest job: what a demand that asks for nothing gets.
+    pub job_floor: Grant,
+    /// The price list the offer publishes and jobs are charged by.
+    pub preset: Preset,
 }
 
 impl Default for MarketConfig {
@@ -54,6 +69,18 @@ impl Default for MarketConfig {
             max_proposals_per_peer: 100,
             max_agreements: 1_000,
             demand_filter: None,
+            profile: HardwareProfile {
+                cpu_threads: 64,
+                mem_gib: 1024.0,
+                storage_gib: 10240.0,
+                max_jobs: 1_000,
+            },
+            job_floor: Grant {
+                cpu_threads: 1,
+                mem_gib: 0.5,
+                storage_gib: 1.0,
+            },
+            preset: Preset::builtin(),
         }
     }
 }
@@ -71,6 +98,10 @@ pub struct Agreement {
     pub whitelist: WhitelistMatcher,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The job's share of the hardware profile: its VM's vCPUs, memory and disk.
+    pub grant: Grant,
+    /// The price list the job is charged by.
+    pub preset: Preset,
 }
 
 struct Pending {
@@ -97,6 +128,7 @@ pub struct Market {
     loaded: Mutex<Option<Loaded>>,
     proposals: Mutex<HashMap<String, Pending>>,
     agreements: Mutex<HashMap<String, Arc<Agreement>>>,
+    ledger: Ledger,
     audit: Arc<AuditLog>,
 }
 
@@ -132,6 +164,7 @@ impl Market {
             data,
             offer,
             offer_props,
+            ledger: Ledger::new(cfg.profile.clone()),
             cfg,
             loaded: Mutex::new(None),
             proposals: Mutex::new(HashMap::new()),
@@ -142,6 +175,33 @@ impl Market {
 
     pub fn offer(&self) -> &Offer {
         &self.offer
+    }
+
+    /// The grants of live agreements, against the profile.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The activity of agreement `id` starts: its reservation is held until the agreement
+    /// expires. A reservation that lapsed (the activity came late) is taken anew, and
+    /// refused (`busy`) when the share went to another agreement meanwhile.
+    pub fn hold_capacity(&self, agreement: &Agreement, now: DateTime<Utc>) -> Result<(), Reason> {
+        if self.ledger.extend(&agreement.id, agreement.expires_at, now) {
+            return Ok(());
+        }
+        self.ledger
+            .reserve(&agreement.id, agreement.grant, agreement.expires_at, now)
+            .map_err(|why| {
+                Reason::new(
+                    Code::Busy,
+                    format!("this agreement's reservation lapsed and its share is taken: {why}; try again later"),
+                )
+            })
+    }
+
+    /// The activity of agreement `id` could not start: its share is free for others.
+    pub fn release_capacity(&self, id: &str) {
+        self.ledger.release(id);
     }
 
     /// The judge over the operator's current files, rebuilt when they changed.
@@ -187,10 +247,12 @@ impl Market {
         now: DateTime<Utc>,
     ) -> MarketResponse {
         let mut reasons = Vec::new();
+        let mut wanted: Option<Filter> = None;
         // The requestor's constraints over our offer.
         if !constraints.trim().is_empty() {
             match Filter::parse(constraints) {
                 Ok(f) => {
+                    let f = wanted.insert(f);
                     let unmet = f.unmet(&self.offer_props);
                     if !unmet.is_empty() {
                         reasons.push(Reason::new(
@@ -303,7 +365,30 @@ impl Market {
 
         let response = match (reasons.is_empty(), matched, manifest) {
             (true, Some((rule, whitelist, expiry)), Some(manifest)) => {
-                self.propose(peer, manifest, rule, whitelist, expiry, now)
+                let grant = Grant::for_demand(wanted.as_ref(), self.cfg.job_floor);
+                if !self.cfg.profile.holds(&grant) {
+                    MarketResponse::Rejected {
+                        reasons: vec![Reason::new(
+                            policies::Code::ConstraintsUnmet,
+                            format!(
+                                "the demand asks for {} CPU threads, {} GiB memory and {} GiB storage; this provider sells {} threads, {} GiB and {} GiB in all",
+                                grant.cpu_threads, grant.mem_gib, grant.storage_gib,
+                                self.cfg.profile.cpu_threads, self.cfg.profile.mem_gib, self.cfg.profile.storage_gib
+                            ),
+                        )],
+                    }
+                } else if let Some(why) = self.ledger.check(&grant, now) {
+                    MarketResponse::Rejected {
+                        reasons: vec![Reason::new(
+                            Code::Busy,
+                            format!(
+                                "this provider cannot take the job now: {why}; try again later"
+                            ),
+                        )],
+                    }
+                } else {
+                    self.propose(peer, manifest, rule, whitelist, expiry, grant, now)
+                }
             }
             (true, _, _) => MarketResponse::Rejected {
                 reasons: vec![Reason::new(
@@ -324,6 +409,7 @@ impl Market {
         rule: Option<MatchedRule>,
         whitelist: WhitelistMatcher,
         manifest_expiry: DateTime<Utc>,
+        grant: Grant,
         now: DateTime<Utc>,
     ) -> MarketResponse {
         let ttl = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
@@ -381,6 +467,8 @@ impl Market {
                     whitelist,
                     created_at: now,
                     expires_at,
+                    grant,
+                    preset: self.cfg.preset.clone(),
                 },
                 proposal_expires,
             },
@@ -440,6 +528,19 @@ impl Market {
                 ),
             );
         }
+        // The share is the agreement's for `proposal_ttl`, time to create its activity.
+        let hold = (now
+            + chrono::Duration::from_std(self.cfg.proposal_ttl).unwrap_or(chrono::Duration::MAX))
+        .min(agreement.expires_at);
+        if let Err(why) = self
+            .ledger
+            .reserve(&agreement.id, agreement.grant, hold, now)
+        {
+            return error(
+                Code::Busy,
+                format!("this provider cannot take the job now: {why}; try again later"),
+            );
+        }
         let response = MarketResponse::Agreement {
             agreement_id: agreement.id.clone(),
             expires_at: agreement.expires_at,
@@ -483,6 +584,7 @@ impl Market {
 
     /// Forgets an agreement (its activity ended).
     pub fn end_agreement(&self, id: &str) {
+        self.ledger.release(id);
         self.agreements
             .lock()
             .unwrap_or_else(|p| p.into_inner())

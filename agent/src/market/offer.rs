@@ -1,61 +1,37 @@
 //! The provider's offer: the properties a requestor's constraints are evaluated against.
 //!
-//! Property names follow Golem's (`golem.inf.*`, `golem.runtime.*`, `golem.srv.*`) so
-//! demands written for yagna providers select this one too.
+//! Property names follow Golem's (`golem.inf.*`, `golem.runtime.*`, `golem.srv.*`,
+//! `golem.com.*`) so demands written for yagna providers select this one too. The
+//! resources are the hardware profile's — the whole of what is sold, not one job's share
+//! (see [`super::profile`]) — and the pricing is the offered preset's (see
+//! [`super::pricing`]).
 
 use serde_json::{json, Value};
 
 use super::constraints::Properties;
+use super::pricing::Preset;
+use super::profile::{HardwareProfile, CPU_THREADS, MEM_GIB, STORAGE_GIB};
 
-/// What this provider sells to one job at most.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resources {
-    pub mem_gib: f64,
-    pub storage_gib: f64,
-    pub cpu_threads: u32,
-}
-
-impl Resources {
-    /// The host's memory (from `/proc/meminfo`) and CPU count; storage as given.
-    pub fn of_host(storage_gib: f64) -> std::io::Result<Self> {
-        let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-        let mem_kib = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .ok_or_else(|| std::io::Error::other("/proc/meminfo has no MemTotal line"))?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        Ok(Self {
-            mem_gib: mem_kib as f64 / (1024.0 * 1024.0),
-            storage_gib,
-            cpu_threads: threads,
-        })
-    }
-}
-
-/// The offer's properties for `resources` on this host's platform.
-pub fn offer_properties(resources: &Resources, node_name: &str) -> Properties {
+/// The offer's properties for `profile` and `preset` on this host's platform.
+pub fn offer_properties(profile: &HardwareProfile, preset: &Preset, node_name: &str) -> Properties {
     let props = json!({
         "golem.node.id.name": node_name,
-        "golem.inf.mem.gib": resources.mem_gib,
-        "golem.inf.storage.gib": resources.storage_gib,
-        "golem.inf.cpu.threads": resources.cpu_threads,
+        MEM_GIB: profile.mem_gib,
+        STORAGE_GIB: profile.storage_gib,
+        CPU_THREADS: profile.cpu_threads,
         "golem.inf.cpu.architecture": std::env::consts::ARCH,
         "golem.runtime.name": "vm",
         "golem.runtime.capabilities": ["manifest-support"],
         "golem.srv.caps.payload-manifest": true,
         "golem.srv.comp.platform.os": std::env::consts::OS,
+        "golem.srv.caps.max-jobs": profile.max_jobs,
     });
-    match props {
+    let mut out: Properties = match props {
         Value::Object(map) => map.into_iter().collect(),
         _ => unreachable!("json! of an object literal is an object"),
-    }
+    };
+    out.extend(preset.offer_properties());
+    out
 }
 
 #[cfg(test)]
@@ -64,16 +40,25 @@ mod tests {
     use crate::market::constraints::Filter;
 
     #[test]
-    fn a_typical_golem_demand_selects_this_offer() {
-        let res = Resources::of_host(10.0).unwrap();
-        assert!(res.mem_gib > 0.1 && res.cpu_threads >= 1, "{res:?}");
-        let props = offer_properties(&res, "test-provider");
+    fn the_offer_advertises_the_profile_and_a_typical_golem_demand_selects_it() {
+        let profile = HardwareProfile {
+            cpu_threads: 2,
+            mem_gib: 3.5,
+            storage_gib: 20.0,
+            max_jobs: 2,
+        };
+        let props = offer_properties(&profile, &Preset::builtin(), "test-provider");
+        assert_eq!(props[MEM_GIB], json!(3.5));
+        assert_eq!(props[CPU_THREADS], json!(2));
+        assert_eq!(props[STORAGE_GIB], json!(20.0));
+        assert_eq!(props["golem.com.pricing.model"], json!("linear"));
         let demand = format!(
             "(&(golem.inf.mem.gib>=0.1)(golem.runtime.name=vm)(golem.srv.caps.payload-manifest=true)(golem.inf.cpu.architecture={}))",
             std::env::consts::ARCH
         );
         assert!(Filter::parse(&demand).unwrap().matches(&props));
-        let too_big = format!("(golem.inf.mem.gib>={})", res.mem_gib * 2.0);
-        assert!(!Filter::parse(&too_big).unwrap().matches(&props));
+        assert!(!Filter::parse("(golem.inf.mem.gib>=7)")
+            .unwrap()
+            .matches(&props));
     }
 }
