@@ -3,13 +3,18 @@
 //! Exit codes: 0 success (or an accepted manifest), 1 a rejected manifest, 2 bad input, a
 //! usage error or an I/O error. Every error is one line on stderr.
 
+mod audit;
 pub(crate) mod egress;
 mod keystore;
 pub(crate) mod manifest;
 pub(crate) mod output;
+mod preset;
+mod profile;
 mod rule;
 mod run;
 mod script;
+mod selftest;
+mod status;
 pub mod vm;
 mod whitelist;
 
@@ -59,6 +64,21 @@ pub enum Command {
     Vm(vm::VmCmd),
     /// Run the provider daemon: join the network, negotiate, run jobs.
     Run(run::RunArgs),
+    /// The hardware profile: how much of this machine is sold.
+    #[command(subcommand)]
+    Profile(profile::ProfileCmd),
+    /// Price lists (yagna's linear model) the offer publishes.
+    #[command(subcommand)]
+    Preset(preset::PresetCmd),
+    /// What the running daemon is doing: peer id, addresses, offer, running jobs.
+    Status,
+    /// Running and finished jobs, from the data dir.
+    #[command(subcommand)]
+    Jobs(status::JobsCmd),
+    /// The audit log, filtered.
+    Audit(audit::AuditArgs),
+    /// Check that this host can run the daemon and its jobs; say how to fix what is missing.
+    SelfTest(selftest::SelfTestArgs),
 }
 
 /// Outcome of a command that ran to the end.
@@ -108,6 +128,12 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Egress(cmd) => egress::run(&ctx, cmd),
         Command::Vm(cmd) => vm::run(&ctx, cmd),
         Command::Run(args) => run::run(&ctx, args),
+        Command::Profile(cmd) => profile::run(&ctx, cmd),
+        Command::Preset(cmd) => preset::run(&ctx, cmd),
+        Command::Status => status::status(&ctx),
+        Command::Jobs(cmd) => status::jobs(&ctx, cmd),
+        Command::Audit(args) => audit::run(&ctx, args),
+        Command::SelfTest(args) => selftest::run(&ctx, args),
     }
 }
 
