@@ -33,16 +33,16 @@ pub enum PresetCmd {
 #[derive(Debug, Args)]
 pub struct Prices {
     /// Per hour of a job's wall time (from its VM being ready to its end).
-    #[arg(long, value_name = "PRICE")]
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
     duration_per_hour: Option<f64>,
     /// Per hour of CPU time of a job's VM.
-    #[arg(long, value_name = "PRICE")]
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
     cpu_per_hour: Option<f64>,
     /// Per GiB through a job's egress proxy.
-    #[arg(long, value_name = "PRICE")]
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
     egress_per_gib: Option<f64>,
     /// Once per job.
-    #[arg(long, value_name = "PRICE")]
+    #[arg(long, value_name = "PRICE", allow_negative_numbers = true)]
     start_fee: Option<f64>,
     /// The unit of the prices [default: GLM].
     #[arg(long)]

@@ -124,6 +124,12 @@ pub struct SubmitArgs {
     /// LDAP-style filter over the provider's offer.
     #[arg(long, value_name = "LDAP", default_value = "")]
     constraints: String,
+    /// The most this requestor pays (repeatable), in the units of `provider preset`:
+    /// `duration=PRICE` per hour, `cpu=PRICE` per CPU hour, `egress=PRICE` per GiB,
+    /// `start=PRICE` per job. Added to the constraints, so a dearer provider rejects the
+    /// demand (`constraints-unmet`).
+    #[arg(long, value_name = "KIND=PRICE", value_parser = parse_max_price)]
+    max_price: Vec<(String, f64)>,
     /// An ExeScript batch (a JSON array of commands). Repeat it to run several batches,
     /// in order, in the same VM; each batch stops at its first denied or failed command.
     #[arg(long, value_name = "BATCH.json", required_unless_present = "dry_run")]
@@ -231,6 +237,9 @@ fn verify(file: &Path, json: bool) -> anyhow::Result<u8> {
             "agreement_id": r.agreement_id,
             "commands": r.commands.len(),
             "egress": r.egress.len(),
+            "usage": r.usage,
+            "charge": r.charge,
+            "runtime_profile": r.runtime_profile,
         }))?;
     } else {
         match &result {
@@ -245,6 +254,21 @@ fn verify(file: &Path, json: bool) -> anyhow::Result<u8> {
                 r.termination
             ),
             Err(e) => println!("receipt INVALID: {e}"),
+        }
+        if let Some(c) = &r.charge {
+            println!(
+                "  amount due: {} {} (preset {}; start fee {})",
+                c.amount,
+                c.currency,
+                c.preset,
+                c.coeffs.last().map_or("0", String::as_str)
+            );
+            for ((name, value), coeff) in c.usage_vector.iter().zip(&c.usage).zip(&c.coeffs) {
+                println!("    {name} = {value} × {coeff}");
+            }
+        }
+        if let Some(p) = &r.runtime_profile {
+            println!("  runtime profile: {p}");
         }
     }
     Ok(if result.is_ok() { 0 } else { 1 })
@@ -387,6 +411,52 @@ impl Printer {
     }
 }
 
+/// `--max-price KIND=PRICE`.
+fn parse_max_price(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: want KIND=PRICE, e.g. cpu=0.5"))?;
+    let v: f64 = v
+        .trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| format!("`{s}`: the price must be a number ≥ 0"))?;
+    match k.trim() {
+        "duration" | "cpu" | "egress" | "start" => Ok((k.trim().to_owned(), v)),
+        other => Err(format!(
+            "`{other}`: not a price kind; one of duration, cpu, egress, start"
+        )),
+    }
+}
+
+/// The demand's constraints: `--constraints` and a cap per `--max-price`, over the offer's
+/// per-counter price properties (rounded as the provider rounds its coefficients).
+fn demand_constraints(args: &SubmitArgs) -> String {
+    let caps: Vec<String> = args
+        .max_price
+        .iter()
+        .map(|(kind, v)| {
+            let (counter, per_unit) = match kind.as_str() {
+                "duration" => ("duration_sec", v / 3600.0),
+                "cpu" => ("cpu_sec", v / 3600.0),
+                "egress" => ("egress_mib", v / 1024.0),
+                _ => ("start", *v),
+            };
+            format!(
+                "({}.{counter}<={})",
+                crate::market::pricing::PRICE_PROP,
+                net::receipt::decimal(per_unit, 12)
+            )
+        })
+        .collect();
+    match (args.constraints.trim(), caps.is_empty()) {
+        (c, true) => c.to_owned(),
+        ("", false) => format!("(&{})", caps.concat()),
+        (c, false) => format!("(&{c}{})", caps.concat()),
+    }
+}
+
 fn demand_properties(args: &SubmitArgs) -> anyhow::Result<Value> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut p = serde_json::Map::new();
@@ -515,7 +585,7 @@ async fn session(
             peer,
             MarketRequest::Demand {
                 properties: properties.into_iter().collect(),
-                constraints: args.constraints.clone(),
+                constraints: demand_constraints(args),
             },
         )
         .await
