@@ -162,25 +162,6 @@ fn read_receipt(path: &Path) -> anyhow::Result<SignedReceipt> {
 
 fn collect(ctx: &Ctx) -> anyhow::Result<Vec<JobRow>> {
     let mut rows: Vec<JobRow> = Vec::new();
-    if let Some(s) = Status::read(&ctx.data).map_err(anyhow::Error::msg)? {
-        for j in s.jobs {
-            rows.push(JobRow {
-                activity_id: j.activity_id,
-                state: "running",
-                agreement_id: Some(j.agreement_id),
-                requestor_id: Some(j.requestor_id),
-                started_at: Some(j.started_at),
-                ended_at: None,
-                termination: None,
-                commands: None,
-                duration_sec: Some(j.usage.duration_sec),
-                cpu_sec: Some(j.usage.cpu_sec),
-                egress_bytes: Some(j.usage.egress_bytes),
-                amount: Some(j.amount),
-                preset: Some(j.preset),
-            });
-        }
-    }
     let receipts = ctx.data.root().join("receipts");
     if let Ok(dir) = std::fs::read_dir(&receipts) {
         for e in dir.flatten() {
@@ -190,9 +171,6 @@ fn collect(ctx: &Ctx) -> anyhow::Result<Vec<JobRow>> {
                 continue;
             }
             let r = read_receipt(&path)?.receipt;
-            if rows.iter().any(|x| x.activity_id == r.activity_id) {
-                continue;
-            }
             let usage = |i: usize| {
                 r.charge
                     .as_ref()
@@ -213,6 +191,29 @@ fn collect(ctx: &Ctx) -> anyhow::Result<Vec<JobRow>> {
                 amount: r.charge.as_ref().map(|c| c.amount.clone()),
                 preset: r.charge.as_ref().map(|c| c.preset.clone()),
                 activity_id: r.activity_id,
+            });
+        }
+    }
+    if let Some(s) = Status::read(&ctx.data).map_err(anyhow::Error::msg)? {
+        for j in s.jobs {
+            // A stored receipt wins: the status file lags the job's end by up to a second.
+            if rows.iter().any(|r| r.activity_id == j.activity_id) {
+                continue;
+            }
+            rows.push(JobRow {
+                activity_id: j.activity_id,
+                state: "running",
+                agreement_id: Some(j.agreement_id),
+                requestor_id: Some(j.requestor_id),
+                started_at: Some(j.started_at),
+                ended_at: None,
+                termination: None,
+                commands: None,
+                duration_sec: Some(j.usage.duration_sec),
+                cpu_sec: Some(j.usage.cpu_sec),
+                egress_bytes: Some(j.usage.egress_bytes),
+                amount: Some(j.amount),
+                preset: Some(j.preset),
             });
         }
     }
