@@ -180,7 +180,7 @@ impl ActivityService {
                 }
             })
             .collect();
-        jobs.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        jobs.sort_by_key(|a| a.started_at);
         jobs
     }
 

@@ -247,7 +247,7 @@ fn collect(ctx: &Ctx) -> anyhow::Result<Vec<JobRow>> {
             });
         }
     }
-    rows.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.started_at));
     Ok(rows)
 }
 

@@ -387,7 +387,7 @@ impl Market {
                         )],
                     }
                 } else {
-                    self.propose(peer, manifest, rule, whitelist, expiry, grant, now)
+                    self.propose(peer, manifest, (rule, whitelist, expiry), grant, now)
                 }
             }
             (true, _, _) => MarketResponse::Rejected {
@@ -406,9 +406,7 @@ impl Market {
         &self,
         peer: &str,
         manifest: &str,
-        rule: Option<MatchedRule>,
-        whitelist: WhitelistMatcher,
-        manifest_expiry: DateTime<Utc>,
+        (rule, whitelist, manifest_expiry): (Option<MatchedRule>, WhitelistMatcher, DateTime<Utc>),
         grant: Grant,
         now: DateTime<Utc>,
     ) -> MarketResponse {
