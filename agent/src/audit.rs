@@ -30,6 +30,19 @@ pub struct AuditError {
 #[derive(Debug)]
 pub struct AuditLog {
     sink: Sink,
+    /// Sees every line the file log writes (the daemon's metrics count from it).
+    observer: std::sync::OnceLock<Observer>,
+}
+
+/// A function shown each line a file log writes, as JSON.
+pub type ObserverFn = dyn Fn(&serde_json::Value) + Send + Sync;
+
+struct Observer(Arc<ObserverFn>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 #[derive(Debug)]
@@ -65,6 +78,7 @@ impl AuditLog {
                 path: path.to_owned(),
                 file: Mutex::new(file),
             },
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -75,6 +89,7 @@ impl AuditLog {
                 records: Mutex::new(Vec::new()),
                 parent: None,
             },
+            observer: std::sync::OnceLock::new(),
         }
     }
 
@@ -86,7 +101,14 @@ impl AuditLog {
                 records: Mutex::new(Vec::new()),
                 parent: Some(parent),
             },
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shows `f` every line this log writes from now on (once; later calls are ignored).
+    /// Lines of a job's tee reach it through the parent.
+    pub fn observe(&self, f: Arc<ObserverFn>) {
+        let _ = self.observer.set(Observer(f));
     }
 
     /// The records kept by [`AuditLog::memory`] (empty for a file log).
@@ -113,6 +135,9 @@ impl AuditLog {
                     .push(record);
             }
             Sink::File { .. } => {
+                if let Some(o) = self.observer.get() {
+                    (o.0)(&serde_json::to_value(&record).expect("audit record serializes"));
+                }
                 let line = serde_json::to_vec(&record).expect("audit record serializes");
                 self.append(line);
             }
@@ -128,7 +153,12 @@ impl AuditLog {
                     p.write_event(event);
                 }
             }
-            Sink::File { .. } => self.append(serde_json::to_vec(event).expect("JSON serializes")),
+            Sink::File { .. } => {
+                if let Some(o) = self.observer.get() {
+                    (o.0)(event);
+                }
+                self.append(serde_json::to_vec(event).expect("JSON serializes"))
+            }
         }
     }
 
@@ -183,6 +213,8 @@ pub enum AuditEvent<'a> {
     ActivityCreated {
         activity_id: &'a str,
         agreement_id: &'a str,
+        /// From the `create` request to the guest agent ready (image, initramfs, boot).
+        start_ms: u64,
     },
     /// A job could not start: the code the requestor was told and the whole error.
     ActivityFailed {

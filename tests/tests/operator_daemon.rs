@@ -228,7 +228,7 @@ fn the_offer_sells_the_profile_at_the_preset_and_never_overcommits() {
         "0.01",
     ])
     .ok();
-    let mut d = p.daemon(&[]);
+    let mut d = p.daemon(&["--metrics", "127.0.0.1:0"]);
 
     // The status a running daemon writes: its id, addresses, the offer as advertised.
     let mut status = p.run(["--json", "status"]);
@@ -369,6 +369,31 @@ fn the_offer_sells_the_profile_at_the_preset_and_never_overcommits() {
     assert!(p.run(["jobs", "list"]).ok().stdout.starts_with("ACTIVITY"));
     p.run(["jobs", "show", "abc"]).bad_input("no job abc");
 
+    // The Prometheus endpoint counts the same decisions.
+    let metrics = scrape(
+        s["metrics"].as_str().expect("the metrics address"),
+        "/metrics",
+    );
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for want in [
+        r#"provider_demands_total{verdict="accept"}"#,
+        r#"provider_demand_reasons_total{code="busy"}"#,
+        r#"provider_demand_reasons_total{code="constraints-unmet"}"#,
+        "provider_cpu_threads_in_use 1",
+        "provider_job_start_seconds_count 0",
+    ] {
+        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    }
+    let accepted: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"provider_demands_total{verdict="accept"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    // Two price-capped dry runs and the eight concurrent demands' winners.
+    assert!(accepted >= 2, "{metrics}");
+    assert!(scrape(s["metrics"].as_str().unwrap(), "/other").starts_with("HTTP/1.1 404"));
+
     // Stopped: the status says so (exit 3) and the file is gone.
     assert_eq!(d.stop(Duration::from_secs(30)), Some(0));
     let r = p.run(["--json", "status"]);
@@ -376,6 +401,20 @@ fn the_offer_sells_the_profile_at_the_preset_and_never_overcommits() {
     assert_eq!(r.json()["running"], false);
     assert!(!p.data_dir().join("status.json").exists());
     assert_eq!(p.run(["status"]).code, 3);
+}
+
+/// `GET path` from `addr` over plain HTTP/1.1: the whole answer.
+fn scrape(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
 }
 
 /// `n` requestor peers, each sending the demand and agreeing to its proposal, all at once.

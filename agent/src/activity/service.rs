@@ -378,7 +378,8 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
         }
         slots.insert(activity_id.clone(), None);
     }
-    let (ready_tx, ready_rx) = oneshot::channel::<Result<(JobStopper, Arc<Meter>), Reason>>();
+    let asked = std::time::Instant::now();
+    let (ready_tx, ready_rx) = oneshot::channel();
     let (tx, rx) = std::sync::mpsc::channel();
     let spec = JobSpec {
         activity_id: activity_id.clone(),
@@ -399,7 +400,7 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
         let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("job-{}", &activity_id[..8]))
-            .spawn(move || job_thread(shared, spec, agreement, cfg, rt, ready_tx, rx))
+            .spawn(move || job_thread(shared, spec, agreement, cfg, rt, (ready_tx, asked), rx))
     };
     if let Err(e) = thread {
         shared.lock().remove(&activity_id);
@@ -438,6 +439,9 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
     }
 }
 
+/// Where a job's thread says that its VM is ready (or why it is not).
+type Ready = oneshot::Sender<Result<(JobStopper, Arc<Meter>), Reason>>;
+
 /// Owns one job from VM start to receipt.
 fn job_thread(
     shared: Arc<Inner>,
@@ -445,7 +449,8 @@ fn job_thread(
     agreement: Arc<Agreement>,
     cfg: JobConfig,
     rt: tokio::runtime::Handle,
-    ready: oneshot::Sender<Result<(JobStopper, Arc<Meter>), Reason>>,
+    // Told when the VM is ready; the create request's time, for the start latency.
+    (ready, asked): (Ready, std::time::Instant),
     rx: std::sync::mpsc::Receiver<JobCmd>,
 ) {
     let activity_id = spec.activity_id.clone();
@@ -474,6 +479,7 @@ fn job_thread(
         AuditEvent::ActivityCreated {
             activity_id: &activity_id,
             agreement_id: &agreement_id,
+            start_ms: asked.elapsed().as_millis() as u64,
         },
     );
     // Metering starts with the guest agent ready: the boot is not the requestor's.

@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// The preset the offer publishes (`provider preset list`).
     #[arg(long, value_name = "NAME")]
     preset: Option<String>,
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (off by default), e.g.
+    /// 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
@@ -61,6 +65,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     }
     if let Some(p) = args.preset {
         cfg.preset = Some(p);
+    }
+    if let Some(m) = args.metrics {
+        cfg.metrics = Some(m);
     }
     let json = ctx.json;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -52,6 +52,8 @@ pub struct ConfigFile {
     pub max_proposals_per_peer: Option<usize>,
     /// LDAP-style filter over demands' properties.
     pub constraints: Option<String>,
+    /// Where the Prometheus endpoint listens, e.g. `127.0.0.1:9464` (off when absent).
+    pub metrics: Option<String>,
 }
 
 /// The settled configuration.
@@ -82,6 +84,8 @@ pub struct DaemonConfig {
     pub constraints: Option<Filter>,
     /// The text `constraints` was parsed from (the offer carries it).
     pub constraints_text: String,
+    /// The Prometheus endpoint's address; off when `None`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -109,6 +113,7 @@ impl Default for DaemonConfig {
             max_proposals_per_peer: 100,
             constraints: None,
             constraints_text: String::new(),
+            metrics: None,
         }
     }
 }
@@ -199,6 +204,14 @@ impl DaemonConfig {
         }
         if let Some(v) = file.image_disk_reserve {
             cfg.image_disk_reserve = v.bytes();
+        }
+        if let Some(v) = file.metrics {
+            cfg.metrics = Some(v.parse().map_err(|e| {
+                at(
+                    "metrics",
+                    format!("`{v}` is not an address with a port (e.g. 127.0.0.1:9464): {e}"),
+                )
+            })?);
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =

@@ -11,6 +11,7 @@
 //! `<data-dir>/receipts/`, also when the agreement expires or the daemon is stopped.
 
 pub mod config;
+pub mod metrics;
 pub mod status;
 
 use std::sync::Arc;
@@ -73,6 +74,20 @@ pub async fn run(
         AuditLog::open(&data.audit_path())
             .with_context(|| format!("open {}", data.audit_path().display()))?,
     );
+    // Bound before anything is announced: a port in use is an error at start.
+    let metrics = match cfg.metrics {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .with_context(|| format!("--metrics {addr}: cannot listen"))?;
+            let addr = listener.local_addr().unwrap_or(addr);
+            let m = Arc::new(metrics::Metrics::new());
+            let observer = m.clone();
+            audit.observe(Arc::new(move |line| observer.observe(line)));
+            Some((listener, m, addr))
+        }
+        None => None,
+    };
     let jobs = job_config(&cfg).map_err(|e| {
         tracing::warn!("jobs cannot run on this host ({e:#}); demands will still be judged");
         format!("{e:#}")
@@ -164,7 +179,23 @@ pub async fn run(
         ),
     });
     let reaper = tokio::spawn(async move { activities.reap_expired().await });
+    let metrics_addr = metrics.as_ref().map(|(_, _, a)| a.to_string());
+    let metrics_task = metrics.map(|(listener, m, addr)| {
+        tracing::info!("metrics on http://{addr}/metrics");
+        let shared = shared.clone();
+        let refresh: Arc<dyn Fn(&metrics::Metrics) + Send + Sync> = Arc::new(move |m| {
+            let now = chrono::Utc::now();
+            m.running_jobs.set(shared.activities.running().len() as i64);
+            m.cpu_threads_in_use
+                .set(i64::from(shared.market.ledger().in_use(now).cpu_threads));
+        });
+        tokio::spawn(metrics::serve(listener, m, refresh))
+    });
+    // Held while the status file is written; `true` once the daemon stops, so a write
+    // still in flight on a blocking thread cannot bring the file back after its removal.
+    let status_stopped = Arc::new(std::sync::Mutex::new(false));
     let status = {
+        let stopped = status_stopped.clone();
         let shared = shared.clone();
         let data = data_for_status.clone();
         let started_at = chrono::Utc::now();
@@ -184,11 +215,18 @@ pub async fn run(
                     in_use: shared.market.ledger().in_use(now).into(),
                     offer: shared.market.offer().clone(),
                     jobs: shared.activities.running(),
-                    metrics: None,
+                    metrics: metrics_addr.clone(),
                 };
                 let data = data.clone();
                 // Sampling reads /proc and the write fsyncs: off the event loop.
-                let _ = tokio::task::spawn_blocking(move || s.write(&data)).await;
+                let stopped = stopped.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let stopped = stopped.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*stopped {
+                        s.write(&data);
+                    }
+                })
+                .await;
             }
         })
     };
@@ -217,8 +255,15 @@ pub async fn run(
     }
     reaper.abort();
     status.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = status.await;
-    let _ = std::fs::remove_file(status::path(&data_for_status));
+    {
+        let mut stopped = status_stopped.lock().unwrap_or_else(|p| p.into_inner());
+        *stopped = true;
+        let _ = std::fs::remove_file(status::path(&data_for_status));
+    }
     let ended = shared
         .activities
         .terminate_all("the provider was shut down")
