@@ -215,6 +215,8 @@ pub enum AuditEvent<'a> {
         agreement_id: &'a str,
         /// From the `create` request to the guest agent ready (image, initramfs, boot).
         start_ms: u64,
+        /// The runtime profile it runs under.
+        runtime_profile: &'a str,
     },
     /// A job could not start: the code the requestor was told and the whole error.
     ActivityFailed {

@@ -106,6 +106,13 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// As its byte count (which parses back to the same value).
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
 /// A VM's memory in MiB, between 16M and 1024G: `512M`, `1G`, `300` (a bare number is MiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MemSize(u32);

@@ -564,3 +564,64 @@ fn self_test_says_what_is_missing_and_how_to_fix_it() {
     p.run(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
         .bad_input("cpu_threads");
 }
+
+#[test]
+fn runtime_profiles_are_validated_named_by_presets_and_cap_a_job() {
+    let (p, files) = setup();
+    let list = p.run(["profile", "runtime", "list"]).ok().stdout;
+    for name in ["strict", "default", "permissive"] {
+        assert!(list.contains(name), "{list}");
+    }
+    let dir = p.data_dir().join("runtime-profiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("tight.toml"),
+        "landlock = \"job-dir\"\nseccomp = \"strict\"\npids_max = 64\ncpu_quota = 0.5\nmemory = \"768M\"\nread_only_rootfs = true\n",
+    )
+    .unwrap();
+    let j = p
+        .run(["--json", "profile", "runtime", "show", "tight"])
+        .ok()
+        .json();
+    assert_eq!(j[0]["name"], "tight");
+    assert_eq!(j[0]["pids_max"], 64);
+    assert_eq!(j[0]["memory"], (768u64 << 20).to_string());
+    assert_eq!(j[0]["disk"], Value::Null);
+    let table = p.run(["profile", "runtime", "list"]).ok().stdout;
+    assert!(
+        table.contains("tight") && table.contains("0.75 GiB"),
+        "{table}"
+    );
+    // Unknown fields are refused, naming the field and the file.
+    std::fs::write(dir.join("typo.json"), r#"{"landlock":"job-dir","seccomp":"default","pids_max":1,"cpu_quota":1,"read_only_rootfs":false,"network":true}"#).unwrap();
+    p.run(["profile", "runtime", "show", "typo"])
+        .bad_input("network");
+    p.run(["profile", "runtime", "list"]).bad_input("typo.json");
+    std::fs::remove_file(dir.join("typo.json")).unwrap();
+
+    // A preset names one that exists.
+    p.run(["preset", "create", "default", "--runtime-profile", "nope"])
+        .bad_input("no runtime profile `nope`");
+    p.run([
+        "preset",
+        "create",
+        "default",
+        "--cpu-per-hour",
+        "1",
+        "--runtime-profile",
+        "tight",
+    ])
+    .ok();
+    let d = p.daemon(&[]);
+    // The profile caps one job's memory: 768 MiB.
+    dry_run(
+        &p,
+        &d,
+        &files,
+        &["--constraints", "(golem.inf.mem.gib>=0.75)"],
+    )
+    .ok();
+    let r = dry_run(&p, &d, &files, &["--constraints", "(golem.inf.mem.gib>=1)"]);
+    rejected_with(&r, "constraints-unmet");
+    assert!(r.stderr.contains("runtime profile `tight`"), "{r:?}");
+}

@@ -121,6 +121,8 @@ fn a_job_is_metered_shown_while_it_runs_and_charged_in_its_signed_receipt() {
         "1",
         "--start-fee",
         "0.05",
+        "--runtime-profile",
+        "strict",
     ])
     .ok();
     let d = p.daemon(&[
@@ -293,7 +295,7 @@ fn a_job_is_metered_shown_while_it_runs_and_charged_in_its_signed_receipt() {
     assert_eq!(egress, 0.0);
     let amount = 0.05 + duration * 0.0001 + cpu * 0.001;
     assert_eq!(charge["amount"], format!("{amount:.9}"));
-    assert_eq!(v["runtime_profile"], "default");
+    assert_eq!(v["runtime_profile"], "strict");
     let text = p.requestor(["receipt", "verify", &path]).ok().stdout;
     assert!(
         text.contains(&format!("amount due: {amount:.9} GLM (preset std"))
@@ -339,4 +341,25 @@ fn a_job_is_metered_shown_while_it_runs_and_charged_in_its_signed_receipt() {
     for e in ["activity-created", "job", "command", "activity-terminated"] {
         assert!(events.contains(&e), "{e} missing: {events:?}");
     }
+    // The job's log names its runtime profile too: its audit line and its directory.
+    let created = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["event"] == "activity-created")
+        .unwrap();
+    assert_eq!(created["runtime_profile"], "strict", "{created}");
+    assert!(created["start_ms"].as_u64().unwrap() > 0);
+    let rp: Value = serde_json::from_slice(
+        &std::fs::read(
+            p.data_dir()
+                .join("jobs")
+                .join(&activity)
+                .join("runtime-profile.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rp["name"], "strict");
+    assert_eq!(rp["read_only_rootfs"], true);
 }

@@ -480,8 +480,19 @@ fn job_thread(
             activity_id: &activity_id,
             agreement_id: &agreement_id,
             start_ms: asked.elapsed().as_millis() as u64,
+            runtime_profile: &shared.market.runtime().name,
         },
     );
+    // The job's directory says what it runs under, beside its console log.
+    let mut rp = serde_json::to_value(shared.market.runtime()).expect("a profile serializes");
+    rp["name"] = shared.market.runtime().name.clone().into();
+    let rp_path = job.dir().join("runtime-profile.json");
+    if let Err(e) = crate::store::atomic_write(
+        &rp_path,
+        &serde_json::to_vec_pretty(&rp).expect("JSON serializes"),
+    ) {
+        tracing::warn!(path = %rp_path.display(), error = %e, "cannot record the runtime profile");
+    }
     // Metering starts with the guest agent ready: the boot is not the requestor's.
     let meter = Arc::new(job.meter());
     if ready.send(Ok((job.stopper(), meter.clone()))).is_err() {
@@ -580,13 +591,7 @@ fn finish(
     let usage = meter.sample();
     let mut receipt = job.terminate(why);
     receipt.charge = Some(agreement.preset.charge(&usage));
-    receipt.runtime_profile = Some(
-        agreement
-            .preset
-            .runtime_profile
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-    );
+    receipt.runtime_profile = Some(shared.market.runtime().name.clone());
     let activity_id = receipt.activity_id.clone();
     shared.market.end_agreement(&receipt.agreement_id);
     let signed = SignedReceipt::sign(receipt, &shared.identity).map_err(|e| e.to_string())?;

@@ -6,6 +6,15 @@ use clap::{Args, Subcommand};
 use super::output::{self, Table};
 use super::{Ctx, Outcome};
 use crate::market::pricing::{Preset, PresetError, Presets, BUILTIN};
+use crate::market::runtime::RuntimeProfile;
+
+/// A preset may only name a runtime profile that loads.
+fn check_runtime(ctx: &Ctx, p: &Preset) -> anyhow::Result<()> {
+    if let Some(name) = &p.runtime_profile {
+        RuntimeProfile::load(&ctx.data, name)?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Subcommand)]
 pub enum PresetCmd {
@@ -88,6 +97,7 @@ pub fn run(ctx: &Ctx, cmd: PresetCmd) -> anyhow::Result<Outcome> {
             };
             prices.apply(&mut p);
             p.check()?;
+            check_runtime(ctx, &p)?;
             let lock = ctx.data.lock()?;
             let mut all = Presets::load(&ctx.data)?;
             if all.get(&p.name).is_some() {
@@ -109,6 +119,7 @@ pub fn run(ctx: &Ctx, cmd: PresetCmd) -> anyhow::Result<Outcome> {
             };
             prices.apply(p);
             p.check()?;
+            check_runtime(ctx, p)?;
             all.save(&ctx.data, &lock)?;
             eprintln!("preset {name} updated; a running daemon offers it after a restart");
             Ok(Outcome::Done)

@@ -1,5 +1,6 @@
 //! `provider profile show|set`: the hardware profile, how much of this machine is sold
-//! (`<data-dir>/profile.json`, see [`crate::market::profile`]).
+//! (`<data-dir>/profile.json`, see [`crate::market::profile`]); `provider profile runtime
+//! list|show`: the runtime profiles presets name (see [`crate::market::runtime`]).
 
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -8,6 +9,7 @@ use serde_json::json;
 use super::output::{self, Table};
 use super::{Ctx, Outcome};
 use crate::market::profile::{HardwareProfile, HostCapacity};
+use crate::market::runtime::RuntimeProfile;
 use crate::units::ByteSize;
 
 /// Jobs at once of a data dir without a profile (the daemon's `max_jobs` default).
@@ -32,6 +34,66 @@ pub enum ProfileCmd {
         #[arg(long, value_name = "N")]
         max_jobs: Option<usize>,
     },
+    /// Runtime profiles: the confinement a preset's jobs run under.
+    #[command(subcommand)]
+    Runtime(RuntimeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RuntimeCmd {
+    /// The built-in profiles and the data dir's (`runtime-profiles/*.toml|json`).
+    List,
+    /// One profile's settings.
+    Show { name: String },
+}
+
+fn runtime(ctx: &Ctx, cmd: RuntimeCmd) -> anyhow::Result<Outcome> {
+    let list = match cmd {
+        RuntimeCmd::List => RuntimeProfile::all(&ctx.data)?,
+        RuntimeCmd::Show { name } => vec![RuntimeProfile::load(&ctx.data, &name)?],
+    };
+    if ctx.json {
+        let v: Vec<serde_json::Value> = list
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).expect("a profile serializes");
+                v["name"] = p.name.clone().into();
+                v
+            })
+            .collect();
+        output::json(&v)?;
+        return Ok(Outcome::Done);
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "LANDLOCK",
+        "SECCOMP",
+        "PIDS",
+        "CPU QUOTA",
+        "MEMORY",
+        "DISK",
+        "READ-ONLY ROOTFS",
+    ]);
+    let size = |b: Option<ByteSize>| {
+        b.map_or("-".to_string(), |b| {
+            format!("{} GiB", b.bytes() as f64 / (1u64 << 30) as f64)
+        })
+    };
+    let text = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    for p in &list {
+        t.row(vec![
+            p.name.clone(),
+            text(serde_json::to_value(p.landlock)?),
+            text(serde_json::to_value(p.seccomp)?),
+            p.pids_max.to_string(),
+            p.cpu_quota.to_string(),
+            size(p.memory),
+            size(p.disk),
+            if p.read_only_rootfs { "yes" } else { "no" }.into(),
+        ]);
+    }
+    t.print();
+    Ok(Outcome::Done)
 }
 
 fn gib(b: ByteSize) -> f64 {
@@ -40,8 +102,12 @@ fn gib(b: ByteSize) -> f64 {
 }
 
 pub fn run(ctx: &Ctx, cmd: ProfileCmd) -> anyhow::Result<Outcome> {
+    if let ProfileCmd::Runtime(cmd) = cmd {
+        return runtime(ctx, cmd);
+    }
     let host = HostCapacity::detect(ctx.data.root())?;
     match cmd {
+        ProfileCmd::Runtime(_) => unreachable!("handled above"),
         ProfileCmd::Show => {
             let stored = HardwareProfile::load(&ctx.data)?;
             let source = if stored.is_some() {

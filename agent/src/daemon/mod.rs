@@ -67,7 +67,7 @@ pub async fn run(
         .context("the operator's rules, whitelist or keystore do not load")?;
     std::fs::create_dir_all(data.root())
         .with_context(|| format!("create the data dir {}", data.root().display()))?;
-    let (profile, preset, job_floor) = sizing(&data, &cfg)?;
+    let (profile, preset, job_floor, runtime) = sizing(&data, &cfg)?;
     let identity = net::load_or_create_identity(&data.root().join("identity.key"))?;
     let provider_id = identity.public().to_peer_id().to_string();
     let audit = Arc::new(
@@ -119,6 +119,7 @@ pub async fn run(
             profile: profile.clone(),
             job_floor,
             preset,
+            runtime,
             ..MarketConfig::default()
         },
         audit.clone(),
@@ -305,12 +306,18 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
 }
 
 /// What the daemon sells: the hardware profile (the data dir's, else the host's default),
-/// checked against the host; the offered preset; the least a job gets. Every problem is
+/// checked against the host; the offered preset; the least a job gets; the preset's
+/// runtime profile. Every problem is
 /// an error before anything is started.
 fn sizing(
     data: &DataDir,
     cfg: &DaemonConfig,
-) -> anyhow::Result<(HardwareProfile, crate::market::pricing::Preset, Grant)> {
+) -> anyhow::Result<(
+    HardwareProfile,
+    crate::market::pricing::Preset,
+    Grant,
+    crate::market::runtime::RuntimeProfile,
+)> {
     let host = HostCapacity::detect(data.root())?;
     let mut profile = match HardwareProfile::load(data)? {
         Some(p) => p,
@@ -338,7 +345,15 @@ fn sizing(
         );
     }
     let preset = Presets::load(data)?.offered(cfg.preset.as_deref())?;
-    Ok((profile, preset, floor))
+    let rp_name = preset.runtime_profile.as_deref().unwrap_or("default");
+    let runtime = crate::market::runtime::RuntimeProfile::load(data, rp_name)
+        .with_context(|| format!("preset `{}`'s runtime profile", preset.name))?;
+    if let Some(why) = crate::market::negotiation::runtime_cap(&runtime, &floor) {
+        anyhow::bail!(
+            "one job's size does not fit: {why}; lower `mem`/`storage` or raise the profile's caps"
+        );
+    }
+    Ok((profile, preset, floor, runtime))
 }
 
 /// Every job's settings: the backend this host runs, the guest kernel and agent, and the

@@ -7,3 +7,4 @@ pub mod negotiation;
 pub mod offer;
 pub mod pricing;
 pub mod profile;
+pub mod runtime;

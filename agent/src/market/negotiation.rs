@@ -32,6 +32,7 @@ use serde_json::Value;
 use super::constraints::{Filter, Properties};
 use super::pricing::Preset;
 use super::profile::{Grant, HardwareProfile, Ledger};
+use super::runtime::RuntimeProfile;
 use crate::audit::AuditLog;
 use crate::audit::{self, AuditEvent};
 use crate::store::DataDir;
@@ -58,6 +59,8 @@ pub struct MarketConfig {
     pub job_floor: Grant,
     /// The price list the offer publishes and jobs are charged by.
     pub preset: Preset,
+    /// The confinement the preset's jobs run under.
+    pub runtime: RuntimeProfile,
 }
 
 impl Default for MarketConfig {
@@ -81,6 +84,7 @@ impl Default for MarketConfig {
                 storage_gib: 1.0,
             },
             preset: Preset::builtin(),
+            runtime: RuntimeProfile::builtin("default").expect("built in"),
         }
     }
 }
@@ -175,6 +179,11 @@ impl Market {
 
     pub fn offer(&self) -> &Offer {
         &self.offer
+    }
+
+    /// The runtime profile the offered preset's jobs run under.
+    pub fn runtime(&self) -> &RuntimeProfile {
+        &self.cfg.runtime
     }
 
     /// The grants of live agreements, against the profile.
@@ -376,6 +385,10 @@ impl Market {
                                 self.cfg.profile.cpu_threads, self.cfg.profile.mem_gib, self.cfg.profile.storage_gib
                             ),
                         )],
+                    }
+                } else if let Some(why) = runtime_cap(&self.cfg.runtime, &grant) {
+                    MarketResponse::Rejected {
+                        reasons: vec![Reason::new(policies::Code::ConstraintsUnmet, why)],
                     }
                 } else if let Some(why) = self.ledger.check(&grant, now) {
                     MarketResponse::Rejected {
@@ -637,6 +650,29 @@ impl Market {
             },
         );
     }
+}
+
+/// Why `grant` is more than the runtime profile lets one job have, or `None`.
+pub fn runtime_cap(rp: &RuntimeProfile, grant: &Grant) -> Option<String> {
+    let gib = |b: crate::units::ByteSize| b.bytes() as f64 / (1u64 << 30) as f64;
+    let mut over = Vec::new();
+    if let Some(m) = rp.memory.filter(|m| grant.mem_gib > gib(*m) + 1e-9) {
+        over.push(format!("{} GiB memory (at most {})", grant.mem_gib, gib(m)));
+    }
+    if let Some(d) = rp.disk.filter(|d| grant.storage_gib > gib(*d) + 1e-9) {
+        over.push(format!(
+            "{} GiB storage (at most {})",
+            grant.storage_gib,
+            gib(d)
+        ));
+    }
+    (!over.is_empty()).then(|| {
+        format!(
+            "the demand asks for {} per job; this provider's jobs run under runtime profile `{}`",
+            over.join(" and "),
+            rp.name
+        )
+    })
 }
 
 /// Lowercase hex.
