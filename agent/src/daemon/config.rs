@@ -40,6 +40,9 @@ pub struct ConfigFile {
     pub max_image_size: Option<ByteSize>,
     /// Free disk an image fetch must leave in the data dir, e.g. `1G`.
     pub image_disk_reserve: Option<ByteSize>,
+    /// One job's writable layer, e.g. `2G`: offered as `golem.inf.storage.gib` and
+    /// reserved in the data dir for each running job.
+    pub storage: Option<ByteSize>,
     pub agreement_ttl: Option<HumanDuration>,
     pub proposal_ttl: Option<HumanDuration>,
     /// Open proposals one requestor peer may hold.
@@ -66,6 +69,7 @@ pub struct DaemonConfig {
     pub max_transfer_bytes: u64,
     pub max_image_bytes: u64,
     pub image_disk_reserve: u64,
+    pub storage_bytes: u64,
     pub agreement_ttl: Duration,
     pub proposal_ttl: Duration,
     pub max_proposals_per_peer: usize,
@@ -92,6 +96,7 @@ impl Default for DaemonConfig {
             max_transfer_bytes: 1024 * 1024 * 1024,
             max_image_bytes: 4 << 30,
             image_disk_reserve: 1 << 30,
+            storage_bytes: 2 << 30,
             agreement_ttl: Duration::from_secs(3600),
             proposal_ttl: Duration::from_secs(60),
             max_proposals_per_peer: 100,
@@ -178,6 +183,19 @@ impl DaemonConfig {
         }
         if let Some(v) = file.image_disk_reserve {
             cfg.image_disk_reserve = v.bytes();
+        }
+        if let Some(v) = file.storage {
+            if v.bytes() < vm::upper::MIN_BYTES {
+                return Err(at(
+                    "storage",
+                    format!(
+                        "{} bytes is below the smallest writable layer ({} bytes, 16M)",
+                        v.bytes(),
+                        vm::upper::MIN_BYTES
+                    ),
+                ));
+            }
+            cfg.storage_bytes = v.bytes();
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =

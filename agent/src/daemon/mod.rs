@@ -76,7 +76,7 @@ pub async fn run(
 
     let resources = Resources {
         mem_gib: f64::from(cfg.mem_mib) / 1024.0,
-        storage_gib: 10.0,
+        storage_gib: cfg.storage_bytes as f64 / f64::from(1u32 << 30),
         cpu_threads: cfg.cpus,
     };
     let offer = Offer {
@@ -220,10 +220,16 @@ async fn serve(shared: Arc<Shared>, request: Inbound) {
 fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
     let (backend, why) = vm::Backend::select(c.vmm, &vm::HostInfo::detect())?;
     tracing::info!("{why}");
+    let kernel = vm::find_kernel(c.kernel.as_deref())?;
     Ok(JobConfig {
+        modules: match &backend {
+            vm::Backend::Qemu(_) => vm::find_modules(&kernel)?,
+            vm::Backend::Kvm => None,
+        },
         backend,
-        kernel: vm::find_kernel(c.kernel.as_deref())?,
+        kernel,
         guest_agent: vm::find_guest_agent(c.guest.as_deref())?,
+        storage_bytes: c.storage_bytes,
         mem_mib: c.mem_mib,
         cpus: c.cpus,
         boot_timeout: c.boot_timeout,
