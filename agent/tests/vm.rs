@@ -734,3 +734,70 @@ fn a_one_gib_image_runs_in_a_256_mib_vm() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(kib <= 256 * 1024, "MemTotal {kib} kB");
 }
+
+/// Images the guest could not mount are refused by the host before any VM starts, naming
+/// why: lzma squashfs (no Linux reads it), a truncated squashfs, a file that is neither
+/// squashfs nor tarball.
+#[test]
+fn unmountable_images_are_refused_before_boot_naming_why() {
+    let Ok(agent) = testsupport::guest_agent() else {
+        eprintln!("SKIP: the guest agent cannot be built here");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello"), b"hello").unwrap();
+    let good = dir.path().join("good.sqfs");
+    let st = Command::new(vm::rootfs::mksquashfs_binary())
+        .arg(&src)
+        .arg(&good)
+        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
+        .status();
+    if !matches!(st, Ok(s) if s.success()) {
+        eprintln!("SKIP: no mksquashfs (apt-get install squashfs-tools)");
+        return;
+    }
+    let bytes = std::fs::read(&good).unwrap();
+    let mut lzma = bytes.clone();
+    lzma[20..22].copy_from_slice(&2u16.to_le_bytes());
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"unused").unwrap();
+    std::fs::create_dir(dir.path().join("modules")).unwrap();
+    std::fs::write(dir.path().join("modules/order"), b"").unwrap();
+    for (name, content, says) in [
+        ("lzma.sqfs", lzma, "lzma-compressed"),
+        ("short.sqfs", bytes[..200].to_vec(), "truncated"),
+        (
+            "elf.bin",
+            b"\x7fELF and then some bytes".to_vec(),
+            "neither a squashfs",
+        ),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let data = dir.path().join(format!("data-{name}"));
+        let o = provider(
+            &data,
+            &agent,
+            &[
+                "vm",
+                "run",
+                "--vmm",
+                "qemu",
+                "--image",
+                p.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--",
+                "/bin/true",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(2), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{name}: {}", stderr(&o));
+        assert!(
+            walk(&data).iter().all(|p| !p.ends_with("upper.img")),
+            "{name}: a writable layer was made"
+        );
+    }
+}

@@ -168,7 +168,13 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
         max_unpacked: u64::MAX,
     };
     let (spec, image_config) =
-        crate::images::prepare_machine(&store, &image, &backend, &files, size, &job)?;
+        match crate::images::prepare_machine(&store, &image, &backend, &files, size, &job) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&job);
+                return Err(e.into());
+            }
+        };
     let initrd = spec.initramfs.clone();
     t.initramfs = mark.elapsed();
     let mark = Instant::now();

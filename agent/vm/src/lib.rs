@@ -874,3 +874,22 @@ pub fn console_tail(path: &Path) -> String {
             .join(" | ")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_setup_failure_is_read_from_the_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "[    0.1] booting\nprovider-guest: setup failed: the payload image (/dev/vda, serial `root`) does not mount as squashfs: EINVAL\r\n").unwrap();
+        assert_eq!(
+            guest_setup_failure(&log).as_deref(),
+            Some("the payload image (/dev/vda, serial `root`) does not mount as squashfs: EINVAL")
+        );
+        std::fs::write(&log, "[    0.1] booting\n").unwrap();
+        assert_eq!(guest_setup_failure(&log), None);
+        assert_eq!(guest_setup_failure(&dir.path().join("none")), None);
+    }
+}
