@@ -331,7 +331,11 @@ fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
         .unwrap_or_default()
         .contains("\"phase\":\"started\"")
     {
-        assert!(Instant::now() < deadline, "the job never started: {}", d.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the job never started: {}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(2));

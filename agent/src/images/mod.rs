@@ -40,6 +40,33 @@ pub fn code(e: &ImageError) -> Code {
     }
 }
 
+/// Staging dirs and temp images a killed conversion left behind (`.staging-*`, `.sqfs-*`),
+/// once they are an hour old: a conversion running now is younger than that.
+fn sweep_stale_work(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with(".staging-") && !name.starts_with(".sqfs-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > hour);
+        if old {
+            let p = e.path();
+            let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+            tracing::info!(path = %p.display(), "removed a conversion's leftovers");
+        }
+    }
+}
+
 /// What a job's machine is given, besides its image.
 #[derive(Debug, Clone, Copy)]
 pub struct MachineSize {
@@ -254,6 +281,10 @@ impl ImageStore {
                     }
                     // A damaged conversion is made again, not used.
                     let _ = fs::remove_file(&converted);
+                }
+                sweep_stale_work(&self.dir.join("tmp"));
+                if let Some(parent) = converted.parent() {
+                    sweep_stale_work(parent);
                 }
                 let started = std::time::Instant::now();
                 let d = vm::rootfs::tarball_to_squashfs(
