@@ -454,6 +454,25 @@ pub fn tarball_to_squashfs(
     work: &Path,
     limits: ConvertLimits,
 ) -> Result<DiskImage, ImageError> {
+    layers_to_squashfs(&[tar.to_owned()], out, work, limits).map(|d| DiskImage {
+        source_format: "tarball",
+        ..d
+    })
+}
+
+/// Like [`tarball_to_squashfs`] for an image's layers (OCI/Docker), applied in order: a
+/// layer's whiteouts (`.wh.NAME`: NAME of a lower layer is gone; `.wh..wh..opq`: the
+/// directory's lower contents are gone) take effect before its own entries are written, and
+/// a later layer's entry replaces a lower layer's (a directory included). Every layer
+/// passes the tarball reader's guards, and no entry is written through a path that is a
+/// symlink in the layers below it. `limits` bound all layers together. A hard link to a
+/// file of a lower layer is refused (the reader links only within one archive).
+pub fn layers_to_squashfs(
+    layers: &[PathBuf],
+    out: &Path,
+    work: &Path,
+    limits: ConvertLimits,
+) -> Result<DiskImage, ImageError> {
     fs::create_dir_all(work).map_err(io_err("create", work))?;
     let staging = tempfile::Builder::new()
         .prefix(".staging-")
@@ -461,7 +480,7 @@ pub fn tarball_to_squashfs(
         .map_err(io_err("create a staging dir in", work))?;
     let root = staging.path().join("root");
     fs::create_dir(&root).map_err(io_err("create", &root))?;
-    unpack_checked(tar, &root, limits)?;
+    apply_layers(layers, &root, limits)?;
     let out_dir = out.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(out_dir).map_err(io_err("create", out_dir))?;
     let tmp = tempfile::Builder::new()
@@ -535,27 +554,148 @@ pub fn tarball_to_squashfs(
     })?;
     drop(staging);
     disk_image(out).map(|d| DiskImage {
-        source_format: "tarball",
+        source_format: "layers",
         ..d
     })
+}
+
+/// Writes `layers` in order into the empty directory `root` (see [`layers_to_squashfs`]).
+fn apply_layers(layers: &[PathBuf], root: &Path, limits: ConvertLimits) -> Result<(), ImageError> {
+    let mut budget = Budget {
+        bytes: 0,
+        entries: 0,
+        limits,
+    };
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", root))?;
+    for (i, layer) in layers.iter().enumerate() {
+        if i > 0 {
+            apply_whiteouts(layer, root)?;
+        }
+        unpack_checked(layer, root, &mut budget, i > 0)?;
+    }
+    Ok(())
+}
+
+/// What the layers of one conversion may hold together.
+struct Budget {
+    bytes: u64,
+    entries: u64,
+    limits: ConvertLimits,
+}
+
+/// The prefix of an OCI whiteout file, and the name of the opaque-directory marker.
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// A layer's whiteouts, applied to what the layers below it left in `root`.
+fn apply_whiteouts(layer: &Path, root: &Path) -> Result<(), ImageError> {
+    image::read_rootfs(layer, |e| {
+        let (dir, name) = match e.path.rsplit_once('/') {
+            Some((d, n)) => (Some(d), n),
+            None => (None, e.path.as_str()),
+        };
+        let Some(hidden) = name.strip_prefix(WHITEOUT) else {
+            return Ok(());
+        };
+        let parent = match dir {
+            Some(d) => root.join(d),
+            None => root.to_owned(),
+        };
+        check_real_dirs(root, dir.unwrap_or(""), &e.path)?;
+        if name == OPAQUE {
+            if let Ok(children) = fs::read_dir(&parent) {
+                for c in children.flatten() {
+                    remove_any(&c.path())?;
+                }
+            }
+            return Ok(());
+        }
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(ImageError::UnsafeEntry {
+                entry: e.path.clone(),
+                reason: "a whiteout that names no file".into(),
+            });
+        }
+        remove_any(&parent.join(hidden))
+    })
+}
+
+/// Removes a file, symlink or whole directory (never following a symlink); absent is fine.
+fn remove_any(p: &Path) -> Result<(), ImageError> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(io_err("remove", p)),
+        Ok(_) => fs::remove_file(p).map_err(io_err("remove", p)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Every component of `rel` (a normalised relative path) under `root` is a real directory
+/// or absent: an entry must never be written through a symlink a lower layer made.
+fn check_real_dirs(root: &Path, rel: &str, entry: &str) -> Result<(), ImageError> {
+    let mut p = root.to_owned();
+    for c in rel.split('/').filter(|c| !c.is_empty()) {
+        p.push(c);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) => {
+                return Err(ImageError::UnsafeEntry {
+                    entry: entry.to_owned(),
+                    reason: format!(
+                        "its parent `{c}` is {} in the layers below",
+                        if m.file_type().is_symlink() {
+                            "a symlink"
+                        } else {
+                            "not a directory"
+                        }
+                    ),
+                })
+            }
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// Writes the checked entries of `tar` under `root`. No entry can land outside it: the
 /// reader refuses `..`, absolute paths, links out of the root and anything under an
 /// earlier symlink, and every file is created `O_NOFOLLOW | O_EXCL`.
-fn unpack_checked(tar: &Path, root: &Path, limits: ConvertLimits) -> Result<(), ImageError> {
-    let mut bytes = 0u64;
-    let mut entries = 0u64;
+fn unpack_checked(
+    tar: &Path,
+    root: &Path,
+    budget: &mut Budget,
+    layered: bool,
+) -> Result<(), ImageError> {
+    let limits = budget.limits;
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
-    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", root))?;
+    // Entries of this layer: a lower layer's file or directory of the same name is
+    // replaced, one of this layer's is not.
+    let mut mine: std::collections::HashSet<String> = std::collections::HashSet::new();
     image::read_rootfs(tar, |e| {
-        entries += 1;
-        if entries > limits.max_entries {
+        budget.entries += 1;
+        if budget.entries > limits.max_entries {
             return Err(format_err(
                 tar,
                 format!("more than {} entries", limits.max_entries),
             ));
+        }
+        let base = e.path.rsplit('/').next().unwrap_or("");
+        if layered && base.starts_with(WHITEOUT) {
+            return Ok(()); // applied before this layer's entries
+        }
+        if layered {
+            let parent = e.path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            check_real_dirs(root, parent, &e.path)?;
+            if !mine.contains(&e.path) {
+                let dest = root.join(&e.path);
+                // A directory replaced by a file, or a file by a directory.
+                let lower_replaced = fs::symlink_metadata(&dest)
+                    .is_ok_and(|m| m.is_dir() != (e.kind == EntryKind::Dir));
+                if lower_replaced {
+                    remove_any(&dest)?;
+                }
+            }
+            mine.insert(e.path.clone());
         }
         let dest = root.join(&e.path);
         if let Some(parent) = dest.parent() {
@@ -577,8 +717,8 @@ fn unpack_checked(tar: &Path, root: &Path, limits: ConvertLimits) -> Result<(), 
                 dirs.push((dest.clone(), e.mode));
             }
             EntryKind::File => {
-                bytes = bytes.saturating_add(e.size);
-                if bytes > limits.max_bytes {
+                budget.bytes = budget.bytes.saturating_add(e.size);
+                if budget.bytes > limits.max_bytes {
                     return Err(format_err(
                         tar,
                         format!("its files hold more than {} bytes", limits.max_bytes),
@@ -687,6 +827,142 @@ mod tests {
         t.extend_from_slice(json);
         t.extend_from_slice(format!("{:08}", json.len()).as_bytes());
         t
+    }
+
+    /// A layer tarball from (path, kind) pairs: `d` directory, `f:TEXT` file, `l:TARGET`
+    /// symlink.
+    fn layer(path: &Path, entries: &[(&str, &str)]) -> PathBuf {
+        let mut b = tar::Builder::new(File::create(path).unwrap());
+        for (name, what) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            if *what == "d" {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, name, &[][..]).unwrap();
+            } else if let Some(t) = what.strip_prefix("l:") {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, name, t).unwrap();
+            } else {
+                let text = what.strip_prefix("f:").unwrap();
+                h.set_size(text.len() as u64);
+                b.append_data(&mut h, name, text.as_bytes()).unwrap();
+            }
+        }
+        b.finish().unwrap();
+        path.to_owned()
+    }
+
+    fn tree(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                let m = fs::symlink_metadata(&p).unwrap();
+                if m.is_dir() {
+                    out.push(format!("{rel}/"));
+                    walk(root, &p, out);
+                } else if m.file_type().is_symlink() {
+                    out.push(format!("{rel} -> {}", fs::read_link(&p).unwrap().display()));
+                } else {
+                    out.push(format!("{rel} = {}", fs::read_to_string(&p).unwrap()));
+                }
+            }
+        }
+        walk(root, root, &mut out);
+        out.sort();
+        out
+    }
+
+    const LIMITS: ConvertLimits = ConvertLimits {
+        max_bytes: 1 << 20,
+        max_entries: 1000,
+    };
+
+    #[test]
+    fn layers_apply_in_order_with_whiteouts_and_replacements() {
+        let dir = tempfile::tempdir().unwrap();
+        let l1 = layer(
+            &dir.path().join("1.tar"),
+            &[
+                ("a", "d"),
+                ("a/keep", "f:1"),
+                ("a/gone", "f:1"),
+                ("b", "d"),
+                ("b/old", "f:1"),
+                ("c", "d"),
+                ("c/x", "f:1"),
+                ("d", "f:file"),
+                ("e", "f:1"),
+            ],
+        );
+        let l2 = layer(
+            &dir.path().join("2.tar"),
+            &[
+                ("a/.wh.gone", "f:"),
+                ("b/.wh..wh..opq", "f:"),
+                ("b/new", "f:2"),
+                ("c", "f:now a file"),
+                ("d", "d"),
+                ("d/y", "f:2"),
+                ("e", "f:2"),
+                (".wh.nothing-there", "f:"),
+            ],
+        );
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        apply_layers(&[l1, l2], &root, LIMITS).unwrap();
+        assert_eq!(
+            tree(&root),
+            [
+                "a/",
+                "a/keep = 1",
+                "b/",
+                "b/new = 2",
+                "c = now a file",
+                "d/",
+                "d/y = 2",
+                "e = 2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_layer_cannot_write_through_a_lower_layers_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let l1 = layer(
+            &dir.path().join("1.tar"),
+            &[("etc", "d"), ("link", "l:etc")],
+        );
+        for (i, evil) in [("link/passwd", "f:x"), ("link/.wh.hosts", "f:")]
+            .into_iter()
+            .enumerate()
+        {
+            let l2 = layer(&dir.path().join(format!("2-{i}.tar")), &[evil]);
+            let root = dir.path().join(format!("root-{i}"));
+            fs::create_dir(&root).unwrap();
+            let e = apply_layers(&[l1.clone(), l2], &root, LIMITS)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("symlink in the layers below"), "{e}");
+            assert!(!root.join("etc/passwd").exists());
+        }
+        // The budget is over all layers together.
+        let big = layer(&dir.path().join("big.tar"), &[("x", "f:0123456789")]);
+        let root = dir.path().join("root-budget");
+        fs::create_dir(&root).unwrap();
+        let small = ConvertLimits {
+            max_bytes: 15,
+            max_entries: 10,
+        };
+        let e = apply_layers(&[big.clone(), big], &root, small)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 15 bytes"), "{e}");
     }
 
     #[test]
