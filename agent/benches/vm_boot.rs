@@ -1,25 +1,26 @@
-//! `cargo bench -p provider --bench vm_boot`: time from `vm run` start to the first byte of a
-//! command's output, by phase, beside the floor on this machine (the same kernel booting a
-//! busybox init that writes one byte to ttyS1 and powers off), rounds interleaved so load
-//! from elsewhere hits both alike; then the channel's guest→host throughput.
+//! `cargo bench -p provider --bench vm_boot`: job start (image → first byte of a command's
+//! output) on the disk path (the image a read-only squashfs disk, a fresh ext4 writable
+//! layer) beside the initramfs path (the rootfs unpacked into the initramfs, as before the
+//! disk path), rounds interleaved so load from elsewhere hits both alike; then the
+//! channel's throughput: a command's stdout (guest→host) and file transfers both ways.
 //!
-//! Needs what the VM tests need (QEMU, the kernel from scripts/fetch-guest-kernel.sh,
-//! busybox-static) and the static guest agent (built here when missing).
+//! Needs what the VM tests need (QEMU, the kernel and its modules from
+//! scripts/fetch-guest-kernel.sh, busybox-static, squashfs-tools, e2fsprogs) and the static
+//! guest agent (built here when missing).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use provider::images::ImageStore;
 use provider::store::DataDir;
-use vm::initramfs::{self, Header, NewcWriter};
 use vm::qemu::QemuOptions;
-use vm::{Backend, MachineSpec, RunSpec, Vm};
+use vm::{initramfs, Backend, MachineSpec, RunSpec, Vm};
 
 const ROUNDS: usize = 5;
-const THROUGHPUT_BYTES: u64 = 2 * 1024 * 1024;
-
+const STDOUT_BYTES: u64 = 100 * 1024 * 1024;
+const TRANSFER_BYTES: usize = 100 * 1024 * 1024;
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -53,31 +54,9 @@ fn guest_agent() -> PathBuf {
     target.join("x86_64-unknown-linux-gnu/release/provider-guest")
 }
 
-fn floor_initramfs(out: &Path) {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
-    let init = b"#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\necho x > /dev/ttyS1\n/bin/busybox poweroff -f\n";
-    let mut w = NewcWriter::new(std::io::BufWriter::new(std::fs::File::create(out).unwrap()));
-    let h = |name, mode| Header {
-        name,
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        size: 0,
-        rdev: (0, 0),
-    };
-    w.entry(&h("dev", 0o040755), &[]).unwrap();
-    w.entry(&h("bin", 0o040755), &[]).unwrap();
-    w.entry(&h("bin/busybox", 0o100755), &busybox).unwrap();
-    w.entry(&h("init", 0o100755), init).unwrap();
-    w.finish().unwrap();
-}
-
-struct Ours {
-    hash: Duration,
-    initramfs: Duration,
+struct Round {
+    prepare: Duration,
     boot: Duration,
-    command: Duration,
     first_byte: Duration,
 }
 
@@ -90,11 +69,28 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+fn echo(guest: &Vm, start: Instant) -> Duration {
+    let mut first = FirstByte { at: None, start };
+    guest
+        .run(
+            &RunSpec::new(["/bin/echo", "hello"]),
+            &mut first,
+            &mut std::io::sink(),
+        )
+        .unwrap();
+    first.at.expect("output")
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let kernel = vm::find_kernel(None).expect("guest kernel (scripts/fetch-guest-kernel.sh)");
+    let modules = vm::find_modules(&kernel).expect("guest kernel modules");
     let info = vm::HostInfo::detect();
     let q = info.qemu.clone().expect("qemu-system-x86_64");
     let choice = info.auto.clone().expect("a backend");
@@ -103,7 +99,11 @@ fn main() {
         accel: choice.accel,
         sandbox: q.sandbox,
     });
-    let agent = guest_agent();
+    let files = vm::GuestFiles {
+        kernel: kernel.clone(),
+        modules: modules.clone(),
+        agent: guest_agent(),
+    };
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("busybox.tar");
     let st = Command::new(workspace().join("scripts/make-test-image.sh"))
@@ -112,15 +112,6 @@ fn main() {
         .status()
         .unwrap();
     assert!(st.success());
-    let bytes = std::fs::read(&image).unwrap();
-    let hex: String = openssl::hash::hash(openssl::hash::MessageDigest::sha3_256(), &bytes)
-        .unwrap()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let hash = policies::manifest::PayloadHash::parse(&format!("sha3:{hex}")).unwrap();
-    let floor_cpio = dir.path().join("floor.cpio");
-    floor_initramfs(&floor_cpio);
     println!(
         "vm_boot: {} ({}), kernel {}, {ROUNDS} rounds",
         choice.reason,
@@ -128,130 +119,147 @@ fn main() {
         kernel.display()
     );
 
-    let mut floors = Vec::new();
-    let mut ours = Vec::new();
-    let mut throughput = None;
+    let mut initramfs_path = Vec::new();
+    let mut disk_path = Vec::new();
+    let mut convert = None;
     for round in 0..ROUNDS {
-        // Floor: spawn → first byte on the channel.
+        // The initramfs path: the rootfs unpacked into the initramfs (with the modules, for
+        // the virtio-serial channel).
         let job = tempfile::tempdir().unwrap();
+        let start = Instant::now();
+        let initrd = job.path().join("initramfs.cpio");
+        initramfs::build(&initrd, &files.agent, &image).unwrap();
+        let with_modules = job.path().join("modules.cpio");
+        initramfs::build_agent(&with_modules, &files.agent, modules.as_deref()).unwrap();
+        // newc archives concatenate: the kernel unpacks one after the other.
+        let mut all = std::fs::read(&with_modules).unwrap();
+        all.extend(std::fs::read(&initrd).unwrap());
+        std::fs::write(&initrd, all).unwrap();
+        let prepare = start.elapsed();
         let spec = MachineSpec {
             kernel: kernel.clone(),
-            initramfs: floor_cpio.clone(),
-            cmdline: vm::CMDLINE.into(),
+            initramfs: initrd,
+            cmdline: format!(
+                "{} provider.channel={}",
+                vm::CMDLINE,
+                vm::qemu::CHANNEL_PORT
+            ),
             mem_mib: 512,
             cpus: 1,
             job_dir: job.path().to_owned(),
             console_log: job.path().join("console.log"),
+            disks: Vec::new(),
         };
-        let start = Instant::now();
-        let mut m = backend.launch(&spec).unwrap();
-        let mut ch = m.take_channel().unwrap();
-        let mut b = [0u8; 1];
-        ch.read_exact(&mut b).unwrap();
-        floors.push(start.elapsed());
-        m.wait_timeout(Duration::from_secs(30)).unwrap();
-        m.kill().unwrap();
+        let mark = Instant::now();
+        let guest = Vm::boot(
+            backend.launch(&spec).unwrap(),
+            Duration::from_secs(180),
+            vm::refuse_streams(),
+        )
+        .unwrap();
+        let boot = mark.elapsed();
+        initramfs_path.push(Round {
+            prepare,
+            boot,
+            first_byte: echo(&guest, start),
+        });
+        guest.shutdown(Duration::from_secs(20)).unwrap();
 
-        // Ours: fresh store (the hash is checked), initramfs, boot, `echo`.
+        // The disk path: the store's squashfs (converted once, in round 0), a fresh
+        // writable layer, the agent's initramfs.
         let job = tempfile::tempdir().unwrap();
-        let store = ImageStore::new(&DataDir::new(job.path().join("data")));
+        let store = ImageStore::new(&DataDir::new(dir.path().join("data")));
+        let stored = store.fetch(image.to_str().unwrap(), None).unwrap();
         let start = Instant::now();
-        let img = store.fetch(image.to_str().unwrap(), Some(&hash)).unwrap();
-        let t_hash = start.elapsed();
-        let initrd = job.path().join("initramfs.cpio");
+        let disk = store.disk_image(&stored, 1 << 30).unwrap();
+        if round == 0 {
+            convert = Some(start.elapsed());
+        }
+        let spec = vm::disk_machine(&files, &disk, 1 << 30, 512, 1, job.path()).unwrap();
+        let prepare = start.elapsed();
         let mark = Instant::now();
-        initramfs::build(&initrd, &agent, &img.path).unwrap();
-        let t_initramfs = mark.elapsed();
-        let spec = MachineSpec {
-            initramfs: initrd,
-            job_dir: job.path().to_owned(),
-            console_log: job.path().join("console.log"),
-            ..spec
-        };
-        let mark = Instant::now();
-        let machine = backend.launch(&spec).unwrap();
-        let guest = Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap();
-        let t_boot = mark.elapsed();
-        let mark = Instant::now();
-        let mut first = FirstByte { at: None, start };
-        guest
-            .run(
-                &RunSpec::new(["/bin/echo", "hello"]),
-                &mut first,
-                &mut std::io::sink(),
-            )
-            .unwrap();
-        let t_cmd = mark.elapsed();
-        ours.push(Ours {
-            hash: t_hash,
-            initramfs: t_initramfs,
-            boot: t_boot,
-            command: t_cmd,
-            first_byte: first.at.expect("output"),
+        let guest = Vm::boot(
+            backend.launch(&spec).unwrap(),
+            Duration::from_secs(180),
+            vm::refuse_streams(),
+        )
+        .unwrap();
+        let boot = mark.elapsed();
+        disk_path.push(Round {
+            prepare,
+            boot,
+            first_byte: echo(&guest, start),
         });
         if round == ROUNDS - 1 {
-            let mut count = Count(0);
-            let mark = Instant::now();
-            guest
-                .run(
-                    &RunSpec::new([
-                        "/bin/head",
-                        "-c",
-                        &THROUGHPUT_BYTES.to_string(),
-                        "/dev/urandom",
-                    ]),
-                    &mut count,
-                    &mut std::io::sink(),
-                )
-                .unwrap();
-            assert_eq!(count.0, THROUGHPUT_BYTES);
-            throughput =
-                Some(THROUGHPUT_BYTES as f64 / (1024.0 * 1024.0) / mark.elapsed().as_secs_f64());
+            throughput(&guest, job.path());
         }
         guest.shutdown(Duration::from_secs(20)).unwrap();
     }
 
-    let floor = median(floors.clone());
-    let fb = median(ours.iter().map(|o| o.first_byte).collect());
-    println!("{:<34} {:>10}", "phase (median)", "time");
     println!(
-        "{:<34} {:>10}",
-        "hash check (sha3-256, file)",
-        ms(median(ours.iter().map(|o| o.hash).collect()))
+        "{:<40} {:>14} {:>14}",
+        "phase (median)", "initramfs path", "disk path"
     );
-    println!(
-        "{:<34} {:>10}",
-        "initramfs build",
-        ms(median(ours.iter().map(|o| o.initramfs).collect()))
-    );
-    println!(
-        "{:<34} {:>10}",
-        "launch + boot to agent ready",
-        ms(median(ours.iter().map(|o| o.boot).collect()))
-    );
-    println!(
-        "{:<34} {:>10}",
-        "command (echo) to its exit",
-        ms(median(ours.iter().map(|o| o.command).collect()))
-    );
-    println!("{:<34} {:>10}", "vm run start → first byte", ms(fb));
-    println!(
-        "{:<34} {:>10}",
-        "floor: busybox init → first byte",
-        ms(floor)
-    );
-    println!(
-        "overhead above the floor: {:+.1}% (target ≤ 10%); floors {:?}, ours {:?}",
-        (fb.as_secs_f64() / floor.as_secs_f64() - 1.0) * 100.0,
-        floors.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
-        ours.iter().map(|o| ms(o.first_byte)).collect::<Vec<_>>()
-    );
-    if let Some(t) = throughput {
+    let row = |what: &str, f: fn(&Round) -> Duration| {
         println!(
-            "channel guest→host: {t:.2} MiB/s ({} MiB of /dev/urandom)",
-            THROUGHPUT_BYTES >> 20
+            "{what:<40} {:>14} {:>14}",
+            ms(median(initramfs_path.iter().map(f).collect())),
+            ms(median(disk_path.iter().map(f).collect()))
+        );
+    };
+    row("prepare (initramfs / layer + initramfs)", |r| r.prepare);
+    row("launch + boot to agent ready", |r| r.boot);
+    row("start → first byte of `echo`", |r| r.first_byte);
+    if let Some(c) = convert {
+        println!("tarball → squashfs, once per image: {}", ms(c));
+    }
+}
+
+/// Stdout of a command (guest→host) and uploads/downloads of incompressible bytes to the
+/// writable layer.
+fn throughput(guest: &Vm, job: &Path) {
+    let mut count = Count(0);
+    let mark = Instant::now();
+    guest
+        .run(
+            &RunSpec::new([
+                "/bin/dd",
+                "if=/dev/zero",
+                "bs=65536",
+                &format!("count={}", STDOUT_BYTES / 65536),
+            ]),
+            &mut count,
+            &mut std::io::sink(),
+        )
+        .unwrap();
+    assert_eq!(count.0, STDOUT_BYTES);
+    println!(
+        "guest→host, a command's stdout (dd, {} MiB): {:.0} MB/s",
+        STDOUT_BYTES >> 20,
+        mbps(STDOUT_BYTES, mark.elapsed())
+    );
+    let up = job.join("up.bin");
+    let mut data = vec![0u8; TRANSFER_BYTES];
+    openssl::rand::rand_bytes(&mut data).unwrap();
+    std::fs::write(&up, &data).unwrap();
+    for (what, guest_path) in [("tmpfs", "/tmp/up.bin"), ("writable layer", "/up.bin")] {
+        let mark = Instant::now();
+        guest.upload(&up, guest_path).unwrap();
+        println!(
+            "host→guest, upload to {what} ({} MiB): {:.0} MB/s",
+            TRANSFER_BYTES >> 20,
+            mbps(TRANSFER_BYTES as u64, mark.elapsed())
         );
     }
+    let down = job.join("down.bin");
+    let mark = Instant::now();
+    guest.download("/up.bin", &down).unwrap();
+    println!(
+        "guest→host, download from the writable layer ({} MiB): {:.0} MB/s",
+        TRANSFER_BYTES >> 20,
+        mbps(TRANSFER_BYTES as u64, mark.elapsed())
+    );
+    assert!(std::fs::read(&down).unwrap() == data, "download differs");
 }
 
 struct FirstByte {

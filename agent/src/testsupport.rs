@@ -67,6 +67,8 @@ pub fn guest_agent() -> Result<PathBuf, String> {
 /// A VM-capable host: kernel, QEMU backend, a busybox rootfs tarball and the guest agent.
 pub struct VmEnv {
     pub kernel: PathBuf,
+    /// The kernel's modules for the disk path (`vm::find_modules`).
+    pub modules: Option<PathBuf>,
     pub agent: PathBuf,
     pub image: PathBuf,
     pub backend: Backend,
@@ -106,14 +108,47 @@ pub fn vm_env() -> Option<VmEnv> {
         );
         return None;
     }
+    let modules = match vm::find_modules(&kernel) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+    };
     let agent = guest_agent().unwrap_or_else(|e| panic!("{e}"));
     Some(VmEnv {
         kernel,
+        modules,
         agent,
         image,
         backend,
         _dir: dir,
     })
+}
+
+impl VmEnv {
+    /// What a disk-path machine boots from.
+    pub fn files(&self) -> vm::GuestFiles {
+        vm::GuestFiles {
+            kernel: self.kernel.clone(),
+            modules: self.modules.clone(),
+            agent: self.agent.clone(),
+        }
+    }
+
+    /// The busybox image as a squashfs disk (converted into `dir`).
+    pub fn disk_image(&self, dir: &Path) -> vm::rootfs::DiskImage {
+        vm::rootfs::tarball_to_squashfs(
+            &self.image,
+            &dir.join("busybox.sqfs"),
+            dir,
+            vm::rootfs::ConvertLimits {
+                max_bytes: 1 << 30,
+                max_entries: 100_000,
+            },
+        )
+        .unwrap_or_else(|e| panic!("convert the test image: {e}"))
+    }
 }
 
 /// Lowercase hex of a digest.

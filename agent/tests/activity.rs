@@ -145,6 +145,8 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         backend: env.backend.clone(),
         kernel: env.kernel.clone(),
         guest_agent: env.agent.clone(),
+        modules: env.modules.clone(),
+        storage_bytes: 64 << 20,
         mem_mib: 256,
         cpus: 1,
         boot_timeout: Duration::from_secs(180),
@@ -612,10 +614,13 @@ fn spec_for(id: &str, manifest: &Value, expires_in: chrono::Duration) -> JobSpec
 }
 
 fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Duration) -> JobConfig {
+    let modules = vm::find_modules(&kernel).ok().flatten();
     JobConfig {
         backend,
         kernel,
         guest_agent: agent,
+        modules,
+        storage_bytes: 64 << 20,
         mem_mib: 256,
         cpus: 1,
         boot_timeout: Duration::from_secs(180),

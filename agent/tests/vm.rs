@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use openssl::hash::MessageDigest;
 use provider::testsupport::{self, hex_digest, http_server, qemu_processes_mentioning, vm_env};
-use vm::{initramfs, qemu::QemuOptions, Backend, MachineSpec, RunSpec, Vm};
+use vm::{qemu::QemuOptions, Backend, RunSpec, Vm};
 
 const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");
 
@@ -212,6 +212,8 @@ fn unsafe_tarball_is_refused_naming_the_entry() {
     // Never booted: the initramfs is refused first.
     let kernel = dir.path().join("vmlinuz");
     std::fs::write(&kernel, b"unused").unwrap();
+    std::fs::create_dir(dir.path().join("modules")).unwrap();
+    std::fs::write(dir.path().join("modules/order"), b"").unwrap();
     for (entries, named) in [
         (vec![("../x", false)], "../x"),
         (vec![("/etc/x", false)], "/etc/x"),
@@ -262,8 +264,7 @@ fn unsafe_tarball_is_refused_naming_the_entry() {
 
 /// Boots the busybox image in a VM whose files live in `job`, ready for requests.
 fn boot_session(env: &testsupport::VmEnv, job: &Path) -> Vm {
-    let initrd = job.join("initramfs.cpio");
-    initramfs::build(&initrd, &env.agent, &env.image).unwrap();
+    let image = env.disk_image(job);
     let info = vm::HostInfo::detect();
     let choice = info.auto.clone().expect("a backend");
     let backend = Backend::Qemu(QemuOptions {
@@ -271,15 +272,7 @@ fn boot_session(env: &testsupport::VmEnv, job: &Path) -> Vm {
         accel: choice.accel,
         sandbox: info.qemu.as_ref().unwrap().sandbox,
     });
-    let spec = MachineSpec {
-        kernel: env.kernel.clone(),
-        initramfs: initrd,
-        cmdline: vm::CMDLINE.into(),
-        mem_mib: 512,
-        cpus: 1,
-        job_dir: job.to_owned(),
-        console_log: job.join("console.log"),
-    };
+    let spec = vm::disk_machine(&env.files(), &image, 256 << 20, 512, 1, job).unwrap();
     let machine = backend.launch(&spec).unwrap();
     Vm::boot(machine, Duration::from_secs(180), vm::refuse_streams()).unwrap()
 }
@@ -300,11 +293,11 @@ impl Write for Counter {
     }
 }
 
-/// One VM, several requests: 50 MiB of stdout through the flow-controlled channel, 10 MiB
-/// each way by transfer (compared by hash), the proxy listener refused cleanly without an
+/// One VM, several requests: 50 MiB of stdout through the flow-controlled channel, 50 MiB
+/// each way by transfer onto the writable layer (compared by hash), the proxy listener refused cleanly without an
 /// egress proxy, a command that cannot start, and a deadline inside the session.
 #[test]
-fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
+fn vm_session_streams_50_mib_and_transfers_50_mib_both_ways() {
     let Some(env) = vm_env() else { return };
     let job = tempfile::tempdir().unwrap();
     let guest = boot_session(&env, job.path());
@@ -323,19 +316,19 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
     assert_eq!(status.code, Some(0), "{}", String::from_utf8_lossy(&err));
     assert_eq!((out.n, out.bad), (50 * 1024 * 1024, 0));
 
-    // 10 MiB of incompressible bytes up, hashed in the guest, and back down.
+    // 50 MiB of incompressible bytes up, hashed in the guest, and back down.
     let up = job.path().join("up.bin");
-    let mut data = vec![0u8; 10 * 1024 * 1024];
+    let mut data = vec![0u8; 50 * 1024 * 1024];
     openssl::rand::rand_bytes(&mut data).unwrap();
     std::fs::write(&up, &data).unwrap();
     assert_eq!(
-        guest.upload(&up, "/tmp/in/up.bin").unwrap(),
+        guest.upload(&up, "/data/in/up.bin").unwrap(),
         data.len() as u64
     );
     let mut sum = Vec::new();
     let st = guest
         .run(
-            &RunSpec::new(["/bin/sha256sum", "/tmp/in/up.bin"]),
+            &RunSpec::new(["/bin/sha256sum", "/data/in/up.bin"]),
             &mut sum,
             &mut Vec::new(),
         )
@@ -348,7 +341,7 @@ fn vm_session_streams_50_mib_and_transfers_10_mib_both_ways() {
     );
     let down = job.path().join("down.bin");
     assert_eq!(
-        guest.download("/tmp/in/up.bin", &down).unwrap(),
+        guest.download("/data/in/up.bin", &down).unwrap(),
         data.len() as u64
     );
     assert!(std::fs::read(&down).unwrap() == data, "download differs");
@@ -429,7 +422,8 @@ fn assert_caps_dropped(what: &str, mask: u64) {
     assert_ne!(mask & 1, 0, "{what} lost CAP_CHOWN too: {mask:#x}");
 }
 
-/// One VM, a hostile payload: it looks for a way to the host channel (`ttyS1`) through the
+/// One VM, a hostile payload: it looks for a way to the host channel (the virtio-serial
+/// port `provider.channel`) through the
 /// device node, `mknod`, PID 1's fds, a kernel helper it plants, writable `/sys` and
 /// `/proc/sys`, and sprays random bytes at every character device and at PID 1's fds; the
 /// session survives and the next command answers. Then the entry point: a requestor's
@@ -442,11 +436,24 @@ fn vm_payload_cannot_reach_the_channel_and_path_cannot_pick_the_entry_point() {
     let guest = boot_session(&env, job.path());
 
     // The node is gone, and /dev is not a scratch dir to put a look-alike in.
-    let (code, _, err) = sh(&guest, "ls -l /dev/ttyS1");
-    assert_ne!(code, Some(0), "/dev/ttyS1 is visible: {err}");
-    let (code, _, err) = sh(&guest, "echo x > /dev/ttyS1");
-    assert_ne!(code, Some(0), "writing /dev/ttyS1 succeeded");
+    let (code, out, err) = sh(&guest, "ls -l /dev/vport* /dev/vd* /dev/hvc*");
+    assert_ne!(
+        code,
+        Some(0),
+        "a channel or disk node is visible: {out}{err}"
+    );
+    let (code, _, err) = sh(&guest, "echo x > /dev/vport0p1");
+    assert_ne!(code, Some(0), "writing /dev/vport0p1 succeeded");
     assert!(err.contains("Read-only file system"), "{err}");
+    // The port exists to the kernel (sysfs shows it), and cannot be unbound from it.
+    let (_, out, _) = sh(
+        &guest,
+        "cat /sys/class/virtio-ports/*/name;          echo virtio0 > /sys/bus/virtio/drivers/virtio_console/unbind 2>/dev/null || echo unbind refused",
+    );
+    assert!(
+        out.contains("provider.channel") && out.ends_with("unbind refused\n"),
+        "{out}"
+    );
 
     // No new device node, not even on a writable (nodev) tmpfs.
     let (code, _, err) = sh(&guest, "mknod /tmp/t c 4 65");
@@ -471,7 +478,7 @@ fn vm_payload_cannot_reach_the_channel_and_path_cannot_pick_the_entry_point() {
 
     // The payload's own fds: nothing of the channel leaked across exec.
     let (_, out, _) = sh(&guest, "for f in /proc/$$/fd/*; do readlink $f; done");
-    assert!(!out.contains("ttyS1"), "{out}");
+    assert!(!out.contains("vport") && !out.contains("/dev/vd"), "{out}");
 
     // Capabilities: gone from the bounding set (so from every later exec) and from the
     // kernel's helpers (modprobe, core-dump pipes, request-key run with these).
@@ -580,4 +587,217 @@ fn vm_payload_cannot_reach_the_channel_and_path_cannot_pick_the_entry_point() {
     let (code, out, _) = sh(&guest, "echo still here");
     assert_eq!((code, out.as_str()), (Some(0), "still here\n"));
     guest.shutdown(Duration::from_secs(20)).unwrap();
+}
+
+/// Builds a GVMI with `scripts/make-test-gvmi.sh` (mksquashfs + Golem's trailer), from the
+/// busybox rootfs or `rootfs`.
+fn make_gvmi(out: &Path, config: &str, comp: &str, rootfs: Option<&Path>) -> bool {
+    let mut cmd = Command::new(testsupport::workspace().join("scripts/make-test-gvmi.sh"));
+    cmd.arg(out).env("CONFIG", config).env("COMP", comp);
+    if let Some(r) = rootfs {
+        cmd.env("ROOTFS", r);
+    }
+    let o = cmd.output().unwrap();
+    if !o.status.success() {
+        eprintln!(
+            "SKIP: make-test-gvmi.sh failed (squashfs-tools?): {}",
+            stderr(&o)
+        );
+    }
+    o.status.success()
+}
+
+/// A GVMI as Golem builds them (lzo, config in the trailer): its `Env` and `WorkingDir`
+/// apply to the command and the command's own `--env` wins; its `Volumes` exist and are
+/// writable. Its writable layer is the job's storage: filling it gives ENOSPC inside the VM,
+/// the VM goes on, and the layer is gone from the host afterwards.
+#[test]
+fn a_gvmi_runs_with_its_env_and_working_dir_and_a_full_layer_is_enospc() {
+    let Some(env) = vm_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gvmi = dir.path().join("app.gvmi");
+    let config = r#"{"Env":["GREETING=hello from the image","MODE=image"],"WorkingDir":"/srv/app","Volumes":{"/golem/output":{}},"Cmd":["/bin/sh"]}"#;
+    if !make_gvmi(&gvmi, config, "lzo", None) {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let script = "echo \"$GREETING\"; echo \"$MODE\"; pwd; \
+                  echo kept > /golem/output/f && cat /golem/output/f; \
+                  dd if=/dev/zero of=/fill bs=1M 2>&1 | grep -o 'No space left on device' | head -1; \
+                  echo more >> /etc/passwd || echo copy-up-refused; \
+                  rm /fill; echo room-again > /after && cat /after";
+    let o = provider(
+        data.path(),
+        &env.agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            gvmi.to_str().unwrap(),
+            "--mem",
+            "256M",
+            "--storage",
+            "32M",
+            "--env",
+            "MODE=command",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello from the image\ncommand\n/srv/app\nkept\nNo space left on device\ncopy-up-refused\nroom-again\n",
+        "{}",
+        stderr(&o)
+    );
+    let leftovers: Vec<_> = walk(data.path())
+        .into_iter()
+        .filter(|p| p.ends_with("upper.img"))
+        .collect();
+    assert!(leftovers.is_empty(), "writable layers left: {leftovers:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A 1 GiB image (a sparse file in the squashfs, so the test stays small on disk) in a
+/// 256 MiB VM: the whole file is read through the read-only disk; the initramfs path would
+/// have had to hold it in guest RAM.
+#[test]
+fn a_one_gib_image_runs_in_a_256_mib_vm() {
+    let Some(env) = vm_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-xf")
+        .arg(&env.image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let big = std::fs::File::create(root.join("big")).unwrap();
+    big.set_len(1 << 30).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        big.write_all_at(b"end-marker", (1 << 30) - 10).unwrap();
+    }
+    drop(big);
+    let image = dir.path().join("big.gvmi");
+    if !make_gvmi(&image, "{}", "zstd", Some(&root)) {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let o = provider(
+        data.path(),
+        &env.agent,
+        &[
+            "vm",
+            "run",
+            "--image",
+            image.to_str().unwrap(),
+            "--mem",
+            "256M",
+            "--storage",
+            "32M",
+            "--timeout",
+            "300s",
+            "--",
+            "/bin/sh",
+            "-c",
+            "dd if=/big of=/dev/null bs=1M 2>&1 | tail -1; tail -c 10 /big; echo; grep MemTotal /proc/meminfo",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("1024+0 records out"), "{out}");
+    assert!(out.contains("end-marker"), "{out}");
+    let kib: u64 = out
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(kib <= 256 * 1024, "MemTotal {kib} kB");
+}
+
+/// Images the guest could not mount are refused by the host before any VM starts, naming
+/// why: lzma squashfs (no Linux reads it), a truncated squashfs, a file that is neither
+/// squashfs nor tarball.
+#[test]
+fn unmountable_images_are_refused_before_boot_naming_why() {
+    let Ok(agent) = testsupport::guest_agent() else {
+        eprintln!("SKIP: the guest agent cannot be built here");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello"), b"hello").unwrap();
+    let good = dir.path().join("good.sqfs");
+    let st = Command::new(vm::rootfs::mksquashfs_binary())
+        .arg(&src)
+        .arg(&good)
+        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
+        .status();
+    if !matches!(st, Ok(s) if s.success()) {
+        eprintln!("SKIP: no mksquashfs (apt-get install squashfs-tools)");
+        return;
+    }
+    let bytes = std::fs::read(&good).unwrap();
+    let mut lzma = bytes.clone();
+    lzma[20..22].copy_from_slice(&2u16.to_le_bytes());
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"unused").unwrap();
+    std::fs::create_dir(dir.path().join("modules")).unwrap();
+    std::fs::write(dir.path().join("modules/order"), b"").unwrap();
+    for (name, content, says) in [
+        ("lzma.sqfs", lzma, "lzma-compressed"),
+        ("short.sqfs", bytes[..200].to_vec(), "truncated"),
+        (
+            "elf.bin",
+            b"\x7fELF and then some bytes".to_vec(),
+            "neither a squashfs",
+        ),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let data = dir.path().join(format!("data-{name}"));
+        let o = provider(
+            &data,
+            &agent,
+            &[
+                "vm",
+                "run",
+                "--vmm",
+                "qemu",
+                "--image",
+                p.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--",
+                "/bin/true",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(2), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{name}: {}", stderr(&o));
+        assert!(
+            walk(&data).iter().all(|p| !p.ends_with("upper.img")),
+            "{name}: a writable layer was made"
+        );
+    }
 }

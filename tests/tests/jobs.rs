@@ -325,8 +325,20 @@ fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
         assert!(Instant::now() < deadline, "no VM started: {}", d.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Give the guest time to boot and start the command.
-    std::thread::sleep(Duration::from_secs(8));
+    // The job is started (its VM booted) once the audit log says so; then give the batch
+    // a moment to reach the guest. A fixed sleep raced slow boots on a loaded machine.
+    while !std::fs::read_to_string(data.join("audit.jsonl"))
+        .unwrap_or_default()
+        .contains("\"phase\":\"started\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the job never started: {}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     child
 }
 

@@ -20,7 +20,7 @@ use egress::{EgressPolicy, Proxy};
 use net::codes::Code;
 use net::receipt::{CommandRecord, EgressRecord, Receipt, Usage, RECEIPT_VERSION};
 use net::wire::{CommandResult, Outcome, Reason};
-use vm::{initramfs, MachineSpec, RunSpec, Vm};
+use vm::{RunSpec, Vm};
 
 /// How long the guest gets to power off before its VM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
@@ -43,6 +43,8 @@ pub struct Job {
     rt: Handle,
     dir: PathBuf,
     initramfs: PathBuf,
+    /// The image's `Env` and `WorkingDir` (a GVMI's; empty for a tarball), for `run`.
+    image_config: vm::rootfs::ImageConfig,
     manifest_sha256: String,
     image_hash: String,
     backend: &'static str,
@@ -153,11 +155,26 @@ impl Job {
             path: dir.clone(),
             source,
         })?;
-        let initrd = dir.join("initramfs.cpio");
-        if let Err(e) = initramfs::build(&initrd, &config.guest_agent, &image.path) {
-            let _ = std::fs::remove_file(&initrd);
-            return Err(e.into());
-        }
+        let files = vm::GuestFiles {
+            kernel: config.kernel.clone(),
+            modules: config.modules.clone(),
+            agent: config.guest_agent.clone(),
+        };
+        let machine = images::MachineSize {
+            mem_mib: config.mem_mib,
+            cpus: config.cpus,
+            storage_bytes: config.storage_bytes,
+            max_unpacked: config.max_image_bytes,
+        };
+        let (machine_spec, image_config) =
+            match images::prepare_machine(&store, &image, &config.backend, &files, machine, &dir) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e.into());
+                }
+            };
+        let initrd = machine_spec.initramfs.clone();
 
         let tee = Arc::new(AuditLog::tee(audit.clone()));
         let policy = EgressPolicy::new(
@@ -171,15 +188,6 @@ impl Job {
         let proxy = Proxy::new(policy, tee.clone());
         let bridge = EgressBridge::new(proxy.clone(), rt.clone());
 
-        let machine_spec = MachineSpec {
-            kernel: config.kernel.clone(),
-            initramfs: initrd.clone(),
-            cmdline: vm::CMDLINE.into(),
-            mem_mib: config.mem_mib,
-            cpus: config.cpus,
-            job_dir: dir.clone(),
-            console_log: dir.join("console.log"),
-        };
         let launched = Instant::now();
         let booted = config
             .backend
@@ -191,6 +199,7 @@ impl Job {
             Ok(vm) => vm,
             Err(e) => {
                 bridge.close();
+                let _ = std::fs::remove_file(dir.join("upper.img"));
                 return Err(e.into());
             }
         };
@@ -209,6 +218,7 @@ impl Job {
             rt,
             dir,
             initramfs: initrd,
+            image_config,
             mem_mib: config.mem_mib,
             cpus: config.cpus,
             command_timeout: config.command_timeout,
@@ -404,11 +414,13 @@ impl Job {
                 let mut spec = RunSpec::new(
                     std::iter::once(run.entry_point.clone()).chain(run.args.iter().cloned()),
                 );
-                spec.env = run
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                // The image's environment first: the command's own entries win.
+                spec.env = self.image_config.env.clone();
+                spec.env
+                    .extend(run.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                if let Some(dir) = &self.image_config.working_dir {
+                    spec.cwd = dir.clone();
+                }
                 let until_expiry = (self.spec.expires_at - Utc::now())
                     .to_std()
                     .unwrap_or(Duration::ZERO);
@@ -680,6 +692,12 @@ impl Job {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = std::fs::remove_file(&self.initramfs);
+        // The writable layer dies with the VM (it is as large as the job's storage).
+        let upper = self.dir.join("upper.img");
+        if let Some(used) = vm::upper::allocated(&upper) {
+            tracing::info!(activity = %self.spec.activity_id, bytes = used, "writable layer removed");
+        }
+        let _ = std::fs::remove_file(&upper);
     }
 }
 

@@ -47,6 +47,12 @@ pub struct JobConfig {
     pub kernel: PathBuf,
     /// The static guest agent (`provider-guest`).
     pub guest_agent: PathBuf,
+    /// The kernel modules of the disk path (`vm::find_modules`); `None` for a kernel with
+    /// the drivers built in.
+    pub modules: Option<PathBuf>,
+    /// The job's writable layer (the offer's `golem.inf.storage.gib`): a payload that fills
+    /// it gets `ENOSPC` inside the VM.
+    pub storage_bytes: u64,
     pub mem_mib: u32,
     pub cpus: u32,
     /// The guest agent must be ready within this long of the VM's launch.
@@ -122,6 +128,16 @@ pub enum ActivityError {
     VmGone(String),
 }
 
+impl From<crate::images::PrepareError> for ActivityError {
+    fn from(e: crate::images::PrepareError) -> Self {
+        match e {
+            crate::images::PrepareError::Image(e) => ActivityError::Image(e),
+            crate::images::PrepareError::Initramfs(e) => ActivityError::Initramfs(e),
+            crate::images::PrepareError::Vm(e) => ActivityError::Vm(e),
+        }
+    }
+}
+
 impl ActivityError {
     /// What the requestor is told when a job cannot start: a stable code and a message
     /// without the provider's paths or socket errors (the audit log keeps the whole error).
@@ -138,6 +154,12 @@ impl ActivityError {
             ActivityError::Initramfs(vm::initramfs::InitramfsError::Image(e)) => {
                 Reason::new(crate::images::code(e), e.public_message())
             }
+            ActivityError::Vm(vm::VmError::Boot {
+                setup: Some(why), ..
+            }) if why.contains("payload image") || why.contains("payload's image") => Reason::new(
+                Code::PayloadImageInvalid,
+                format!("the guest could not mount the payload's image: {why}"),
+            ),
             ActivityError::Vm(_) => Reason::new(
                 Code::JobStartFailed,
                 "the job's VM did not start (the provider's log has the cause)",

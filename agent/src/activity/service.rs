@@ -351,6 +351,7 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
     // The VM is the agreement's share of the hardware profile, a hard limit.
     cfg.mem_mib = agreement.grant.mem_mib();
     cfg.cpus = agreement.grant.cpu_threads;
+    cfg.storage_bytes = agreement.grant.storage_bytes();
     if let Err(reason) = shared.market.hold_capacity(&agreement, Utc::now()) {
         return ActivityResponse::Error { reason };
     }

@@ -13,9 +13,9 @@ use serde::Serialize;
 use super::output::{self, Table};
 use super::{Ctx, Outcome};
 use crate::images::ImageStore;
-use crate::units::{HumanDuration, MemSize};
+use crate::units::{ByteSize, HumanDuration, MemSize};
 use vm::host::HostInfo;
-use vm::{initramfs, Backend, MachineSpec, RunSpec, Vm, Vmm};
+use vm::{Backend, RunSpec, Vm, Vmm};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
@@ -40,7 +40,8 @@ pub(crate) fn vmm_parser() -> impl clap::builder::TypedValueParser<Value = Vmm> 
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Rootfs tarball (.tar or .tar.gz): a path, file:// or http(s):// URL.
+    /// The image: a squashfs, a GVMI or a rootfs tarball (.tar, .tar.gz): a path, file://
+    /// or http(s):// URL.
     #[arg(long, value_name = "PATH|URL")]
     image: String,
     /// Expected hash `sha3:<hex>` (224/256/384/512 by length); checked before the image is
@@ -67,9 +68,12 @@ pub struct RunArgs {
     /// Environment for the command (repeatable).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory inside the image.
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    workdir: String,
+    /// Working directory inside the image [default: the image's WorkingDir, else /].
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// The writable layer over the image (suffix K, M, G).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    storage: ByteSize,
     /// Boot deadline: the guest agent must be ready within this long.
     #[arg(long, value_name = "DURATION", default_value = "120s")]
     boot_timeout: HumanDuration,
@@ -145,21 +149,34 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     let kernel = vm::find_kernel(args.kernel.as_deref())?;
     let agent = vm::find_guest_agent(args.guest.as_deref())?;
 
-    let job = job_dir(ctx)?;
-    let initrd = job.join("initramfs.cpio");
-    let mark = Instant::now();
-    initramfs::build(&initrd, &agent, &image.path)?;
-    t.initramfs = mark.elapsed();
+    let modules = match &backend {
+        Backend::Qemu(_) => vm::find_modules(&kernel)?,
+        Backend::Kvm => None,
+    };
 
-    let spec = MachineSpec {
+    let job = job_dir(ctx)?;
+    let mark = Instant::now();
+    let files = vm::GuestFiles {
         kernel,
-        initramfs: initrd.clone(),
-        cmdline: vm::CMDLINE.into(),
+        modules,
+        agent,
+    };
+    let size = crate::images::MachineSize {
         mem_mib: args.mem.mib(),
         cpus: args.cpus,
-        job_dir: job.clone(),
-        console_log: job.join("console.log"),
+        storage_bytes: args.storage.bytes(),
+        max_unpacked: u64::MAX,
     };
+    let (spec, image_config) =
+        match crate::images::prepare_machine(&store, &image, &backend, &files, size, &job) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&job);
+                return Err(e.into());
+            }
+        };
+    let initrd = spec.initramfs.clone();
+    t.initramfs = mark.elapsed();
     let mark = Instant::now();
     let machine = backend.launch(&spec)?;
     t.launch = mark.elapsed();
@@ -167,10 +184,16 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     t.boot_to_ready = vm.boot_time;
     // The initramfs is in guest memory now.
     let _ = std::fs::remove_file(&initrd);
+    let upper = job.join("upper.img");
 
     let mut run = RunSpec::new(args.command.clone());
-    run.env = args.env.clone();
-    run.cwd = args.workdir.clone();
+    run.env = image_config.env.clone();
+    run.env.extend(args.env.iter().cloned());
+    run.cwd = match (&args.workdir, &image_config.working_dir) {
+        (Some(w), _) => w.clone(),
+        (None, Some(w)) => w.clone(),
+        (None, None) => "/".into(),
+    };
     run.timeout = Some(args.timeout.get());
     let first = std::sync::OnceLock::new();
     let mut stdout = FirstByte {
@@ -189,6 +212,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     t.first_byte = first.get().copied();
     let console = vm.console_log();
     let shutdown = vm.shutdown(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&upper);
     t.total = start.elapsed();
     if args.timings {
         eprintln!(

@@ -27,8 +27,6 @@ pub struct ConfigFile {
     /// `512M`.
     pub mem: Option<MemSize>,
     pub cpus: Option<u32>,
-    /// Disk of one job when its demand asks for none, e.g. `1G`.
-    pub storage: Option<ByteSize>,
     /// Jobs running at once (overrides the hardware profile's `max_jobs`).
     pub max_jobs: Option<usize>,
     /// The preset the offer publishes (`provider preset list`); default: `default` if the
@@ -46,6 +44,10 @@ pub struct ConfigFile {
     pub max_image_size: Option<ByteSize>,
     /// Free disk an image fetch must leave in the data dir, e.g. `1G`.
     pub image_disk_reserve: Option<ByteSize>,
+    /// One job's writable layer when its demand asks for no more, e.g. `2G` (the least a
+    /// job gets; its share of the hardware profile's `storage_gib`), reserved in the data
+    /// dir while the job runs.
+    pub storage: Option<ByteSize>,
     pub agreement_ttl: Option<HumanDuration>,
     pub proposal_ttl: Option<HumanDuration>,
     /// Open proposals one requestor peer may hold.
@@ -66,8 +68,6 @@ pub struct DaemonConfig {
     pub guest: Option<PathBuf>,
     pub mem_mib: u32,
     pub cpus: u32,
-    /// A job's disk when its demand asks for none, GiB.
-    pub storage_gib: f64,
     /// Overrides the hardware profile's `max_jobs` when set.
     pub max_jobs: Option<usize>,
     pub preset: Option<String>,
@@ -78,6 +78,7 @@ pub struct DaemonConfig {
     pub max_transfer_bytes: u64,
     pub max_image_bytes: u64,
     pub image_disk_reserve: u64,
+    pub storage_bytes: u64,
     pub agreement_ttl: Duration,
     pub proposal_ttl: Duration,
     pub max_proposals_per_peer: usize,
@@ -98,7 +99,6 @@ impl Default for DaemonConfig {
             guest: None,
             mem_mib: 512,
             cpus: 1,
-            storage_gib: 1.0,
             max_jobs: None,
             preset: None,
             allow_cidr: Vec::new(),
@@ -108,6 +108,7 @@ impl Default for DaemonConfig {
             max_transfer_bytes: 1024 * 1024 * 1024,
             max_image_bytes: 4 << 30,
             image_disk_reserve: 1 << 30,
+            storage_bytes: 2 << 30,
             agreement_ttl: Duration::from_secs(3600),
             proposal_ttl: Duration::from_secs(60),
             max_proposals_per_peer: 100,
@@ -156,12 +157,6 @@ impl DaemonConfig {
                 return Err(at("max_jobs", "must be at least 1".into()));
             }
             cfg.max_jobs = Some(v);
-        }
-        if let Some(v) = file.storage {
-            if v.bytes() == 0 {
-                return Err(at("storage", "must be more than 0".into()));
-            }
-            cfg.storage_gib = v.bytes() as f64 / (1u64 << 30) as f64;
         }
         if let Some(v) = file.preset {
             cfg.preset = Some(v);
@@ -212,6 +207,19 @@ impl DaemonConfig {
                     format!("`{v}` is not an address with a port (e.g. 127.0.0.1:9464): {e}"),
                 )
             })?);
+        }
+        if let Some(v) = file.storage {
+            if v.bytes() < vm::upper::MIN_BYTES {
+                return Err(at(
+                    "storage",
+                    format!(
+                        "{} bytes is below the smallest writable layer ({} bytes, 16M)",
+                        v.bytes(),
+                        vm::upper::MIN_BYTES
+                    ),
+                ));
+            }
+            cfg.storage_bytes = v.bytes();
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =

@@ -335,7 +335,7 @@ fn sizing(
     let floor = Grant {
         cpu_threads: cfg.cpus,
         mem_gib: f64::from(cfg.mem_mib) / 1024.0,
-        storage_gib: cfg.storage_gib,
+        storage_gib: cfg.storage_bytes as f64 / (1u64 << 30) as f64,
     };
     if !profile.holds(&floor) {
         anyhow::bail!(
@@ -361,10 +361,16 @@ fn sizing(
 fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
     let (backend, why) = vm::Backend::select(c.vmm, &vm::HostInfo::detect())?;
     tracing::info!("{why}");
+    let kernel = vm::find_kernel(c.kernel.as_deref())?;
     Ok(JobConfig {
+        modules: match &backend {
+            vm::Backend::Qemu(_) => vm::find_modules(&kernel)?,
+            vm::Backend::Kvm => None,
+        },
         backend,
-        kernel: vm::find_kernel(c.kernel.as_deref())?,
+        kernel,
         guest_agent: vm::find_guest_agent(c.guest.as_deref())?,
+        storage_bytes: c.storage_bytes,
         mem_mib: c.mem_mib,
         cpus: c.cpus,
         boot_timeout: c.boot_timeout,

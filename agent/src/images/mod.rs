@@ -29,12 +29,115 @@ pub fn code(e: &ImageError) -> Code {
         ImageError::Fetch { .. } => Code::PayloadFetchFailed,
         ImageError::UrlRefused { .. } => policies::Code::PayloadUrlRefused.into(),
         ImageError::TooLarge { .. } => Code::PayloadTooLarge,
-        ImageError::Io { .. } | ImageError::Store => Code::PayloadStoreFailed,
+        ImageError::Io { .. } | ImageError::Store | ImageError::Convert(_) => {
+            Code::PayloadStoreFailed
+        }
         ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => Code::PayloadImageInvalid,
         ImageError::Several(all) => match all.first().map(code) {
             Some(first) if all.iter().all(|e| code(e) == first) => first,
             _ => Code::PayloadFetchFailed,
         },
+    }
+}
+
+/// Staging dirs and temp images a killed conversion left behind (`.staging-*`, `.sqfs-*`),
+/// once they are an hour old: a conversion running now is younger than that.
+fn sweep_stale_work(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with(".staging-") && !name.starts_with(".sqfs-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > hour);
+        if old {
+            let p = e.path();
+            let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+            tracing::info!(path = %p.display(), "removed a conversion's leftovers");
+        }
+    }
+}
+
+/// What a job's machine is given, besides its image.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineSize {
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// The writable layer (disk path only).
+    pub storage_bytes: u64,
+    /// What a tarball may expand to when it is converted.
+    pub max_unpacked: u64,
+}
+
+/// Why a job's machine could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Initramfs(#[from] vm::initramfs::InitramfsError),
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+}
+
+/// The machine for `image` in the job dir `dir` (the daemon's jobs and `provider vm run`
+/// alike): under QEMU the image as a read-only disk (a tarball converted once, see
+/// [`ImageStore::disk_image`]) with a fresh writable layer of `size.storage_bytes`; under
+/// the own VMM, which has no virtio-blk yet, a tarball unpacked into the initramfs. Also
+/// the image's config (a GVMI's `Env`, `WorkingDir`…), which `run` commands honour.
+pub fn prepare_machine(
+    store: &ImageStore,
+    image: &StoredImage,
+    backend: &vm::Backend,
+    files: &vm::GuestFiles,
+    size: MachineSize,
+    dir: &Path,
+) -> Result<(vm::MachineSpec, vm::rootfs::ImageConfig), PrepareError> {
+    match backend {
+        vm::Backend::Qemu(_) => {
+            let disk = store.disk_image(image, size.max_unpacked)?;
+            let spec = vm::disk_machine(
+                files,
+                &disk,
+                size.storage_bytes,
+                size.mem_mib,
+                size.cpus,
+                dir,
+            )?;
+            tracing::info!(
+                format = disk.source_format,
+                compression = disk.compression.name(),
+                storage_bytes = size.storage_bytes,
+                "rootfs: a read-only disk with a writable layer"
+            );
+            Ok((spec, disk.config))
+        }
+        vm::Backend::Kvm => {
+            let initrd = dir.join("initramfs.cpio");
+            vm::initramfs::build(&initrd, &files.agent, &image.path)?;
+            Ok((
+                vm::MachineSpec {
+                    kernel: files.kernel.clone(),
+                    initramfs: initrd,
+                    cmdline: vm::CMDLINE.into(),
+                    mem_mib: size.mem_mib,
+                    cpus: size.cpus,
+                    job_dir: dir.to_owned(),
+                    console_log: dir.join("console.log"),
+                    disks: Vec::new(),
+                },
+                vm::rootfs::ImageConfig::default(),
+            ))
+        }
     }
 }
 
@@ -149,6 +252,58 @@ impl ImageStore {
             }),
             1 => Err(errors.remove(0)),
             _ => Err(ImageError::Several(errors)),
+        }
+    }
+
+    /// The image as a disk for the VM: a squashfs or GVMI is used as stored (checked:
+    /// superblock, compression, trailer); a tarball is converted once, with the reader's
+    /// entry guards, into `images/squashfs/<alg>/<hex>` and that copy is used from then on.
+    /// `max_unpacked` bounds what a tarball may expand to.
+    pub fn disk_image(
+        &self,
+        image: &StoredImage,
+        max_unpacked: u64,
+    ) -> Result<vm::rootfs::DiskImage, ImageError> {
+        match vm::rootfs::inspect(&image.path)? {
+            vm::rootfs::ImageKind::Squashfs { .. } => vm::rootfs::disk_image(&image.path),
+            vm::rootfs::ImageKind::Tarball => {
+                let converted = self
+                    .dir
+                    .join("squashfs")
+                    .join(alg_name(image.hash.algorithm))
+                    .join(&image.hash.hex);
+                if converted.is_file() {
+                    if let Ok(d) = vm::rootfs::disk_image(&converted) {
+                        return Ok(vm::rootfs::DiskImage {
+                            source_format: "tarball",
+                            ..d
+                        });
+                    }
+                    // A damaged conversion is made again, not used.
+                    let _ = fs::remove_file(&converted);
+                }
+                sweep_stale_work(&self.dir.join("tmp"));
+                if let Some(parent) = converted.parent() {
+                    sweep_stale_work(parent);
+                }
+                let started = std::time::Instant::now();
+                let d = vm::rootfs::tarball_to_squashfs(
+                    &image.path,
+                    &converted,
+                    &self.dir.join("tmp"),
+                    vm::rootfs::ConvertLimits {
+                        max_bytes: max_unpacked,
+                        max_entries: 1_000_000,
+                    },
+                )?;
+                tracing::info!(
+                    image = %image.path.display(),
+                    squashfs = %converted.display(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "converted a rootfs tarball into a squashfs image"
+                );
+                Ok(d)
+            }
         }
     }
 

@@ -235,6 +235,11 @@ impl Grant {
         (self.mem_gib * 1024.0 - EPS).ceil().max(1.0) as u32
     }
 
+    /// The job's writable layer, whole MiB (rounded up).
+    pub fn storage_bytes(&self) -> u64 {
+        ((self.storage_gib * 1024.0 - EPS).ceil().max(1.0) as u64) << 20
+    }
+
     /// What a demand's constraints ask for: the largest lower bound (`>=`, `>`, `=`) each
     /// of `golem.inf.cpu.threads`, `golem.inf.mem.gib` and `golem.inf.storage.gib` gets in
     /// the filter's top-level conjunction, never less than `floor` (the per-job size).

@@ -51,6 +51,10 @@ pub enum ImageError {
     UnsafeEntry { entry: String, reason: String },
     #[error("image {path}: {message}")]
     Format { path: PathBuf, message: String },
+    /// The host's conversion of a good tarball failed (its tool, its disk); the cause is
+    /// in the operator's log.
+    #[error("convert the image: {0}")]
+    Convert(String),
 }
 
 impl ImageError {
@@ -60,7 +64,14 @@ impl ImageError {
             ImageError::Io { .. } | ImageError::Store => {
                 "the provider could not store the image (its operator's log has the cause)".into()
             }
-            ImageError::Format { .. } => "the image is not a readable rootfs tarball".into(),
+            ImageError::Format { message, .. } => {
+                format!(
+                    "the image is not a usable rootfs (a squashfs, a GVMI or a tarball): {message}"
+                )
+            }
+            ImageError::Convert(_) => {
+                "the provider could not convert the image (its operator's log has the cause)".into()
+            }
             ImageError::Several(all) => all
                 .iter()
                 .map(|e| e.public_message())

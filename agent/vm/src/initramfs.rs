@@ -378,6 +378,104 @@ fn build_inner(out: &Path, agent: &Path, image: &Path) -> Result<BuildStats, Ini
     Ok(stats)
 }
 
+/// Builds `out` for the disk path: `/init` = `agent`, `/dev/console`, and, with
+/// `modules` (a directory with `order`, `release` and the `.ko` files `order` names, as
+/// `scripts/fetch-guest-kernel.sh` writes it), `/modules/…`. Nothing of the payload goes
+/// in: its image is a disk.
+pub fn build_agent(
+    out: &Path,
+    agent: &Path,
+    modules: Option<&Path>,
+) -> Result<BuildStats, InitramfsError> {
+    let r = build_agent_inner(out, agent, modules);
+    if r.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    r
+}
+
+fn build_agent_inner(
+    out: &Path,
+    agent: &Path,
+    modules: Option<&Path>,
+) -> Result<BuildStats, InitramfsError> {
+    let ioe = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source: io::Error| InitramfsError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Some(dir) = modules {
+        let order_path = dir.join("order");
+        let order = std::fs::read_to_string(&order_path).map_err(ioe("read", &order_path))?;
+        let release_path = dir.join("release");
+        let release = std::fs::read(&release_path).map_err(ioe("read", &release_path))?;
+        files.push(("modules/order".into(), order.clone().into_bytes()));
+        files.push(("modules/release".into(), release));
+        for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if name.contains('/') || name.starts_with('.') || !name.ends_with(".ko") {
+                return Err(InitramfsError::Io {
+                    action: "read the module list",
+                    path: order_path.clone(),
+                    source: io::Error::other(format!("`{name}` is not a .ko file name")),
+                });
+            }
+            let p = dir.join(name);
+            let bytes = std::fs::read(&p).map_err(ioe("read the kernel module", &p))?;
+            files.push((format!("modules/{name}"), bytes));
+        }
+    }
+    let agent_bytes = std::fs::read(agent).map_err(ioe("read the guest agent", agent))?;
+    let file = File::create(out).map_err(ioe("create", out))?;
+    let mut w = NewcWriter::new(BufWriter::with_capacity(1 << 20, file));
+    (|| -> io::Result<()> {
+        w.entry(
+            &Header {
+                name: "init",
+                mode: S_IFREG | 0o755,
+                ..dir_header("")
+            },
+            &agent_bytes,
+        )?;
+        w.entry(&dir_header("dev"), &[])?;
+        w.entry(
+            &Header {
+                name: "dev/console",
+                mode: S_IFCHR | 0o600,
+                rdev: (5, 1),
+                ..dir_header("")
+            },
+            &[],
+        )?;
+        if !files.is_empty() {
+            w.entry(&dir_header("modules"), &[])?;
+        }
+        for (name, bytes) in &files {
+            w.entry(
+                &Header {
+                    name,
+                    mode: S_IFREG | 0o644,
+                    ..dir_header("")
+                },
+                bytes,
+            )?;
+        }
+        Ok(())
+    })()
+    .map_err(ioe("write", out))?;
+    let (bw, stats) = w.finish().map_err(ioe("write", out))?;
+    let f = bw.into_inner().map_err(|e| InitramfsError::Io {
+        action: "write",
+        path: out.to_owned(),
+        source: e.into_error(),
+    })?;
+    f.sync_all().map_err(ioe("fsync", out))?;
+    Ok(stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +564,40 @@ mod tests {
         );
         assert_eq!(entries[8].2, b"hello", "hard link is a copy of its target");
         assert_eq!(stats.entries, 9);
+    }
+
+    #[test]
+    fn the_disk_path_initramfs_holds_the_agent_and_the_listed_modules_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"agent").unwrap();
+        let m = dir.path().join("modules");
+        std::fs::create_dir(&m).unwrap();
+        std::fs::write(m.join("order"), "b.ko\na.ko\n").unwrap();
+        std::fs::write(m.join("release"), "6.1\n").unwrap();
+        std::fs::write(m.join("a.ko"), b"A").unwrap();
+        std::fs::write(m.join("b.ko"), b"B").unwrap();
+        std::fs::write(m.join("unlisted.ko"), b"X").unwrap();
+        let out = dir.path().join("i.cpio");
+        build_agent(&out, &agent, Some(&m)).unwrap();
+        let e = parse(&std::fs::read(&out).unwrap());
+        let names: Vec<&str> = e.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "init",
+                "dev",
+                "dev/console",
+                "modules",
+                "modules/order",
+                "modules/release",
+                "modules/b.ko",
+                "modules/a.ko"
+            ]
+        );
+        std::fs::write(m.join("order"), "../../etc/shadow\n").unwrap();
+        assert!(build_agent(&out, &agent, Some(&m)).is_err());
+        assert!(!out.exists());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod initramfs;
 pub mod kvm;
 pub mod kvm_backend;
 pub mod qemu;
+pub mod rootfs;
+pub mod upper;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -104,7 +106,13 @@ pub enum VmError {
     #[error("{message}")]
     NotFound { message: String },
     #[error("the VM did not come up: {message}{console}")]
-    Boot { message: String, console: String },
+    Boot {
+        message: String,
+        console: String,
+        /// The guest agent's own reason, when it stopped the boot (see
+        /// [`guest_setup_failure`]).
+        setup: Option<String>,
+    },
     #[error(transparent)]
     Channel(#[from] ChannelError),
     #[error("the guest answered request {id} with {got}")]
@@ -127,6 +135,17 @@ pub struct MachineSpec {
     pub job_dir: PathBuf,
     /// Where the guest console (`ttyS0`) is written.
     pub console_log: PathBuf,
+    /// Block devices, in this order (the guest finds each by its serial).
+    pub disks: Vec<DiskSpec>,
+}
+
+/// One virtio-blk disk of a machine.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// What the guest reads in `/sys/block/vd*/serial` (1–20 of `[A-Za-z0-9_-]`).
+    pub serial: String,
+    pub read_only: bool,
 }
 
 /// The kernel command line every backend passes: console on `ttyS0`, the agent as init,
@@ -192,11 +211,10 @@ impl Backend {
 
     pub fn launch(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, VmError> {
         match self {
-            Backend::Qemu(opts) => Ok(Box::new(qemu::QemuMachine::launch(
-                spec,
-                opts,
-                Duration::from_secs(10),
-            )?)),
+            Backend::Qemu(opts) => Ok(Box::new(qemu::QemuMachine::launch(spec, opts)?)),
+            Backend::Kvm if !spec.disks.is_empty() => Err(VmError::Backend {
+                message: "the own VMM has no virtio-blk device yet: disk images run under QEMU (--vmm qemu)".into(),
+            }),
             Backend::Kvm => Ok(Box::new(kvm_backend::KvmMachine::launch(spec)?)),
         }
     }
@@ -256,6 +274,103 @@ fn kernel_cache() -> Option<PathBuf> {
     env_path("PROVIDER_KERNEL_CACHE")
         .or_else(|| env_path("XDG_CACHE_HOME").map(|c| c.join("provider/kernel")))
         .or_else(|| env_path("HOME").map(|h| h.join(".cache/provider/kernel")))
+}
+
+/// The kernel modules the disk path's guest loads (`virtio_pci`, `virtio_blk`,
+/// `virtio_console`, `squashfs`, `overlay` and what they need): `$PROVIDER_MODULES`, else
+/// `modules/` beside the kernel (where `scripts/fetch-guest-kernel.sh` puts them), when it
+/// has an `order` file. `PROVIDER_MODULES=none`: a kernel with those drivers built in.
+pub fn find_modules(kernel: &Path) -> Result<Option<PathBuf>, VmError> {
+    let candidate = match env_path("PROVIDER_MODULES") {
+        Some(p) if p.as_os_str() == "none" => return Ok(None),
+        Some(p) => p,
+        None => kernel
+            .parent()
+            .map(|d| d.join("modules"))
+            .unwrap_or_else(|| PathBuf::from("modules")),
+    };
+    if candidate.join("order").is_file() {
+        return Ok(Some(candidate));
+    }
+    Err(VmError::NotFound {
+        message: format!(
+            "no guest kernel modules at {} (an `order` file and the .ko files it names); run scripts/fetch-guest-kernel.sh, set PROVIDER_MODULES=DIR, or PROVIDER_MODULES=none for a kernel with virtio, squashfs and overlay built in",
+            candidate.display()
+        ),
+    })
+}
+
+/// The disk serials and the channel port the guest agent is told about.
+pub const ROOT_SERIAL: &str = "root";
+pub const UPPER_SERIAL: &str = "upper";
+
+/// What a disk-path machine is built from, besides its job dir.
+#[derive(Debug, Clone)]
+pub struct GuestFiles {
+    pub kernel: PathBuf,
+    /// See [`find_modules`].
+    pub modules: Option<PathBuf>,
+    /// The static `provider-guest`.
+    pub agent: PathBuf,
+}
+
+/// Prepares a job dir for the disk path and returns the machine to launch: the agent's
+/// initramfs (`initramfs.cpio`), a fresh writable layer (`upper.img`, `upper_bytes`, with
+/// the image's volumes and working dir made on it), the image read-only as the root disk,
+/// the channel on virtio-serial. For QEMU; the own VMM has no virtio-blk yet.
+pub fn disk_machine(
+    files: &GuestFiles,
+    image: &rootfs::DiskImage,
+    upper_bytes: u64,
+    mem_mib: u32,
+    cpus: u32,
+    job_dir: &Path,
+) -> Result<MachineSpec, VmError> {
+    let initramfs = job_dir.join("initramfs.cpio");
+    initramfs::build_agent(&initramfs, &files.agent, files.modules.as_deref()).map_err(|e| {
+        VmError::Backend {
+            message: format!("build the guest initramfs: {e}"),
+        }
+    })?;
+    let upper = job_dir.join("upper.img");
+    if let Err(e) = upper::create(&upper, upper_bytes, &image.config.dirs()) {
+        let _ = std::fs::remove_file(&initramfs);
+        return Err(e);
+    }
+    Ok(MachineSpec {
+        kernel: files.kernel.clone(),
+        initramfs,
+        cmdline: format!(
+            "{CMDLINE} provider.root={ROOT_SERIAL} provider.upper={UPPER_SERIAL} provider.channel={}",
+            qemu::CHANNEL_PORT
+        ),
+        mem_mib,
+        cpus,
+        job_dir: job_dir.to_owned(),
+        console_log: job_dir.join("console.log"),
+        disks: vec![
+            DiskSpec {
+                path: image.path.clone(),
+                serial: ROOT_SERIAL.into(),
+                read_only: true,
+            },
+            DiskSpec {
+                path: upper,
+                serial: UPPER_SERIAL.into(),
+                read_only: false,
+            },
+        ],
+    })
+}
+
+/// The agent's own explanation when it stopped the boot (`provider-guest: setup failed:
+/// …` on the console), e.g. an image that does not mount.
+pub fn guest_setup_failure(console_log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(console_log).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.split_once("provider-guest: setup failed: "))
+        .map(|(_, why)| why.trim().to_owned())
 }
 
 /// Where the static guest agent is built (relative to the cargo target dir).
@@ -388,9 +503,14 @@ impl Vm {
         let start = Instant::now();
         let fail = |machine: &mut Box<dyn Machine>, message: String| {
             let _ = machine.kill();
+            let setup = guest_setup_failure(machine.console_log());
             VmError::Boot {
-                message,
+                message: match &setup {
+                    Some(why) => format!("the guest agent stopped the boot: {why}"),
+                    None => message,
+                },
                 console: console_tail(machine.console_log()),
+                setup,
             }
         };
         let Some(stream) = machine.take_channel() else {
@@ -753,4 +873,23 @@ pub fn console_tail(path: &Path) -> String {
             .collect::<Vec<_>>()
             .join(" | ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_setup_failure_is_read_from_the_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "[    0.1] booting\nprovider-guest: setup failed: the payload image (/dev/vda, serial `root`) does not mount as squashfs: EINVAL\r\n").unwrap();
+        assert_eq!(
+            guest_setup_failure(&log).as_deref(),
+            Some("the payload image (/dev/vda, serial `root`) does not mount as squashfs: EINVAL")
+        );
+        std::fs::write(&log, "[    0.1] booting\n").unwrap();
+        assert_eq!(guest_setup_failure(&log), None);
+        assert_eq!(guest_setup_failure(&dir.path().join("none")), None);
+    }
 }
