@@ -233,7 +233,8 @@ pub fn run(ctx: &Ctx, args: SelfTestArgs) -> anyhow::Result<Outcome> {
             Some("apt-get install qemu-system-x86 (or set PROVIDER_QEMU)"),
         ),
     });
-    out.push(match vm::find_kernel(cfg.kernel.as_deref()) {
+    let kernel = vm::find_kernel(cfg.kernel.as_deref());
+    out.push(match &kernel {
         Ok(p) => check("guest kernel", Pass, p.display().to_string(), None),
         Err(e) => check(
             "guest kernel",
@@ -242,6 +243,23 @@ pub fn run(ctx: &Ctx, args: SelfTestArgs) -> anyhow::Result<Outcome> {
             Some("scripts/fetch-guest-kernel.sh, or --kernel PATH"),
         ),
     });
+    if let Ok(k) = &kernel {
+        out.push(match vm::find_modules(k) {
+            Ok(Some(m)) => check("guest kernel modules", Pass, m.display().to_string(), None),
+            Ok(None) => check(
+                "guest kernel modules",
+                Pass,
+                "none (PROVIDER_MODULES=none)",
+                None,
+            ),
+            Err(e) => check(
+                "guest kernel modules",
+                Fail,
+                e.to_string(),
+                Some("scripts/fetch-guest-kernel.sh puts them beside the kernel"),
+            ),
+        });
+    }
     out.push(match vm::find_guest_agent(cfg.guest.as_deref()) {
         Ok(p) => check("guest agent", Pass, p.display().to_string(), None),
         Err(e) => check(
