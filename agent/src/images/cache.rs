@@ -11,6 +11,7 @@ use std::fs::{self, File};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use fs4::fs_std::FileExt;
 use serde::Serialize;
 
 use super::{ImageStore, StoredImage};
@@ -41,7 +42,7 @@ impl ImageStore {
     /// Takes a lease on a stored image and marks it used now.
     pub fn lease(&self, image: &StoredImage) -> Result<ImageLease, ImageError> {
         let file = File::open(&image.path).map_err(io_err("open", &image.path))?;
-        file.lock_shared().map_err(io_err("lock", &image.path))?;
+        FileExt::lock_shared(&file).map_err(io_err("lock", &image.path))?;
         // The content never changes once stored: the mtime is the last use.
         let _ = file.set_modified(SystemTime::now());
         Ok(ImageLease { _file: file })
@@ -76,12 +77,10 @@ impl ImageStore {
                 };
                 let converted = self.converted_path(&alg_name, &hex);
                 let converted_bytes = fs::metadata(&converted).map(|m| m.len()).ok();
+                // Taking the exclusive lock fails only while a job holds its lease.
                 let in_use = File::open(&path)
-                    .map(|f| match f.try_lock() {
-                        Ok(()) => false,
-                        Err(fs::TryLockError::WouldBlock) => true,
-                        Err(fs::TryLockError::Error(_)) => false,
-                    })
+                    .and_then(|f| FileExt::try_lock_exclusive(&f))
+                    .map(|got| !got)
                     .unwrap_or(false);
                 out.push(CachedImage {
                     hash: format!("{alg_name}:{hex}"),
@@ -112,7 +111,7 @@ impl ImageStore {
                 continue;
             };
             // Held exclusively while it is removed: a job cannot lease it halfway.
-            if f.try_lock().is_err() {
+            if !FileExt::try_lock_exclusive(&f).unwrap_or(false) {
                 continue;
             }
             let (alg, hex) = img.hash.split_once(':').unwrap_or_default();
