@@ -79,6 +79,7 @@ fn main() {
         addresses: egress::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_image_bytes: 64 << 20,
         image_disk_reserve: 0,
+        image_cache_bytes: u64::MAX,
         limits: egress::Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

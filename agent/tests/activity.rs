@@ -158,6 +158,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_image_bytes: 64 << 20,
         image_disk_reserve: 0,
+        image_cache_bytes: u64::MAX,
         limits: Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -632,6 +633,7 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         addresses: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
         max_image_bytes: 64 << 20,
         image_disk_reserve: 0,
+        image_cache_bytes: u64::MAX,
         limits: Limits::default(),
     }
 }

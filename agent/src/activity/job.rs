@@ -43,6 +43,8 @@ pub struct Job {
     rt: Handle,
     dir: PathBuf,
     initramfs: PathBuf,
+    /// Keeps the job's image in the cache until the job is gone.
+    _lease: images::cache::ImageLease,
     /// The image's `Env` and `WorkingDir` (a GVMI's; empty for a tarball), for `run`.
     image_config: vm::rootfs::ImageConfig,
     manifest_sha256: String,
@@ -143,6 +145,18 @@ impl Job {
         );
         store.progress = false;
         let image = store.fetch_payload(payload)?;
+        // Held for the job's life: the cache never evicts an image a job uses.
+        let lease = store.lease(&image)?;
+        match store.prune(config.image_cache_bytes) {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(
+                    evicted = gone.len(),
+                    "image cache over its size; evicted the least recently used"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "image cache eviction"),
+        }
 
         let jobs = data.root().join("jobs");
         let dir = jobs.join(&spec.activity_id);
@@ -218,6 +232,7 @@ impl Job {
             rt,
             dir,
             initramfs: initrd,
+            _lease: lease,
             image_config,
             mem_mib: config.mem_mib,
             cpus: config.cpus,

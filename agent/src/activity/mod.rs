@@ -74,6 +74,9 @@ pub struct JobConfig {
     pub max_image_bytes: u64,
     /// Free disk an image fetch must leave in the data dir (`image_disk_reserve`).
     pub image_disk_reserve: u64,
+    /// The image cache's size (`image_cache_size`): least recently used images not in use
+    /// are evicted beyond it.
+    pub image_cache_bytes: u64,
     /// Bounds on the job's egress proxy.
     pub limits: Limits,
 }

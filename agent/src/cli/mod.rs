@@ -5,6 +5,7 @@
 
 mod audit;
 pub(crate) mod egress;
+mod images;
 mod keystore;
 pub(crate) mod manifest;
 pub(crate) mod output;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Payloads in a VM: run one command in a fresh VM, or check what this host offers.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// The image cache: list what is stored, evict what no job uses.
+    #[command(subcommand)]
+    Images(images::ImagesCmd),
     /// Run the provider daemon: join the network, negotiate, run jobs.
     Run(run::RunArgs),
     /// The hardware profile: how much of this machine is sold.
@@ -127,6 +131,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Script(cmd) => script::run(&ctx, cmd),
         Command::Egress(cmd) => egress::run(&ctx, cmd),
         Command::Vm(cmd) => vm::run(&ctx, cmd),
+        Command::Images(cmd) => images::run(&ctx, cmd),
         Command::Run(args) => run::run(&ctx, args),
         Command::Profile(cmd) => profile::run(&ctx, cmd),
         Command::Preset(cmd) => preset::run(&ctx, cmd),

@@ -144,6 +144,8 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     let image = store
         .fetch(&args.image, expected.as_ref())
         .with_context(|| format!("image {}", args.image))?;
+    // Kept from `images prune` while this job runs.
+    let _lease = store.lease(&image)?;
     t.image = start.elapsed();
 
     let kernel = vm::find_kernel(args.kernel.as_deref())?;

@@ -44,6 +44,9 @@ pub struct ConfigFile {
     pub max_image_size: Option<ByteSize>,
     /// Free disk an image fetch must leave in the data dir, e.g. `1G`.
     pub image_disk_reserve: Option<ByteSize>,
+    /// The image cache's size, e.g. `20G`: beyond it the least recently used images no job
+    /// uses are evicted.
+    pub image_cache_size: Option<ByteSize>,
     /// One job's writable layer when its demand asks for no more, e.g. `2G` (the least a
     /// job gets; its share of the hardware profile's `storage_gib`), reserved in the data
     /// dir while the job runs.
@@ -79,6 +82,7 @@ pub struct DaemonConfig {
     pub max_image_bytes: u64,
     pub image_disk_reserve: u64,
     pub storage_bytes: u64,
+    pub image_cache_bytes: u64,
     pub agreement_ttl: Duration,
     pub proposal_ttl: Duration,
     pub max_proposals_per_peer: usize,
@@ -109,6 +113,7 @@ impl Default for DaemonConfig {
             max_image_bytes: 4 << 30,
             image_disk_reserve: 1 << 30,
             storage_bytes: 2 << 30,
+            image_cache_bytes: 20 << 30,
             agreement_ttl: Duration::from_secs(3600),
             proposal_ttl: Duration::from_secs(60),
             max_proposals_per_peer: 100,
@@ -207,6 +212,9 @@ impl DaemonConfig {
                     format!("`{v}` is not an address with a port (e.g. 127.0.0.1:9464): {e}"),
                 )
             })?);
+        }
+        if let Some(v) = file.image_cache_size {
+            cfg.image_cache_bytes = v.bytes();
         }
         if let Some(v) = file.storage {
             if v.bytes() < vm::upper::MIN_BYTES {

@@ -383,6 +383,7 @@ fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
         addresses: egress::AddressPolicy::new(c.allow_cidr.clone()),
         max_image_bytes: c.max_image_bytes,
         image_disk_reserve: c.image_disk_reserve,
+        image_cache_bytes: c.image_cache_bytes,
         limits: egress::Limits::default(),
     })
 }

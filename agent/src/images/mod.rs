@@ -17,6 +17,8 @@ use policies::manifest::{Payload, PayloadHash, Sha3};
 use policies::{Platform, ReceivedManifest};
 use vm::image::{io_err, ImageError};
 
+pub mod cache;
+
 use self::fetch::FetchLimits;
 use crate::store::DataDir;
 

@@ -853,3 +853,45 @@ fn kill_9_during_keystore_add_leaves_no_temp_after_the_next_command() {
     expected.sort();
     assert_eq!(files, expected);
 }
+
+/// `images list` shows the cache least recently used first, as a table and as JSON;
+/// `images prune --max-size` evicts from the oldest until the rest fits.
+#[test]
+fn images_list_and_prune_follow_last_use() {
+    let p = Provider::new();
+    let empty = p.run(["--json", "images", "list"]).ok().json();
+    assert_eq!(empty, serde_json::json!([]));
+    let dir = p.data_dir().join("images/sha3-256");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (hex, secs) in [("aa", 3000u64), ("bb", 1000), ("cc", 2000)] {
+        let path = dir.join(hex.repeat(32));
+        std::fs::write(&path, vec![0u8; 1024]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .unwrap();
+    }
+    let list = p.run(["--json", "images", "list"]).ok().json();
+    let order: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["hash"].as_str().unwrap()[9..11].to_owned())
+        .collect();
+    assert_eq!(order, ["bb", "cc", "aa"], "{list}");
+    let table = p.run(["images", "list"]).ok().stdout;
+    assert!(table.starts_with("HASH "), "{table}");
+    assert!(table.contains("3 image(s), 3.0 KiB"), "{table}");
+    let pruned = p
+        .run(["--json", "images", "prune", "--max-size", "1500"])
+        .ok()
+        .json();
+    assert_eq!(pruned.as_array().unwrap().len(), 2, "{pruned}");
+    let left = p.run(["--json", "images", "list"]).ok().json();
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert!(left[0]["hash"].as_str().unwrap().starts_with("sha3-256:aa"));
+    p.run(["images", "prune", "--max-size", "lots"])
+        .bad_input("lots");
+}
