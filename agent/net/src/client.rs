@@ -6,7 +6,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::offer::SignedOffer;
+use super::offer::VerifiedOffer;
 
 use super::wire::{
     ActivityRequest, ActivityResponse, MarketRequest, MarketResponse, ACTIVITY_PROTOCOL,
@@ -58,7 +58,7 @@ pub(crate) enum Command {
         constraints: String,
     },
     Offers {
-        reply: Reply<Vec<SignedOffer>>,
+        reply: Reply<Vec<VerifiedOffer>>,
     },
     FindProviders {
         runtime: String,
@@ -192,7 +192,7 @@ impl Client {
     }
 
     /// The verified, unexpired offers this peer has received, sorted by provider id.
-    pub async fn offers(&self) -> Result<Vec<SignedOffer>, NetError> {
+    pub async fn offers(&self) -> Result<Vec<VerifiedOffer>, NetError> {
         self.ask(|reply| Command::Offers { reply }).await
     }
 

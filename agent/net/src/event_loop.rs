@@ -283,6 +283,11 @@ impl EventLoop {
                 out.push(addr.clone());
             }
         }
+        if out.is_empty() {
+            // Nothing known to be reachable from elsewhere yet: the listen addresses still
+            // serve peers on this host or link until AutoNAT has spoken.
+            out.extend(self.swarm.listeners().filter(|a| !unspecified(a)).cloned());
+        }
         let mut seen = HashSet::new();
         out.into_iter()
             .map(|a| {
@@ -330,7 +335,7 @@ impl EventLoop {
                 + chrono::Duration::from_std(self.discovery.offer_ttl)
                     .unwrap_or(chrono::Duration::minutes(10)),
         };
-        let signed = match SignedOffer::sign(body, &self.discovery.keypair) {
+        let signed = match SignedOffer::sign(&body, &self.discovery.keypair) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(%e, "cannot sign the offer");
@@ -379,7 +384,8 @@ impl EventLoop {
         claimed_source: Option<PeerId>,
     ) -> Result<Admission, super::offer::OfferError> {
         let now = chrono::Utc::now();
-        let (peer, offer) = SignedOffer::from_wire(bytes, now)?;
+        let offer = SignedOffer::from_wire(bytes, now)?;
+        let peer = offer.publisher;
         if let Some(source) = claimed_source {
             if source != peer {
                 return Err(super::offer::OfferError::WrongPublisher {
@@ -391,7 +397,7 @@ impl EventLoop {
         if peer == *self.swarm.local_peer_id() {
             return Ok(Admission::Stale);
         }
-        Ok(self.discovery.cache.insert(peer, offer, now))
+        Ok(self.discovery.cache.insert(offer, now))
     }
 
     fn on_gossip(&mut self, event: gossipsub::Event) {
@@ -446,8 +452,8 @@ impl EventLoop {
                 // one, may enter the store.
                 let now = chrono::Utc::now();
                 match SignedOffer::from_wire(&record.value, now) {
-                    Ok((peer, offer)) if record.key == offer_key(&peer) => {
-                        let _ = self.discovery.cache.insert(peer, offer, now);
+                    Ok(offer) if record.key == offer_key(&offer.publisher) => {
+                        let _ = self.discovery.cache.insert(offer, now);
                         if let Err(e) = kad::store::RecordStore::put(
                             self.swarm.behaviour_mut().kad.store_mut(),
                             record,
@@ -455,8 +461,8 @@ impl EventLoop {
                             tracing::debug!(%source, %e, "offer record not stored");
                         }
                     }
-                    Ok((peer, _)) => {
-                        tracing::warn!(%source, %peer, "DHT record refused: not under its publisher's key")
+                    Ok(offer) => {
+                        tracing::warn!(%source, peer = %offer.publisher, "DHT record refused: not under its publisher's key")
                     }
                     Err(e) => tracing::warn!(%source, %e, "DHT record refused"),
                 }
@@ -488,8 +494,8 @@ impl EventLoop {
                 }
                 kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(found))) => {
                     match SignedOffer::from_wire(&found.record.value, chrono::Utc::now()) {
-                        Ok((peer, _)) if found.record.key != offer_key(&peer) => {
-                            tracing::warn!(%peer, "DHT offer record under another peer's key ignored")
+                        Ok(offer) if found.record.key != offer_key(&offer.publisher) => {
+                            tracing::warn!(peer = %offer.publisher, "DHT offer record under another peer's key ignored")
                         }
                         Ok(_) => {
                             let _ = self.on_offer_bytes(&found.record.value, None);
@@ -914,6 +920,14 @@ fn routable(addr: &Multiaddr) -> bool {
         Some(Protocol::Ip4(ip)) => !ip.is_loopback() && !ip.is_unspecified(),
         Some(Protocol::Ip6(ip)) => !ip.is_loopback() && !ip.is_unspecified(),
         Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)) => true,
+        _ => false,
+    }
+}
+
+fn unspecified(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => ip.is_unspecified(),
         _ => false,
     }
 }

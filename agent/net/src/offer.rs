@@ -26,7 +26,7 @@ use serde_json::Value;
 pub const OFFER_VERSION: u32 = 1;
 /// The gossipsub topic offers are published on.
 pub const OFFER_TOPIC: &str = "/provider/offers/1";
-/// Prepended to the canonical JSON before signing, so an offer signature can never be
+/// Prepended to the offer's JSON text before signing, so an offer signature can never be
 /// replayed as another kind of signed object (a receipt) made with the same key.
 pub const SIGNING_CONTEXT: &[u8] = b"/provider/offer/1\n";
 /// Largest encoded signed offer a peer accepts (gossip message or DHT record).
@@ -55,15 +55,28 @@ pub struct OfferBody {
     pub expires_at: DateTime<Utc>,
 }
 
-/// An [`OfferBody`] with the key that signed it and the signature.
+/// An offer as it travels: the JSON text of an [`OfferBody`] exactly as it was signed, the
+/// key that signed it and the signature. The signed bytes travel as they are, so no
+/// verifier has to re-create a byte-exact encoding (offers carry floating-point
+/// properties, which canonical JSON schemes disagree on).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedOffer {
-    pub offer: OfferBody,
+    /// The JSON text of the [`OfferBody`].
+    pub offer: String,
     /// Base64 of the libp2p protobuf encoding of the publisher's public key.
     pub public_key: String,
-    /// Base64 of the Ed25519 signature over [`SIGNING_CONTEXT`] + canonical JSON of `offer`.
+    /// Base64 of the Ed25519 signature over [`SIGNING_CONTEXT`] followed by `offer`'s
+    /// UTF-8 bytes.
     pub signature: String,
+}
+
+/// A signed offer that passed every check, with its body decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedOffer {
+    pub publisher: PeerId,
+    pub body: OfferBody,
+    pub signed: SignedOffer,
 }
 
 /// Why a signed offer was refused.
@@ -98,24 +111,22 @@ pub enum OfferError {
     Encode(String),
 }
 
-fn canonical(offer: &OfferBody) -> Result<Vec<u8>, OfferError> {
-    let value = serde_json::to_value(offer).map_err(|e| OfferError::Encode(e.to_string()))?;
-    let text = certs::golem::canonical_json(&value).map_err(OfferError::Encode)?;
+fn signed_bytes(text: &str) -> Vec<u8> {
     let mut bytes = SIGNING_CONTEXT.to_vec();
     bytes.extend_from_slice(text.as_bytes());
-    Ok(bytes)
+    bytes
 }
 
 impl SignedOffer {
     /// Signs `offer` with `key` (which must be the key of `offer.provider_id`).
-    pub fn sign(offer: OfferBody, key: &Keypair) -> Result<Self, OfferError> {
-        let bytes = canonical(&offer)?;
+    pub fn sign(offer: &OfferBody, key: &Keypair) -> Result<Self, OfferError> {
+        let text = serde_json::to_string(offer).map_err(|e| OfferError::Encode(e.to_string()))?;
         let signature = key
-            .sign(&bytes)
+            .sign(&signed_bytes(&text))
             .map_err(|e| OfferError::Encode(e.to_string()))?;
         let b64 = base64::engine::general_purpose::STANDARD;
         Ok(Self {
-            offer,
+            offer: text,
             public_key: b64.encode(key.public().encode_protobuf()),
             signature: b64.encode(signature),
         })
@@ -130,45 +141,45 @@ impl SignedOffer {
         Ok(bytes)
     }
 
-    /// Decodes and fully checks an offer received from the network at `now`; returns it
-    /// with its publisher's peer id.
-    pub fn from_wire(bytes: &[u8], now: DateTime<Utc>) -> Result<(PeerId, Self), OfferError> {
+    /// Decodes and fully checks an offer received from the network at `now`.
+    pub fn from_wire(bytes: &[u8], now: DateTime<Utc>) -> Result<VerifiedOffer, OfferError> {
         if bytes.len() > MAX_OFFER_BYTES {
             return Err(OfferError::TooLarge { size: bytes.len() });
         }
         let offer: SignedOffer =
             serde_json::from_slice(bytes).map_err(|e| OfferError::Malformed(e.to_string()))?;
-        let peer = offer.verify(now)?;
-        Ok((peer, offer))
+        offer.verify(now)
     }
 
-    /// Checks the key, the signature and the validity window; returns the publisher.
-    pub fn verify(&self, now: DateTime<Utc>) -> Result<PeerId, OfferError> {
-        let body = &self.offer;
-        if body.version != OFFER_VERSION {
-            return Err(OfferError::Version(body.version));
-        }
-        if body.addresses.len() > MAX_OFFER_ADDRESSES {
-            return Err(OfferError::TooManyAddresses(body.addresses.len()));
-        }
+    /// Checks the key, the signature, the body and its validity window.
+    pub fn verify(self, now: DateTime<Utc>) -> Result<VerifiedOffer, OfferError> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let key_bytes = b64
             .decode(&self.public_key)
             .map_err(|e| OfferError::BadKey(e.to_string()))?;
         let key = PublicKey::try_decode_protobuf(&key_bytes)
             .map_err(|e| OfferError::BadKey(e.to_string()))?;
+        let signature = b64
+            .decode(&self.signature)
+            .map_err(|_| OfferError::BadSignature)?;
+        // The signature first: nothing of an unsigned body is parsed beyond its envelope.
+        if !key.verify(&signed_bytes(&self.offer), &signature) {
+            return Err(OfferError::BadSignature);
+        }
+        let body: OfferBody = serde_json::from_str(&self.offer)
+            .map_err(|e| OfferError::Malformed(format!("offer: {e}")))?;
+        if body.version != OFFER_VERSION {
+            return Err(OfferError::Version(body.version));
+        }
+        if body.addresses.len() > MAX_OFFER_ADDRESSES {
+            return Err(OfferError::TooManyAddresses(body.addresses.len()));
+        }
         let key_peer = key.to_peer_id();
         if key_peer.to_string() != body.provider_id {
             return Err(OfferError::WrongKey {
                 claimed: body.provider_id.clone(),
                 key_peer: key_peer.to_string(),
             });
-        }
-        let signature = b64
-            .decode(&self.signature)
-            .map_err(|_| OfferError::BadSignature)?;
-        if !key.verify(&canonical(body)?, &signature) {
-            return Err(OfferError::BadSignature);
         }
         if body.expires_at <= now {
             return Err(OfferError::Expired(body.expires_at));
@@ -181,13 +192,19 @@ impl SignedOffer {
         if body.issued_at > now + skew {
             return Err(OfferError::FromTheFuture(body.issued_at));
         }
-        Ok(key_peer)
+        Ok(VerifiedOffer {
+            publisher: key_peer,
+            body,
+            signed: self,
+        })
     }
+}
 
+impl VerifiedOffer {
     /// The addresses that parse as multiaddrs (an offer with a bad one is still valid:
     /// the others may work).
     pub fn multiaddrs(&self) -> Vec<Multiaddr> {
-        self.offer
+        self.body
             .addresses
             .iter()
             .filter_map(|a| a.parse().ok())
@@ -235,7 +252,7 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct OfferCache {
     limits: OfferLimits,
-    offers: HashMap<PeerId, SignedOffer>,
+    offers: HashMap<PeerId, VerifiedOffer>,
     /// When each recently seen provider's last offer was accepted, oldest first.
     last_accepted: HashMap<PeerId, DateTime<Utc>>,
     order: VecDeque<PeerId>,
@@ -253,14 +270,15 @@ impl OfferCache {
 
     /// Drops expired offers.
     pub fn purge(&mut self, now: DateTime<Utc>) {
-        self.offers.retain(|_, o| o.offer.expires_at > now);
+        self.offers.retain(|_, o| o.body.expires_at > now);
     }
 
-    /// Keeps `offer` (already verified, published by `peer`) if it is newer than what is
-    /// held for `peer` and within the bounds.
-    pub fn insert(&mut self, peer: PeerId, offer: SignedOffer, now: DateTime<Utc>) -> Admission {
+    /// Keeps `offer` if it is newer than what is held for its publisher and within the
+    /// bounds.
+    pub fn insert(&mut self, offer: VerifiedOffer, now: DateTime<Utc>) -> Admission {
+        let peer = offer.publisher;
         if let Some(held) = self.offers.get(&peer) {
-            if held.offer.issued_at >= offer.offer.issued_at {
+            if held.body.issued_at >= offer.body.issued_at {
                 return Admission::Stale;
             }
         }
@@ -294,14 +312,14 @@ impl OfferCache {
     }
 
     /// Unexpired offers at `now`, by provider id.
-    pub fn snapshot(&self, now: DateTime<Utc>) -> Vec<SignedOffer> {
+    pub fn snapshot(&self, now: DateTime<Utc>) -> Vec<VerifiedOffer> {
         let mut v: Vec<_> = self
             .offers
             .values()
-            .filter(|o| o.offer.expires_at > now)
+            .filter(|o| o.body.expires_at > now)
             .cloned()
             .collect();
-        v.sort_by(|a, b| a.offer.provider_id.cmp(&b.offer.provider_id));
+        v.sort_by(|a, b| a.body.provider_id.cmp(&b.body.provider_id));
         v
     }
 
@@ -331,27 +349,32 @@ mod tests {
         }
     }
 
+    fn signed(key: &Keypair, issued: DateTime<Utc>, ttl_s: i64) -> VerifiedOffer {
+        let o = SignedOffer::sign(&body(key, issued, ttl_s), key).unwrap();
+        o.verify(issued).unwrap()
+    }
+
     #[test]
     fn a_signed_offer_verifies_and_every_forgery_is_refused() {
         let key = Keypair::generate_ed25519();
         let now = Utc::now();
-        let signed = SignedOffer::sign(body(&key, now, 600), &key).unwrap();
+        let mut b = body(&key, now, 600);
+        b.properties.insert("golem.inf.mem.gib".into(), json!(0.5));
+        let signed = SignedOffer::sign(&b, &key).unwrap();
         let bytes = signed.to_bytes().unwrap();
-        let (peer, back) = SignedOffer::from_wire(&bytes, now).unwrap();
-        assert_eq!(peer, key.public().to_peer_id());
-        assert_eq!(back, signed);
+        let back = SignedOffer::from_wire(&bytes, now).unwrap();
+        assert_eq!(back.publisher, key.public().to_peer_id());
+        assert_eq!(back.body, b);
+        assert_eq!(back.signed, signed);
 
         // A changed property breaks the signature.
         let mut changed = signed.clone();
-        changed
-            .offer
-            .properties
-            .insert("golem.inf.mem.gib".into(), json!(1024));
+        changed.offer = changed.offer.replace("0.5", "512");
         assert_eq!(changed.verify(now), Err(OfferError::BadSignature));
 
-        // Another key re-signing an offer that names the first provider.
+        // Another key signing an offer that names the first provider.
         let other = Keypair::generate_ed25519();
-        let forged = SignedOffer::sign(body(&key, now, 600), &other).unwrap();
+        let forged = SignedOffer::sign(&b, &other).unwrap();
         assert!(matches!(
             forged.verify(now),
             Err(OfferError::WrongKey { .. })
@@ -359,19 +382,20 @@ mod tests {
 
         // Expired, too long-lived, from the future.
         assert!(matches!(
-            signed.verify(now + chrono::Duration::seconds(601)),
+            signed.clone().verify(now + chrono::Duration::seconds(601)),
             Err(OfferError::Expired(_))
         ));
-        let long = SignedOffer::sign(body(&key, now, 7200), &key).unwrap();
+        let long = SignedOffer::sign(&body(&key, now, 7200), &key).unwrap();
         assert_eq!(long.verify(now), Err(OfferError::TtlTooLong));
         let future =
-            SignedOffer::sign(body(&key, now + chrono::Duration::seconds(3000), 60), &key).unwrap();
+            SignedOffer::sign(&body(&key, now + chrono::Duration::seconds(3000), 60), &key)
+                .unwrap();
         assert!(matches!(
             future.verify(now),
             Err(OfferError::FromTheFuture(_))
         ));
 
-        // Oversized and malformed input.
+        // Oversized and malformed input; an unknown field inside the signed body.
         assert!(matches!(
             SignedOffer::from_wire(&vec![b' '; MAX_OFFER_BYTES + 1], now),
             Err(OfferError::TooLarge { .. })
@@ -380,12 +404,16 @@ mod tests {
             SignedOffer::from_wire(b"{\"offer\":1}", now),
             Err(OfferError::Malformed(_))
         ));
-        let mut extra: Value = serde_json::from_slice(&bytes).unwrap();
-        extra["offer"]["price"] = json!(0);
-        assert!(matches!(
-            SignedOffer::from_wire(&serde_json::to_vec(&extra).unwrap(), now),
-            Err(OfferError::Malformed(_))
-        ));
+        let mut extra: Value = serde_json::to_value(&b).unwrap();
+        extra["price"] = json!(0);
+        let text = extra.to_string();
+        let sig = key.sign(&signed_bytes(&text)).unwrap();
+        let odd = SignedOffer {
+            offer: text,
+            public_key: signed.public_key.clone(),
+            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+        };
+        assert!(matches!(odd.verify(now), Err(OfferError::Malformed(m)) if m.contains("price")));
     }
 
     #[test]
@@ -398,41 +426,28 @@ mod tests {
         };
         let mut cache = OfferCache::new(limits);
         let a = Keypair::generate_ed25519();
-        let pa = a.public().to_peer_id();
-        let first = SignedOffer::sign(body(&a, now, 60), &a).unwrap();
-        assert_eq!(cache.insert(pa, first.clone(), now), Admission::Stored);
+        let first = signed(&a, now, 60);
+        assert_eq!(cache.insert(first.clone(), now), Admission::Stored);
         // The same again, or an older one (a replay): nothing changes.
-        assert_eq!(cache.insert(pa, first.clone(), now), Admission::Stale);
-        let older =
-            SignedOffer::sign(body(&a, now - chrono::Duration::seconds(5), 60), &a).unwrap();
-        assert_eq!(cache.insert(pa, older, now), Admission::Stale);
+        assert_eq!(cache.insert(first.clone(), now), Admission::Stale);
+        let older = signed(&a, now - chrono::Duration::seconds(5), 60);
+        assert_eq!(cache.insert(older, now), Admission::Stale);
         // Newer but too soon.
         let t1 = now + chrono::Duration::milliseconds(100);
-        let soon = SignedOffer::sign(body(&a, t1, 60), &a).unwrap();
-        assert_eq!(cache.insert(pa, soon, t1), Admission::RateLimited);
+        assert_eq!(cache.insert(signed(&a, t1, 60), t1), Admission::RateLimited);
         let t2 = now + chrono::Duration::seconds(2);
-        let later = SignedOffer::sign(body(&a, t2, 60), &a).unwrap();
-        assert_eq!(cache.insert(pa, later.clone(), t2), Admission::Stored);
+        let later = signed(&a, t2, 60);
+        assert_eq!(cache.insert(later.clone(), t2), Admission::Stored);
         assert_eq!(cache.snapshot(t2), vec![later]);
 
         // Full: a third provider is refused until an offer expires.
         let b = Keypair::generate_ed25519();
         let c = Keypair::generate_ed25519();
-        let ob = SignedOffer::sign(body(&b, now, 10), &b).unwrap();
-        assert_eq!(
-            cache.insert(b.public().to_peer_id(), ob, t2),
-            Admission::Stored
-        );
-        let oc = SignedOffer::sign(body(&c, t2, 60), &c).unwrap();
-        assert_eq!(
-            cache.insert(c.public().to_peer_id(), oc.clone(), t2),
-            Admission::Full
-        );
+        assert_eq!(cache.insert(signed(&b, now, 10), t2), Admission::Stored);
+        let oc = signed(&c, t2, 60);
+        assert_eq!(cache.insert(oc.clone(), t2), Admission::Full);
         let t3 = now + chrono::Duration::seconds(11);
-        assert_eq!(
-            cache.insert(c.public().to_peer_id(), oc, t3),
-            Admission::Stored
-        );
+        assert_eq!(cache.insert(oc, t3), Admission::Stored);
         assert_eq!(cache.len(), 2);
         assert!(cache.last_accepted.len() <= 2 && cache.order.len() <= 2);
         // Expiry.

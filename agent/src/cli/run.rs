@@ -37,6 +37,17 @@ pub struct RunArgs {
     /// Jobs running at once.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_jobs: Option<u64>,
+    /// A bootstrap peer, `/ip4/…/tcp/…/p2p/<peer id>` (repeatable; added to the config's).
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// Serve as a circuit relay v2 for peers behind NAT (run it only on a publicly
+    /// reachable host: the relay carries their traffic).
+    #[arg(long)]
+    relay: bool,
+    /// Let AutoNAT treat private addresses as reachable (a network with no global
+    /// addresses, such as a test network).
+    #[arg(long)]
+    nat_private_addresses: bool,
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
@@ -56,6 +67,12 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     if let Some(n) = args.max_jobs {
         cfg.max_jobs = n as usize;
     }
+    for a in &args.bootstrap {
+        daemon::config::check_bootstrap(a).map_err(|e| anyhow::anyhow!("--bootstrap {e}"))?;
+    }
+    cfg.bootstrap.extend(args.bootstrap);
+    cfg.relay |= args.relay;
+    cfg.nat_private_addresses |= args.nat_private_addresses;
     let json = ctx.json;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
