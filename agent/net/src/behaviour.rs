@@ -98,6 +98,9 @@ fn behaviour(
     // Offer records are checked before they are stored (signature, expiry, size).
     kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
     kad_config.set_query_timeout(std::time::Duration::from_secs(30));
+    // A found record is not written back to other peers: offers are re-published by their
+    // providers, and a write-back would go to peers the requestor merely queried.
+    kad_config.set_caching(kad::Caching::Disabled);
     let store = kad::store::MemoryStore::with_config(
         local_peer_id,
         kad::store::MemoryStoreConfig {

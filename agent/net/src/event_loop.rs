@@ -89,6 +89,7 @@ struct Discovery {
     republish: Duration,
     /// Offer records already asked for, so a repeated provider lookup does not refetch.
     fetched: HashSet<PeerId>,
+    relay_server: bool,
 }
 
 /// The DHT record key of `peer`'s offer.
@@ -142,6 +143,7 @@ impl EventLoop {
                 offer_ttl: config.offer_ttl,
                 republish: config.offer_republish,
                 fetched: HashSet::new(),
+                relay_server: config.relay_server,
             },
         }
     }
@@ -365,11 +367,12 @@ impl EventLoop {
         record.expires = Some(now + self.discovery.offer_ttl);
         let behaviour = self.swarm.behaviour_mut();
         let stored = behaviour.kad.put_record(record, kad::Quorum::One).is_ok();
-        if !self.discovery.provided {
-            if let Some(Value::String(runtime)) = properties.get("golem.runtime.name") {
-                if behaviour.kad.start_providing(runtime_key(runtime)).is_ok() {
-                    self.discovery.provided = true;
-                }
+        // Announced again with every publication: the provider record carries the
+        // addresses known at the time, and a peer behind NAT has its relayed one only
+        // after its reservation.
+        if let Some(Value::String(runtime)) = properties.get("golem.runtime.name") {
+            if behaviour.kad.start_providing(runtime_key(runtime)).is_ok() {
+                self.discovery.provided = true;
             }
         }
         // Without a peer to gossip to, try again at the next tick rather than wait a
@@ -453,6 +456,7 @@ impl EventLoop {
                 let now = chrono::Utc::now();
                 match SignedOffer::from_wire(&record.value, now) {
                     Ok(offer) if record.key == offer_key(&offer.publisher) => {
+                        tracing::debug!(%source, publisher = %offer.publisher, "DHT offer record stored");
                         let _ = self.discovery.cache.insert(offer, now);
                         if let Err(e) = kad::store::RecordStore::put(
                             self.swarm.behaviour_mut().kad.store_mut(),
@@ -470,9 +474,17 @@ impl EventLoop {
             kad::Event::InboundRequest {
                 request:
                     kad::InboundRequest::AddProvider {
-                        record: Some(record),
+                        record: Some(mut record),
                     },
             } => {
+                // A provider that announced before it knew an address of its own would be
+                // left out of answers (peers without an address are); its signed offer's
+                // addresses stand in.
+                if record.addresses.is_empty() {
+                    if let Some(offer) = self.discovery.cache.get(&record.provider) {
+                        record.addresses = offer.multiaddrs();
+                    }
+                }
                 if let Err(e) = kad::store::RecordStore::add_provider(
                     self.swarm.behaviour_mut().kad.store_mut(),
                     record,
@@ -486,13 +498,16 @@ impl EventLoop {
                     ..
                 })) => {
                     let me = *self.swarm.local_peer_id();
+                    tracing::debug!(found = providers.len(), "DHT providers");
                     for peer in providers {
-                        if peer != me && self.discovery.fetched.insert(peer) {
+                        let known = self.discovery.cache.contains(&peer);
+                        if peer != me && !known && self.discovery.fetched.insert(peer) {
                             self.swarm.behaviour_mut().kad.get_record(offer_key(&peer));
                         }
                     }
                 }
                 kad::QueryResult::GetRecord(Ok(kad::GetRecordOk::FoundRecord(found))) => {
+                    tracing::debug!(from = ?found.peer, "DHT offer record");
                     match SignedOffer::from_wire(&found.record.value, chrono::Utc::now()) {
                         Ok(offer) if found.record.key != offer_key(&offer.publisher) => {
                             tracing::warn!(peer = %offer.publisher, "DHT offer record under another peer's key ignored")
@@ -604,6 +619,14 @@ impl EventLoop {
                     to = nat_name(&new),
                     "reachability (AutoNAT)"
                 );
+                // A peer behind NAT must not serve the DHT: its relayed address counts as
+                // confirmed, and others would route every query through the relay to it.
+                let mode = match new {
+                    autonat::NatStatus::Private => Some(kad::Mode::Client),
+                    _ if self.discovery.relay_server => Some(kad::Mode::Server),
+                    _ => None,
+                };
+                self.swarm.behaviour_mut().kad.set_mode(mode);
                 self.discovery.nat = new;
                 self.discovery.dirty = true;
                 self.reserve_relays();

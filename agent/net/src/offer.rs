@@ -323,6 +323,20 @@ impl OfferCache {
         v
     }
 
+    /// The unexpired offer of `peer`, if held.
+    pub fn get(&self, peer: &PeerId) -> Option<&VerifiedOffer> {
+        self.offers
+            .get(peer)
+            .filter(|o| o.body.expires_at > Utc::now())
+    }
+
+    /// Whether an unexpired offer of `peer` is held.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.offers
+            .get(peer)
+            .is_some_and(|o| o.body.expires_at > Utc::now())
+    }
+
     pub fn len(&self) -> usize {
         self.offers.len()
     }
