@@ -101,6 +101,9 @@ fn behaviour(
     // A found record is not written back to other peers: offers are re-published by their
     // providers, and a write-back would go to peers the requestor merely queried.
     kad_config.set_caching(kad::Caching::Disabled);
+    // A provider lookup's answer lists every provider of a runtime with its (relayed)
+    // addresses: more than the 16 KiB default allows once there are a few dozen.
+    kad_config.set_max_packet_size(1 << 20);
     let store = kad::store::MemoryStore::with_config(
         local_peer_id,
         kad::store::MemoryStoreConfig {
@@ -139,6 +142,11 @@ fn behaviour(
             // threshold its messages are ignored altogether.
             invalid_message_deliveries_weight: -100.0,
             invalid_message_deliveries_decay: 0.5,
+            // Offers are a trickle (one per provider every few minutes): the default
+            // expectation of 20 deliveries per mesh peer would score every honest peer
+            // below the graylist threshold within seconds and silence the topic.
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
             ..gossipsub::TopicScoreParams::default()
         },
     );

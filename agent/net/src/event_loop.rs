@@ -337,6 +337,7 @@ impl EventLoop {
                 + chrono::Duration::from_std(self.discovery.offer_ttl)
                     .unwrap_or(chrono::Duration::minutes(10)),
         };
+        let body_addresses = body.addresses.len();
         let signed = match SignedOffer::sign(&body, &self.discovery.keypair) {
             Ok(s) => s,
             Err(e) => {
@@ -354,6 +355,7 @@ impl EventLoop {
             }
         };
         self.discovery.last_published = Some(now);
+        let signed_addresses = body_addresses;
         let topic = self.discovery.topic.clone();
         let behaviour = self.swarm.behaviour_mut();
         let gossiped = match behaviour.gossipsub.publish(topic, bytes.clone()) {
@@ -378,7 +380,12 @@ impl EventLoop {
         // Without a peer to gossip to, try again at the next tick rather than wait a
         // whole republish interval.
         self.discovery.dirty = !gossiped;
-        tracing::debug!(gossiped, stored, "offer published");
+        tracing::info!(
+            gossiped,
+            stored,
+            addresses = signed_addresses,
+            "offer published"
+        );
     }
 
     fn on_offer_bytes(
