@@ -326,7 +326,8 @@ pub fn rerun_in_private_netns(name: &str) -> bool {
 /// when the test panics): a "public" segment `198.51.100.0/24` (a bridge in the namespace
 /// [`NatLab::public`], which owns `198.51.100.1`), and `homes` home segments, each a host
 /// namespace ([`NatLab::home`], `10.<i>.0.2/24`) behind its own router namespace that
-/// masquerades it (iptables MASQUERADE) behind `198.51.100.<10+i>`. Names carry the
+/// masquerades it (iptables MASQUERADE) behind `198.51.100.<10+i>` and drops unsolicited
+/// inbound connections. Names carry the
 /// process id, so parallel runs do not collide; the host's own network is never touched.
 pub struct NatLab {
     prefix: String,
@@ -415,7 +416,31 @@ impl NatLab {
                 nat.push("--random-fully");
             }
             lab.exec(&router, &nat)?;
+            // Like a home router: an unsolicited inbound connection is dropped silently.
+            // Without this the router's own stack answers a SYN with a RST, and a hole
+            // punch fails whenever one side's SYN arrives before the other side's went out.
+            lab.exec(
+                &router,
+                &[
+                    "iptables",
+                    "-A",
+                    "INPUT",
+                    "-i",
+                    "wan",
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-j",
+                    "DROP",
+                ],
+            )?;
         }
+        // A dial-back to a home (AutoNAT) now times out instead of being refused: give up
+        // after two SYN retries (about 7 s) rather than Linux's six (about two minutes).
+        lab.exec(&public, &["sysctl", "-qw", "net.ipv4.tcp_syn_retries=2"])?;
         Ok(lab)
     }
 

@@ -76,8 +76,10 @@ struct Discovery {
     /// Bootstrap peers that identified as relays (they speak the hop protocol).
     relays: HashSet<PeerId>,
     /// Relays a reservation was asked of, and those that granted one.
-    reserving: HashSet<PeerId>,
+    reserving: HashMap<PeerId, ListenerId>,
     reserved: HashSet<PeerId>,
+    /// A refused or lost reservation is asked again, at most this often.
+    next_reservation_try: Instant,
     nat: autonat::NatStatus,
     /// Properties and constraints of this peer's offer, if it publishes one.
     offer: Option<(BTreeMap<String, Value>, String)>,
@@ -133,8 +135,9 @@ impl EventLoop {
                 topic: gossipsub::IdentTopic::new(OFFER_TOPIC),
                 bootstrap: HashMap::new(),
                 relays: HashSet::new(),
-                reserving: HashSet::new(),
+                reserving: HashMap::new(),
                 reserved: HashSet::new(),
+                next_reservation_try: Instant::now(),
                 nat: autonat::NatStatus::Unknown,
                 offer: None,
                 dirty: false,
@@ -304,8 +307,14 @@ impl EventLoop {
             .collect()
     }
 
-    /// Periodic work: publish this peer's offer when it changed or is due.
+    /// Periodic work: ask again for reservations a relay refused or dropped; publish this
+    /// peer's offer when it changed or is due.
     fn on_tick(&mut self) {
+        let now = Instant::now();
+        if now >= self.discovery.next_reservation_try {
+            self.discovery.next_reservation_try = now + Duration::from_secs(5);
+            self.reserve_relays();
+        }
         let Some((properties, constraints)) = self.discovery.offer.clone() else {
             return;
         };
@@ -543,7 +552,7 @@ impl EventLoop {
             .discovery
             .relays
             .iter()
-            .filter(|p| !self.discovery.reserving.contains(p))
+            .filter(|p| !self.discovery.reserving.contains_key(p))
             .copied()
             .collect();
         for relay in wanted {
@@ -554,9 +563,9 @@ impl EventLoop {
                 .with(Protocol::P2p(relay))
                 .with(Protocol::P2pCircuit);
             match self.swarm.listen_on(circuit.clone()) {
-                Ok(_) => {
+                Ok(id) => {
                     tracing::info!(%relay, "behind NAT: asking the relay for a reservation");
-                    self.discovery.reserving.insert(relay);
+                    self.discovery.reserving.insert(relay, id);
                 }
                 Err(e) => tracing::warn!(%relay, %e, "cannot listen through the relay"),
             }
@@ -716,6 +725,19 @@ impl EventLoop {
                     Err(e) => e.to_string(),
                 };
                 tracing::warn!(%reason, "listener closed");
+                let lost: Vec<PeerId> = self
+                    .discovery
+                    .reserving
+                    .iter()
+                    .filter(|(_, id)| **id == listener_id)
+                    .map(|(relay, _)| *relay)
+                    .collect();
+                for relay in lost {
+                    tracing::info!(%relay, "relay reservation refused or lost; asking again in a few seconds");
+                    self.discovery.reserving.remove(&relay);
+                    self.discovery.reserved.remove(&relay);
+                    self.discovery.dirty = true;
+                }
                 if let Some((addr, reply)) = self.pending_listen.remove(&listener_id) {
                     let _ = reply.send(Err(NetError::Listen { addr, reason }));
                 }
