@@ -17,6 +17,9 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 command -v depmod >/dev/null 2>&1 || missing+=(kmod)
 command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)
 command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+# The discovery test builds NAT routers in network namespaces (ip netns, iptables MASQUERADE).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 [[ -x /bin/busybox ]] && file -L /bin/busybox 2>/dev/null | grep -q "statically linked" || missing+=(busybox-static file)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"

@@ -356,3 +356,180 @@ pub fn rerun_in_private_netns(name: &str) -> bool {
         }
     }
 }
+
+/// A small internet in network namespaces, made by a test and removed when dropped (also
+/// when the test panics): a "public" segment `198.51.100.0/24` (a bridge in the namespace
+/// [`NatLab::public`], which owns `198.51.100.1`), and `homes` home segments, each a host
+/// namespace ([`NatLab::home`], `10.<i>.0.2/24`) behind its own router namespace that
+/// masquerades it (iptables MASQUERADE) behind `198.51.100.<10+i>` and drops unsolicited
+/// inbound connections. Names carry the
+/// process id, so parallel runs do not collide; the host's own network is never touched.
+pub struct NatLab {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+/// How a home's router maps its hosts' connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// `MASQUERADE`: Linux keeps the source port where it can, so one local port maps to
+    /// one public port whatever the destination (endpoint-independent): hole punching works.
+    PortPreserving,
+    /// `MASQUERADE --random-fully`: every new connection gets a random public port
+    /// (endpoint-dependent, like a symmetric NAT): hole punching cannot work.
+    RandomPorts,
+}
+
+impl NatLab {
+    /// The public segment's address of the peer in [`NatLab::public`].
+    pub const PUBLIC_IP: &'static str = "198.51.100.1";
+
+    /// Builds the namespaces, or says why it cannot (not root, no `ip`/`iptables`).
+    pub fn create(homes: &[NatKind]) -> Result<Self, String> {
+        let prefix = format!("pv{}", std::process::id() % 1_000_000);
+        let mut lab = Self {
+            prefix,
+            namespaces: Vec::new(),
+        };
+        for tool in ["ip", "iptables"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if !found {
+                return Err(format!(
+                    "`{tool}` is not installed (scripts/install-deps.sh)"
+                ));
+            }
+        }
+        let public = lab.public();
+        lab.add_ns(&public)?;
+        lab.ip(&public, "link set lo up")?;
+        lab.ip(&public, "link add br0 type bridge")?;
+        lab.ip(&public, &format!("addr add {}/24 dev br0", Self::PUBLIC_IP))?;
+        lab.ip(&public, "link set br0 up")?;
+        for (n, kind) in homes.iter().enumerate() {
+            let i = n + 1;
+            let (router, home) = (lab.router(i), lab.home(i));
+            lab.add_ns(&router)?;
+            lab.add_ns(&home)?;
+            lab.ip(
+                &router,
+                &format!("link add wan type veth peer name r{i} netns {public}"),
+            )?;
+            lab.ip(&public, &format!("link set r{i} master br0 up"))?;
+            lab.ip(
+                &router,
+                &format!("addr add 198.51.100.{}/24 dev wan", 10 + i),
+            )?;
+            lab.ip(&router, "link set wan up")?;
+            lab.ip(&router, "link set lo up")?;
+            lab.ip(
+                &router,
+                &format!("link add lan type veth peer name eth0 netns {home}"),
+            )?;
+            lab.ip(&router, &format!("addr add 10.{i}.0.1/24 dev lan"))?;
+            lab.ip(&router, "link set lan up")?;
+            lab.ip(&home, "link set lo up")?;
+            lab.ip(&home, &format!("addr add 10.{i}.0.2/24 dev eth0"))?;
+            lab.ip(&home, "link set eth0 up")?;
+            lab.ip(&home, &format!("route add default via 10.{i}.0.1"))?;
+            lab.exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            let mut nat = vec![
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "wan",
+                "-j",
+                "MASQUERADE",
+            ];
+            if *kind == NatKind::RandomPorts {
+                nat.push("--random-fully");
+            }
+            lab.exec(&router, &nat)?;
+            // Like a home router: an unsolicited inbound connection is dropped silently.
+            // Without this the router's own stack answers a SYN with a RST, and a hole
+            // punch fails whenever one side's SYN arrives before the other side's went out.
+            lab.exec(
+                &router,
+                &[
+                    "iptables",
+                    "-A",
+                    "INPUT",
+                    "-i",
+                    "wan",
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-j",
+                    "DROP",
+                ],
+            )?;
+        }
+        // A dial-back to a home (AutoNAT) now times out instead of being refused: give up
+        // after two SYN retries (about 7 s) rather than Linux's six (about two minutes).
+        lab.exec(&public, &["sysctl", "-qw", "net.ipv4.tcp_syn_retries=2"])?;
+        Ok(lab)
+    }
+
+    /// The public namespace (the bridge and `198.51.100.1`).
+    pub fn public(&self) -> String {
+        format!("{}-pub", self.prefix)
+    }
+
+    /// The host namespace of home `i` (1-based).
+    pub fn home(&self, i: usize) -> String {
+        format!("{}-h{i}", self.prefix)
+    }
+
+    fn router(&self, i: usize) -> String {
+        format!("{}-r{i}", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<(), String> {
+        run_checked(Command::new("ip").args(["netns", "add", name]))?;
+        self.namespaces.push(name.to_string());
+        Ok(())
+    }
+
+    fn ip(&self, ns: &str, args: &str) -> Result<(), String> {
+        let mut c = Command::new("ip");
+        c.args(["-n", ns]).args(args.split_whitespace());
+        run_checked(&mut c)
+    }
+
+    /// Runs `argv` in namespace `ns` and fails with its stderr.
+    pub fn exec(&self, ns: &str, argv: &[&str]) -> Result<(), String> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).args(argv);
+        run_checked(&mut c)
+    }
+}
+
+fn run_checked(c: &mut Command) -> Result<(), String> {
+    let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{c:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth ends, bridge and iptables rules with it.
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

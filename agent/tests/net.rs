@@ -866,3 +866,72 @@ async fn mdns_discovers_a_local_peer() {
         MarketResponse::Offer { .. }
     ));
 }
+
+/// Discovery without mDNS: a provider publishes its signed offer through a bootstrap peer;
+/// a requestor joining later finds it (DHT provider lookup + offer record), verified, with
+/// the provider's properties, and an offer change reaches it too (gossip or DHT).
+#[tokio::test]
+async fn a_signed_offer_reaches_a_requestor_through_a_bootstrap_peer() {
+    init_tracing();
+    let (boot, _boot_in, boot_addr) = start(NetConfig {
+        relay_server: true,
+        only_global_ips: false,
+        ..loopback_config()
+    })
+    .await;
+    let boot_full = boot_addr.clone();
+    let _ = &boot;
+    let (provider, _p_in, _) = start(NetConfig {
+        only_global_ips: false,
+        ..loopback_config()
+    })
+    .await;
+    within("provider bootstrap", provider.bootstrap(boot_full.clone()))
+        .await
+        .unwrap();
+    let props = |mem: f64| {
+        [
+            ("golem.runtime.name".to_string(), serde_json::json!("vm")),
+            ("golem.inf.mem.gib".to_string(), serde_json::json!(mem)),
+        ]
+        .into_iter()
+        .collect()
+    };
+    provider.set_offer(props(0.5), String::new()).await.unwrap();
+
+    let (requestor, _r_in, _) = start(loopback_config()).await;
+    within("requestor bootstrap", requestor.bootstrap(boot_full))
+        .await
+        .unwrap();
+    let wait_for = |mem: f64| {
+        let requestor = requestor.clone();
+        let me = provider.local_peer_id();
+        async move {
+            loop {
+                requestor.find_providers("vm").await.unwrap();
+                let offers = requestor.offers().await.unwrap();
+                if let Some(o) = offers.iter().find(|o| o.publisher == me) {
+                    if o.body.properties["golem.inf.mem.gib"] == serde_json::json!(mem) {
+                        return o.clone();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let found = within("the offer at the requestor", wait_for(0.5)).await;
+    assert_eq!(found.body.provider_id, provider.local_peer_id().to_string());
+    // What was received still verifies on its own.
+    found.signed.clone().verify(chrono::Utc::now()).unwrap();
+    // The requestor never lists itself or the bootstrap's (absent) offer.
+    assert!(requestor
+        .offers()
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| o.publisher == provider.local_peer_id()));
+
+    // A changed offer replaces the old one (after the 2 s republish floor).
+    provider.set_offer(props(1.0), String::new()).await.unwrap();
+    within("the changed offer", wait_for(1.0)).await;
+}

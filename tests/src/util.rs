@@ -317,6 +317,12 @@ impl Provider {
 
     /// Starts `provider run <args>` and waits for the address it listens on.
     pub fn daemon_with(&self, args: &[&str]) -> Daemon {
+        self.daemon_in(None, args)
+    }
+
+    /// Starts `provider run <args>` inside network namespace `netns` (`ip netns exec`), or
+    /// here with `None`, and waits for the first address it listens on.
+    pub fn daemon_in(&self, netns: Option<&str>, args: &[&str]) -> Daemon {
         use std::io::BufRead as _;
         let stderr = self.home.path().join(format!(
             "daemon-{}.log",
@@ -325,7 +331,15 @@ impl Provider {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(bin("provider"))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("provider"));
+                c
+            }
+            None => Command::new(bin("provider")),
+        };
+        let mut child = command
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("run")

@@ -414,8 +414,9 @@ fn requestor_offers_lists_a_provider_found_by_mdns() {
         .find(|o| o["provider_id"] == d.peer_id())
         .unwrap_or_else(|| panic!("the provider was not found: {list}\n{}", d.logs()));
     assert_eq!(found["properties"]["golem.runtime.name"], "vm");
+    assert_eq!(found["source"], "mdns", "{found}");
     assert!(
-        found["address"]
+        found["addresses"][0]
             .as_str()
             .unwrap()
             .starts_with("/ip4/10.77.0.1/"),

@@ -1,7 +1,12 @@
 //! [`Client`]: the cloneable handle the application uses to drive the event loop.
 
+use std::collections::BTreeMap;
+
 use libp2p::{Multiaddr, PeerId};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+
+use super::offer::VerifiedOffer;
 
 use super::wire::{
     ActivityRequest, ActivityResponse, MarketRequest, MarketResponse, ACTIVITY_PROTOCOL,
@@ -43,6 +48,35 @@ pub(crate) enum Command {
     Discovered {
         reply: Reply<Vec<(PeerId, Vec<Multiaddr>)>>,
     },
+    Bootstrap {
+        peer: PeerId,
+        addr: Multiaddr,
+        reply: Reply<PeerId>,
+    },
+    SetOffer {
+        properties: BTreeMap<String, Value>,
+        constraints: String,
+    },
+    Offers {
+        reply: Reply<Vec<VerifiedOffer>>,
+    },
+    FindProviders {
+        runtime: String,
+    },
+    Reachability {
+        reply: Reply<Reachability>,
+    },
+}
+
+/// What this peer knows about how others can reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reachability {
+    /// AutoNAT's verdict: `public`, `private` or `unknown`.
+    pub nat: &'static str,
+    /// Addresses confirmed reachable from outside, and relayed (`/p2p-circuit`) ones.
+    pub addresses: Vec<Multiaddr>,
+    /// Relays holding a reservation for this peer.
+    pub relays: Vec<PeerId>,
 }
 
 /// A handle on the network. Cheap to clone; every method fails with
@@ -128,6 +162,54 @@ impl Client {
     /// Peers mDNS has found and not yet expired, with their addresses, sorted by peer id.
     pub async fn discovered(&self) -> Result<Vec<(PeerId, Vec<Multiaddr>)>, NetError> {
         self.ask(|reply| Command::Discovered { reply }).await
+    }
+
+    /// Connects to a bootstrap peer (`addr` ends in `/p2p/<peer id>`), adds it to the DHT's
+    /// routing table, and starts a DHT bootstrap. A bootstrap peer that is a relay is used
+    /// for a reservation when AutoNAT finds this peer unreachable.
+    pub async fn bootstrap(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
+        let peer = peer_of(&addr)?;
+        self.ask(|reply| Command::Bootstrap { peer, addr, reply })
+            .await
+    }
+
+    /// Sets the offer this peer publishes (signed with its identity key, with its current
+    /// addresses, on gossipsub and in the DHT), re-published before it expires and when
+    /// the addresses change. Also advertises this peer in the DHT as a provider of the
+    /// offer's `golem.runtime.name`.
+    pub async fn set_offer(
+        &self,
+        properties: BTreeMap<String, Value>,
+        constraints: String,
+    ) -> Result<(), NetError> {
+        self.commands
+            .send(Command::SetOffer {
+                properties,
+                constraints,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// The verified, unexpired offers this peer has received, sorted by provider id.
+    pub async fn offers(&self) -> Result<Vec<VerifiedOffer>, NetError> {
+        self.ask(|reply| Command::Offers { reply }).await
+    }
+
+    /// Asks the DHT for the providers of `runtime` (e.g. `vm`) and fetches each one's
+    /// offer record into the cache (see [`Client::offers`]). Returns at once.
+    pub async fn find_providers(&self, runtime: &str) -> Result<(), NetError> {
+        self.commands
+            .send(Command::FindProviders {
+                runtime: runtime.to_string(),
+            })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// AutoNAT's verdict, the addresses others can use, and the relays in use.
+    pub async fn reachability(&self) -> Result<Reachability, NetError> {
+        self.ask(|reply| Command::Reachability { reply }).await
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetError> {

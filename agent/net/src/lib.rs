@@ -1,5 +1,6 @@
 //! The network: a libp2p peer (TCP + noise + yamux, identify, mDNS, request-response on
-//! the market and activity protocols) and the messages it carries.
+//! the market and activity protocols; Kademlia, gossipsub, AutoNAT, circuit relay v2 and
+//! DCUtR for discovery beyond one LAN) and the messages it carries.
 //!
 //! Shape (as in rust-libp2p's file-sharing example): [`new`] builds the swarm and returns
 //! a cloneable [`Client`] handle, the receiver of [`Inbound`] requests, and the
@@ -10,7 +11,8 @@
 //! See `docs/network.md` for the protocols, limits and timeouts.
 //!
 //! Beside the peer: [`codes`], the stable reason codes every answer on the wire carries,
-//! and [`receipt`], the signed receipt a terminated job's answer holds.
+//! [`receipt`], the signed receipt a terminated job's answer holds, and [`offer`], the
+//! signed offers providers publish and the bounded cache every peer keeps of them.
 #![forbid(unsafe_code)]
 
 mod behaviour;
@@ -20,6 +22,7 @@ pub mod codes;
 mod event_loop;
 mod identity;
 mod inbound;
+pub mod offer;
 pub mod receipt;
 pub mod wire;
 
@@ -53,6 +56,28 @@ pub struct NetConfig {
     pub idle_connection_timeout: Duration,
     /// Inbound requests waiting for the application; beyond this they are answered `busy`.
     pub inbound_queue: usize,
+    /// Serve as a circuit relay v2 (and a DHT server from the start) for peers behind NAT.
+    /// Only for a publicly reachable peer whose operator accepts to carry others' traffic.
+    pub relay_server: bool,
+    /// Longest a relayed connection may last (relay server side).
+    pub relay_circuit_duration: Duration,
+    /// Most bytes a relayed connection may carry (relay server side).
+    pub relay_circuit_bytes: u64,
+    /// AutoNAT's first probe after start.
+    pub autonat_boot_delay: Duration,
+    /// AutoNAT's next probe while reachability is unknown or not yet confident.
+    pub autonat_retry_interval: Duration,
+    /// AutoNAT only counts global addresses (true on the internet). Turn it off where every
+    /// peer has a private or documentation address (a test network, one organisation's
+    /// routed LANs).
+    pub only_global_ips: bool,
+    /// How long a published offer is valid; it is re-published well before.
+    pub offer_ttl: Duration,
+    /// A provider re-publishes its offer at least this often (and at once when its
+    /// addresses change).
+    pub offer_republish: Duration,
+    /// Bounds of the offer cache and of gossip from one peer.
+    pub offer_limits: offer::OfferLimits,
 }
 
 impl Default for NetConfig {
@@ -63,6 +88,15 @@ impl Default for NetConfig {
             activity_timeout: Duration::from_secs(10 * 60),
             idle_connection_timeout: Duration::from_secs(60),
             inbound_queue: 64,
+            relay_server: false,
+            relay_circuit_duration: Duration::from_secs(30 * 60),
+            relay_circuit_bytes: 256 << 20,
+            autonat_boot_delay: Duration::from_secs(5),
+            autonat_retry_interval: Duration::from_secs(30),
+            only_global_ips: true,
+            offer_ttl: Duration::from_secs(10 * 60),
+            offer_republish: Duration::from_secs(2 * 60),
+            offer_limits: offer::OfferLimits::default(),
         }
     }
 }
@@ -154,13 +188,13 @@ pub fn new(
     config: NetConfig,
 ) -> Result<(Client, mpsc::Receiver<Inbound>, EventLoop), NetError> {
     let local_peer_id = keypair.public().to_peer_id();
-    let swarm = behaviour::build_swarm(keypair, &config)?;
+    let swarm = behaviour::build_swarm(keypair.clone(), &config)?;
     // Commands are small and answered quickly; a modest bound only throttles a flood of
     // calls from the application, it never blocks the loop.
     let (command_tx, command_rx) = mpsc::channel(64);
     let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue.max(1));
     let client = Client::new(command_tx, local_peer_id);
-    let event_loop = EventLoop::new(swarm, command_rx, inbound_tx, &config);
+    let event_loop = EventLoop::new(swarm, keypair, command_rx, inbound_tx, &config);
     Ok((client, inbound_rx, event_loop))
 }
 

@@ -44,6 +44,17 @@ pub struct RunArgs {
     /// 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// A bootstrap peer, `/ip4/…/tcp/…/p2p/<peer id>` (repeatable; added to the config's).
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// Serve as a circuit relay v2 for peers behind NAT (run it only on a publicly
+    /// reachable host: the relay carries their traffic).
+    #[arg(long)]
+    relay: bool,
+    /// Let AutoNAT treat private addresses as reachable (a network with no global
+    /// addresses, such as a test network).
+    #[arg(long)]
+    nat_private_addresses: bool,
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
@@ -69,6 +80,12 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     if let Some(m) = args.metrics {
         cfg.metrics = Some(m);
     }
+    for a in &args.bootstrap {
+        daemon::config::check_bootstrap(a).map_err(|e| anyhow::anyhow!("--bootstrap {e}"))?;
+    }
+    cfg.bootstrap.extend(args.bootstrap);
+    cfg.relay |= args.relay;
+    cfg.nat_private_addresses |= args.nat_private_addresses;
     let json = ctx.json;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -59,6 +59,14 @@ pub struct ConfigFile {
     pub constraints: Option<String>,
     /// Where the Prometheus endpoint listens, e.g. `127.0.0.1:9464` (off when absent).
     pub metrics: Option<String>,
+    /// Bootstrap peers (multiaddrs ending in `/p2p/<peer id>`) to join the DHT and the
+    /// offer gossip through; relays among them carry this provider when it is behind NAT.
+    pub bootstrap: Option<Vec<String>>,
+    /// Serve as a circuit relay v2 for peers behind NAT (a publicly reachable peer only).
+    pub relay: Option<bool>,
+    /// Let AutoNAT count private addresses as reachable (networks without global
+    /// addresses, such as a test network); default false.
+    pub nat_private_addresses: Option<bool>,
 }
 
 /// The settled configuration.
@@ -91,6 +99,9 @@ pub struct DaemonConfig {
     pub constraints_text: String,
     /// The Prometheus endpoint's address; off when `None`.
     pub metrics: Option<std::net::SocketAddr>,
+    pub bootstrap: Vec<String>,
+    pub relay: bool,
+    pub nat_private_addresses: bool,
 }
 
 impl Default for DaemonConfig {
@@ -120,6 +131,9 @@ impl Default for DaemonConfig {
             constraints: None,
             constraints_text: String::new(),
             metrics: None,
+            bootstrap: Vec::new(),
+            relay: false,
+            nat_private_addresses: false,
         }
     }
 }
@@ -228,6 +242,17 @@ impl DaemonConfig {
                 ));
             }
             cfg.storage_bytes = v.bytes();
+        if let Some(v) = file.bootstrap {
+            for a in &v {
+                check_bootstrap(a).map_err(|e| at("bootstrap", e))?;
+            }
+            cfg.bootstrap = v;
+        }
+        if let Some(v) = file.relay {
+            cfg.relay = v;
+        }
+        if let Some(v) = file.nat_private_addresses {
+            cfg.nat_private_addresses = v;
         }
         if let Some(v) = file.constraints.filter(|c| !c.trim().is_empty()) {
             cfg.constraints =
@@ -235,6 +260,20 @@ impl DaemonConfig {
             cfg.constraints_text = v;
         }
         Ok(cfg)
+    }
+}
+
+/// A bootstrap address must be a multiaddr naming its peer, or the peer to expect (and
+/// trust as a relay) is unknown.
+pub fn check_bootstrap(addr: &str) -> Result<(), String> {
+    let parsed: libp2p::Multiaddr = addr
+        .parse()
+        .map_err(|e| format!("{addr} is not a multiaddr ({e})"))?;
+    match parsed.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(_)) => Ok(()),
+        _ => Err(format!(
+            "{addr} does not end in /p2p/<peer id>; use the address the bootstrap peer prints"
+        )),
     }
 }
 
@@ -263,6 +302,17 @@ mod tests {
         std::fs::write(&p, r#"{"max_job":3}"#).unwrap();
         let e = DaemonConfig::from_file(Some(&p)).unwrap_err();
         assert!(e.contains("max_job"), "{e}");
+        std::fs::write(&p, r#"{"bootstrap":["/ip4/192.0.2.1/tcp/7465"]}"#).unwrap();
+        let e = DaemonConfig::from_file(Some(&p)).unwrap_err();
+        assert!(e.contains("bootstrap") && e.contains("/p2p/"), "{e}");
+        std::fs::write(
+            &p,
+            r#"{"bootstrap":["/ip4/192.0.2.1/tcp/7465/p2p/12D3KooWGzh9SAvBGkuZ1jKMpZ2Tze5jJ6DnBC5f5XZrbAtHgsj6"],"relay":true}"#,
+        )
+        .unwrap();
+        let c = DaemonConfig::from_file(Some(&p)).unwrap();
+        assert_eq!(c.bootstrap.len(), 1);
+        assert!(c.relay && !c.nat_private_addresses);
         std::fs::write(&p, r#"{"mem":"lots"}"#).unwrap();
         let e = DaemonConfig::from_file(Some(&p)).unwrap_err();
         assert!(e.contains("mem"), "{e}");

@@ -108,6 +108,8 @@ pub async fn run(
         preset = %preset.name,
         "offering"
     );
+    let published_properties = offer.properties.clone();
+    let published_constraints = offer.constraints.clone();
     let market = Arc::new(Market::new(
         data.clone(),
         offer,
@@ -125,10 +127,20 @@ pub async fn run(
         audit.clone(),
     ));
 
+    let bootstrap: Vec<Multiaddr> = cfg
+        .bootstrap
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .with_context(|| format!("--bootstrap {a}: not a multiaddr"))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let (client, mut inbound, event_loop) = net::new(
         identity.clone(),
         NetConfig {
             mdns: cfg.mdns,
+            relay_server: cfg.relay,
+            only_global_ips: !cfg.nat_private_addresses,
             // Each request is handed to its own task at once, so the queue only absorbs
             // bursts; a deep one means a burst of demands is served rather than told busy.
             inbound_queue: 4096,
@@ -155,6 +167,17 @@ pub async fn run(
             listening.push(full.to_string());
         }
     }
+    // Unreachable bootstrap peers are not fatal: the others, mDNS or a later retry by the
+    // DHT may still connect this provider; the operator reads why in the log.
+    for addr in bootstrap {
+        match client.bootstrap(addr.clone()).await {
+            Ok(peer) => tracing::info!(%peer, "joined the network through the bootstrap peer"),
+            Err(e) => tracing::warn!(%addr, "bootstrap peer not reached: {e}"),
+        }
+    }
+    client
+        .set_offer(published_properties, published_constraints)
+        .await?;
     audit::record(
         &audit,
         AuditEvent::DaemonStart {

@@ -1,5 +1,6 @@
 //! The `requestor` command line: sign a manifest, submit it with a script to a provider,
-//! follow the results, keep and verify the receipt; find providers with mDNS.
+//! follow the results, keep and verify the receipt; find providers and their offers
+//! (mDNS on the LAN, bootstrap + DHT + gossip beyond it: [`offers`]).
 //!
 //! Exit codes: 0 everything ran and succeeded; 1 the provider rejected the demand, or a
 //! command was denied or failed (the reason is printed); 2 bad input or usage; 3 the
@@ -20,7 +21,7 @@ use policies::MatchedRule;
 use serde_json::{json, Value};
 
 use crate::cli::manifest::{manifest_base64, read_chain, read_signature};
-use crate::cli::output::{self, Table};
+use crate::cli::output;
 use crate::units::HumanDuration;
 use net::receipt::SignedReceipt;
 use net::wire::{
@@ -28,6 +29,8 @@ use net::wire::{
     Outcome as CmdOutcome,
 };
 use net::NetConfig;
+
+pub mod offers;
 
 /// Requestor: get a signed payload run on a provider, with its commands gated and its
 /// egress filtered, and keep the signed receipt.
@@ -48,11 +51,27 @@ pub enum Command {
     Manifest(ManifestCmd),
     /// Negotiate with a provider, run a batch, print results, save the receipt.
     Submit(Box<SubmitArgs>),
-    /// List providers found on the local network (mDNS).
+    /// List providers' offers: on the local network (mDNS) and, with `--bootstrap`, across
+    /// networks (signed offers from the DHT and gossip), ranked (see docs/requestor.md).
     Offers {
         /// How long to listen for providers.
         #[arg(long, value_name = "DURATION", default_value = "3s")]
         wait: HumanDuration,
+        /// A bootstrap peer, `/ip4/…/tcp/…/p2p/<peer id>` (repeatable).
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<Multiaddr>,
+        /// Only offers whose properties match this LDAP-style filter.
+        #[arg(long, value_name = "LDAP")]
+        constraints: Option<String>,
+        /// The runtime whose providers are looked up in the DHT.
+        #[arg(long, value_name = "NAME", default_value = "vm")]
+        runtime: String,
+        /// Stop as soon as this many matching offers are known (at most `--wait`).
+        #[arg(long, value_name = "N")]
+        expect: Option<usize>,
+        /// Do not look for providers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Receipts: check one offline.
     #[command(subcommand)]
@@ -179,7 +198,25 @@ pub fn main() -> ExitCode {
                 0
             })
             .map_err(anyhow::Error::from),
-        Command::Offers { wait } => offers(wait.get(), json),
+        Command::Offers {
+            wait,
+            bootstrap,
+            constraints,
+            runtime,
+            expect,
+            no_mdns,
+        } => list_offers(
+            offers::OffersArgs {
+                wait: wait.get(),
+                bootstrap,
+                constraints: None,
+                runtime,
+                mdns: !no_mdns,
+                expect,
+            },
+            constraints,
+            json,
+        ),
         Command::Submit(args) => match submit(*args, json) {
             Ok(code) => Ok(code),
             Err(Stop::Rejected) => Ok(1),
@@ -282,66 +319,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start the async runtime")
 }
 
-fn offers(wait: Duration, json: bool) -> anyhow::Result<u8> {
+fn list_offers(
+    mut args: offers::OffersArgs,
+    constraints: Option<String>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    if let Some(text) = constraints.filter(|c| !c.trim().is_empty()) {
+        args.constraints = Some(
+            crate::market::constraints::Filter::parse(&text)
+                .map_err(|e| anyhow::anyhow!("--constraints: {e}"))?,
+        );
+    }
+    for addr in &args.bootstrap {
+        if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+            anyhow::bail!("--bootstrap {addr} does not end in /p2p/<peer id>");
+        }
+    }
     let rt = runtime()?;
-    rt.block_on(async {
-        let (client, _inbound, event_loop) = net::new(
-            Keypair::generate_ed25519(),
-            NetConfig {
-                mdns: true,
-                ..NetConfig::default()
-            },
-        )?;
-        tokio::spawn(event_loop.run());
-        client
-            .listen("/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"))
-            .await?;
-        tokio::time::sleep(wait).await;
-        let mut rows = Vec::new();
-        for (peer, addrs) in client.discovered().await? {
-            let Some(addr) = addrs.first().cloned() else {
-                continue;
-            };
-            let _ = client.dial(addr.clone().with_p2p(peer).unwrap_or(addr.clone())).await;
-            let offer = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.market(peer, MarketRequest::GetOffer),
-            )
-            .await;
-            let props = match offer {
-                Ok(Ok(MarketResponse::Offer { offer })) => Some(offer.properties),
-                _ => None,
-            };
-            rows.push((peer, addr, props));
+    match rt.block_on(offers::offers(args, json)) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("error: {}", crate::cli::one_line(&format!("{e:#}")));
+            Ok(3)
         }
-        if json {
-            let list: Vec<Value> = rows
-                .iter()
-                .map(|(p, a, props)| json!({"provider_id": p.to_string(), "address": a.to_string(), "properties": props}))
-                .collect();
-            output::json(&list)?;
-        } else if rows.is_empty() {
-            println!("no providers found in {wait:?}");
-        } else {
-            let mut t = Table::new(&["PROVIDER", "ADDRESS", "MEM GiB", "THREADS"]);
-            for (p, a, props) in &rows {
-                let get = |k: &str| {
-                    props
-                        .as_ref()
-                        .and_then(|m| m.get(k))
-                        .map_or("?".into(), |v| v.to_string())
-                };
-                t.row(vec![
-                    p.to_string(),
-                    a.to_string(),
-                    get("golem.inf.mem.gib"),
-                    get("golem.inf.cpu.threads"),
-                ]);
-            }
-            t.print();
-        }
-        Ok(0)
-    })
+    }
 }
 
 /// `matched_rule` as a person reads it: ` (rule audited-payload "CN=…", outbound mode all)`.
@@ -571,6 +572,14 @@ async fn session(
     )
     .map_err(unreachable)?;
     tokio::spawn(event_loop.run());
+    // A listener gives outgoing connections a fixed local port (port reuse), which is what
+    // lets DCUtR punch a hole when the provider is reached through a relay.
+    if let Err(e) = client
+        .listen("/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"))
+        .await
+    {
+        tracing::debug!("no listener (hole punching unavailable): {e}");
+    }
     client
         .dial(args.provider.clone())
         .await
