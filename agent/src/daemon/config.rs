@@ -242,6 +242,7 @@ impl DaemonConfig {
                 ));
             }
             cfg.storage_bytes = v.bytes();
+        }
         if let Some(v) = file.bootstrap {
             for a in &v {
                 check_bootstrap(a).map_err(|e| at("bootstrap", e))?;
