@@ -146,6 +146,8 @@ fn providers_behind_nat_are_listed_and_run_jobs_through_a_relay_and_a_punched_ho
 
     let boot = Provider::new();
     let boot_cfg = boot.write_input("config.json", r#"{"mem":"128M"}"#);
+    // The offer advertises the hardware profile: sell what a job gets.
+    boot.run(["profile", "set", "--mem", "128M"]).ok();
     let listen = format!("/ip4/{}/tcp/7465", NatLab::PUBLIC_IP);
     let bd = boot.daemon_in(
         Some(&lab.public()),
@@ -205,6 +207,8 @@ fn providers_behind_nat_are_listed_and_run_jobs_through_a_relay_and_a_punched_ho
             "config.json",
             json!({"mem": format!("{}M", mem_mib(k))}).to_string(),
         );
+        p.run(["profile", "set", "--mem", &format!("{}M", mem_mib(k))])
+            .ok();
         let listen = format!("/ip4/0.0.0.0/tcp/{}", 7100 + k);
         let mut args: Vec<String> = [
             "--listen",
