@@ -336,6 +336,38 @@ fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError
     Ok((manifest, outbound))
 }
 
+/// Why `text` is not a URI as RFC 3986 writes one (the `uri` format of Golem's schema),
+/// or `None`. The URL parser is more forgiving (WHATWG): it drops tabs and newlines,
+/// trims spaces and control characters, percent-encodes what it must and keeps a `%` that
+/// starts no escape, so the URL it returns can differ from the text that was signed. The
+/// manifest must say exactly what it means.
+fn uri_problem(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let allowed = b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=".contains(&b);
+        if b == b'%' {
+            let escape = bytes.get(i + 1..i + 3);
+            if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
+                return Some(format!(
+                    "`%` at byte {i} does not start a percent-escape (`%` and two hex digits); write a literal `%` as `%25`"
+                ));
+            }
+            i += 3;
+            continue;
+        }
+        if !allowed {
+            let c = text[i..].chars().next().unwrap_or('?');
+            return Some(format!(
+                "{c:?} at byte {i} is not allowed in a URI (RFC 3986); percent-encode it"
+            ));
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Structural checks serde cannot express.
 fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
     if m.payload.is_empty() {
@@ -349,6 +381,9 @@ fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
             ));
         }
         for (j, u) in p.urls.iter().enumerate() {
+            if let Some(why) = uri_problem(u) {
+                return Err(field(format!("payload[{i}].urls[{j}]"), format!("`{u}`: {why}")));
+            }
             let url = Url::parse(u)
                 .map_err(|e| field(format!("payload[{i}].urls[{j}]"), format!("`{u}`: {e}")))?;
             if !matches!(url.scheme(), "http" | "https" | "file" | "oci") {
@@ -399,6 +434,9 @@ fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
     let mut parsed = Vec::with_capacity(urls.len());
     for (i, u) in urls.iter().enumerate() {
         let at = format!("{base}.urls[{i}]");
+        if let Some(why) = uri_problem(u) {
+            return Err(field(&at, format!("`{u}`: {why}")));
+        }
         let url = Url::parse(u).map_err(|e| field(&at, format!("`{u}`: {e}")))?;
         if url.host_str().is_none_or(str::is_empty) {
             return Err(field(&at, format!("`{u}` has no host")));

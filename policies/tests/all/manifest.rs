@@ -177,6 +177,33 @@ fn outbound_urls_are_checked_against_protocols_and_parsed() {
     assert!(field_error(&m).1.contains("contradict"));
 }
 
+/// Found by fuzzing (`fuzz/`, target `manifest`, differential against Golem's schema): the
+/// URL parser accepted `https://api.example.com/%0/`, which is no URI, and silently mends
+/// or drops what RFC 3986 forbids (a tab inside the host disappears), so the URL the egress
+/// policy allowed was not the text the requestor signed. Both URL lists refuse such text,
+/// naming the byte; well-formed escapes still pass.
+#[test]
+fn urls_that_are_not_rfc3986_uris_are_refused() {
+    for (bad, says) in [
+        ("https://api.example.com/%0/", "percent-escape"),
+        ("https://api.example.com/%zz", "percent-escape"),
+        ("https://api.exa\tmple.com/", "not allowed in a URI"),
+        ("https://api.example.com/a b", "not allowed in a URI"),
+        (" https://api.example.com/", "not allowed in a URI"),
+        ("https://bücher.example/", "not allowed in a URI"),
+    ] {
+        let (field, message) = field_error(&manifest(&[bad]));
+        assert_eq!(field, "compManifest.net.inet.out.urls[0]", "{bad:?}");
+        assert!(message.contains(says), "{bad:?}: {message}");
+
+        let mut m = manifest(&[]);
+        m["payload"][0]["urls"] = json!([bad]);
+        assert_eq!(field_error(&m).0, "payload[0].urls[0]", "{bad:?}");
+    }
+    let ok = manifest(&["https://api.example.com/a%20b/?q=%7E&x=[1]#f", "https://xn--bcher-kva.example/"]);
+    assert!(parse(&ok).is_ok());
+}
+
 #[test]
 fn hash_lengths_pick_the_sha3_variant() {
     for (n, alg) in [
