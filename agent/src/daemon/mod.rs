@@ -69,6 +69,11 @@ pub async fn run(
         AuditLog::open(&data.audit_path())
             .with_context(|| format!("open {}", data.audit_path().display()))?,
     );
+    // Before serving anyone: jobs a killed predecessor left are marked ended.
+    let interrupted = crate::activity::recover_interrupted(&data, &audit);
+    if !interrupted.is_empty() {
+        tracing::warn!(jobs = ?interrupted, "marked ended the jobs the previous daemon left running");
+    }
     let jobs = job_config(&cfg).map_err(|e| {
         tracing::warn!("jobs cannot run on this host ({e:#}); demands will still be judged");
         format!("{e:#}")

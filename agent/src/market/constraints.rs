@@ -519,6 +519,20 @@ mod tests {
         assert_eq!(Filter::parse(&f.to_string()).unwrap(), f);
     }
 
+    /// Found by fuzzing (`fuzz/`, target `wire`): serde_json read `1.2222222222222221e+33`
+    /// one ulp off unless its `float_roundtrip` feature is on, while the constraint's own
+    /// literal parses exactly, so a property compared `=` with the very text it was sent as
+    /// did not match.
+    #[test]
+    fn a_property_equals_the_literal_it_was_written_as() {
+        for text in ["1.2222222222222221e+33", "0.30000000000000004", "2.2250738585072014e-308"] {
+            let props: Properties =
+                serde_json::from_str(&format!(r#"{{"x":{text}}}"#)).unwrap();
+            let f = Filter::parse(&format!("(x={text})")).unwrap();
+            assert!(f.matches(&props), "{text}");
+        }
+    }
+
     #[test]
     fn wildcard_matching_is_not_exponential() {
         let pattern = format!("(golem.runtime.name={}b)", "*a".repeat(30));
