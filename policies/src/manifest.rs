@@ -382,7 +382,10 @@ fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
         }
         for (j, u) in p.urls.iter().enumerate() {
             if let Some(why) = uri_problem(u) {
-                return Err(field(format!("payload[{i}].urls[{j}]"), format!("`{u}`: {why}")));
+                return Err(field(
+                    format!("payload[{i}].urls[{j}]"),
+                    format!("`{u}`: {why}"),
+                ));
             }
             let url = Url::parse(u)
                 .map_err(|e| field(format!("payload[{i}].urls[{j}]"), format!("`{u}`: {e}")))?;

@@ -163,7 +163,10 @@ proptest! {
 #[test]
 fn the_spellings_differ_from_the_plain_text() {
     let unicode = spell_host("bücher.example", &[1, 1, 0]);
-    assert!(unicode.contains(['ü', 'Ü']) && unicode != "bücher.example", "{unicode}");
+    assert!(
+        unicode.contains(['ü', 'Ü']) && unicode != "bücher.example",
+        "{unicode}"
+    );
     let puny = spell_host("bücher.example", &[0, 1, 1, 1, 1, 1, 1, 0]);
     assert!(puny.starts_with("XN--BC"), "{puny}");
     assert_eq!(Host::parse(&unicode), Host::parse(&puny));
@@ -177,7 +180,14 @@ fn the_spellings_differ_from_the_plain_text() {
         Ok("https://api.example.com/v1/".into())
     );
     assert_eq!(
-        verdict(&policy(Mode::All), "api.example.com", 80, Access::Http { path: "/d%61ta".into() }),
+        verdict(
+            &policy(Mode::All),
+            "api.example.com",
+            80,
+            Access::Http {
+                path: "/d%61ta".into()
+            }
+        ),
         Ok("http://api.example.com/data".into())
     );
 }

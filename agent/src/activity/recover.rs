@@ -71,7 +71,10 @@ fn audit_history(path: &Path) -> (BTreeSet<String>, BTreeMap<String, usize>) {
     let Ok(file) = std::fs::File::open(path) else {
         return (ended, commands);
     };
-    for line in std::io::BufReader::new(file).split(b'\n').map_while(Result::ok) {
+    for line in std::io::BufReader::new(file)
+        .split(b'\n')
+        .map_while(Result::ok)
+    {
         // Most lines are verdicts and egress decisions: skip them before parsing.
         let interesting = [&b"\"job\""[..], b"activity-", b"\"command\""]
             .iter()

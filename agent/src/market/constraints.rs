@@ -525,9 +525,12 @@ mod tests {
     /// did not match.
     #[test]
     fn a_property_equals_the_literal_it_was_written_as() {
-        for text in ["1.2222222222222221e+33", "0.30000000000000004", "2.2250738585072014e-308"] {
-            let props: Properties =
-                serde_json::from_str(&format!(r#"{{"x":{text}}}"#)).unwrap();
+        for text in [
+            "1.2222222222222221e+33",
+            "0.30000000000000004",
+            "2.2250738585072014e-308",
+        ] {
+            let props: Properties = serde_json::from_str(&format!(r#"{{"x":{text}}}"#)).unwrap();
             let f = Filter::parse(&format!("(x={text})")).unwrap();
             assert!(f.matches(&props), "{text}");
         }

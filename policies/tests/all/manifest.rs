@@ -200,7 +200,10 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
         m["payload"][0]["urls"] = json!([bad]);
         assert_eq!(field_error(&m).0, "payload[0].urls[0]", "{bad:?}");
     }
-    let ok = manifest(&["https://api.example.com/a%20b/?q=%7E&x=[1]#f", "https://xn--bcher-kva.example/"]);
+    let ok = manifest(&[
+        "https://api.example.com/a%20b/?q=%7E&x=[1]#f",
+        "https://xn--bcher-kva.example/",
+    ]);
     assert!(parse(&ok).is_ok());
 }
 
