@@ -24,19 +24,45 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Debug, Arbitrary)]
 enum Op {
     /// A frame from the peer: kind byte (1..=7 are known), stream id, payload.
-    Frame { kind: u8, stream: u8, high: bool, payload: Vec<u8> },
+    Frame {
+        kind: u8,
+        stream: u8,
+        high: bool,
+        payload: Vec<u8>,
+    },
     /// A `Window` frame crediting `n` bytes on `stream`.
-    Credit { stream: u8, n: u32 },
+    Credit {
+        stream: u8,
+        n: u32,
+    },
     /// A `Data` frame of `len` zero bytes on `stream`.
-    Data { stream: u8, len: u16 },
-    Open { purpose: String },
+    Data {
+        stream: u8,
+        len: u16,
+    },
+    Open {
+        purpose: String,
+    },
     Accept,
-    Lookup { stream: u8 },
-    Write { slot: u8, len: u16 },
-    ShutdownWrite { slot: u8 },
-    Reset { slot: u8 },
-    Drop { slot: u8 },
-    SendControl { bytes: Vec<u8> },
+    Lookup {
+        stream: u8,
+    },
+    Write {
+        slot: u8,
+        len: u16,
+    },
+    ShutdownWrite {
+        slot: u8,
+    },
+    Reset {
+        slot: u8,
+    },
+    Drop {
+        slot: u8,
+    },
+    SendControl {
+        bytes: Vec<u8>,
+    },
     RecvControl,
 }
 
@@ -116,7 +142,12 @@ fuzz_target!(|input: Input| {
         frame(Kind::Hello as u8, 0, &hello)
     } else {
         match ops.next() {
-            Some(Op::Frame { kind, stream, high, payload }) => frame(kind, id(stream, high), &payload),
+            Some(Op::Frame {
+                kind,
+                stream,
+                high,
+                payload,
+            }) => frame(kind, id(stream, high), &payload),
             _ => return,
         }
     };
@@ -124,7 +155,11 @@ fuzz_target!(|input: Input| {
         let _ = tx.send(first);
         tx
     });
-    let feed = Feed { rx, buf: Vec::new(), at: 0 };
+    let feed = Feed {
+        rx,
+        buf: Vec::new(),
+        at: 0,
+    };
     let mux = match Mux::handshake(side, Box::new(feed), Box::new(sink.clone())) {
         Ok(m) => m,
         Err(e) => {
@@ -138,14 +173,25 @@ fuzz_target!(|input: Input| {
     let mut by_id: HashMap<u32, ()> = HashMap::new();
     for op in ops {
         let sent = match op {
-            Op::Frame { kind, stream, high, payload } => {
+            Op::Frame {
+                kind,
+                stream,
+                high,
+                payload,
+            } => {
                 let payload = &payload[..payload.len().min(MAX_PAYLOAD + 1)];
                 Some(frame(kind, id(stream, high), payload))
             }
-            Op::Credit { stream, n } => Some(frame(Kind::Window as u8, u32::from(stream), &n.to_le_bytes())),
-            Op::Data { stream, len } => {
-                Some(frame(Kind::Data as u8, u32::from(stream), &vec![0; usize::from(len).min(MAX_PAYLOAD)]))
-            }
+            Op::Credit { stream, n } => Some(frame(
+                Kind::Window as u8,
+                u32::from(stream),
+                &n.to_le_bytes(),
+            )),
+            Op::Data { stream, len } => Some(frame(
+                Kind::Data as u8,
+                u32::from(stream),
+                &vec![0; usize::from(len).min(MAX_PAYLOAD)],
+            )),
             Op::Open { purpose } => {
                 if let Ok(s) = mux.open(&purpose) {
                     by_id.insert(s.id(), ());
@@ -235,6 +281,9 @@ fuzz_target!(|input: Input| {
     for (stream, bytes) in sent_on {
         // Without credit from the fuzzed peer beyond the writes' own bound, the mux must
         // not have sent more than the initial window plus what was credited.
-        assert!(bytes <= u64::from(INITIAL_WINDOW) * 2, "stream {stream}: {bytes} bytes sent");
+        assert!(
+            bytes <= u64::from(INITIAL_WINDOW) * 2,
+            "stream {stream}: {bytes} bytes sent"
+        );
     }
 });

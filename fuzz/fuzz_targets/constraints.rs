@@ -20,7 +20,10 @@ fn props() -> &'static Properties {
         p.insert("golem.inf.cpu.threads".into(), json!(2));
         p.insert("golem.runtime.name".into(), json!("vm"));
         p.insert("golem.node.id.name".into(), json!("provider-a*b"));
-        p.insert("golem.com.payment.platform".into(), json!(["erc20-holesky-tglm", "x"]));
+        p.insert(
+            "golem.com.payment.platform".into(),
+            json!(["erc20-holesky-tglm", "x"]),
+        );
         p.insert("golem.srv.caps.multi-activity".into(), json!(true));
         p.insert("a".into(), json!(""));
         p.insert("b".into(), json!(null));
@@ -49,6 +52,9 @@ fuzz_target!(|data: &[u8]| {
     if matches {
         assert!(unmet.is_empty());
     } else {
-        assert!(!unmet.is_empty(), "`{printed}` fails but names nothing unmet");
+        assert!(
+            !unmet.is_empty(),
+            "`{printed}` fails but names nothing unmet"
+        );
     }
 });

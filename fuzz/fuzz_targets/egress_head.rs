@@ -45,7 +45,10 @@ fn proxy() -> Arc<Proxy> {
     ];
     let outbound = Outbound::Urls {
         protocols: vec!["http".into(), "https".into(), "ws".into(), "wss".into()],
-        urls: urls.iter().map(|u| url::Url::parse(u).expect("url")).collect(),
+        urls: urls
+            .iter()
+            .map(|u| url::Url::parse(u).expect("url"))
+            .collect(),
     };
     let limits = Limits {
         idle_timeout: Duration::from_millis(200),
@@ -80,7 +83,11 @@ fuzz_target!(|data: &[u8]| {
             .await
             .expect("the proxy answers and closes within its idle timeout");
         if !answer.is_empty() {
-            assert!(answer.starts_with(b"HTTP/1."), "{:?}", String::from_utf8_lossy(&answer));
+            assert!(
+                answer.starts_with(b"HTTP/1."),
+                "{:?}",
+                String::from_utf8_lossy(&answer)
+            );
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), task)
             .await

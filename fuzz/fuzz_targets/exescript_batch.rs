@@ -51,6 +51,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(command.render(), command.to_string());
         // A parsed batch serializes back to a batch that parses to the same commands.
         let again = serde_json::to_string(&[command]).expect("serializes");
-        assert_eq!(parse_batch(&again).expect("reparses"), vec![command.clone()]);
+        assert_eq!(
+            parse_batch(&again).expect("reparses"),
+            vec![command.clone()]
+        );
     }
 });

@@ -26,11 +26,13 @@ fn paths() -> &'static Paths {
         // One directory per fuzzing process (libFuzzer's -fork/-jobs run several).
         let base = std::env::var_os("FUZZ_TMP")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(if std::path::Path::new("/dev/shm").is_dir() {
-                "/dev/shm"
-            } else {
-                "/tmp"
-            }))
+            .unwrap_or_else(|| {
+                PathBuf::from(if std::path::Path::new("/dev/shm").is_dir() {
+                    "/dev/shm"
+                } else {
+                    "/tmp"
+                })
+            })
             .join(format!("provider-fuzz-rootfs-{}", std::process::id()));
         std::fs::create_dir_all(&base).expect("scratch dir");
         let agent = base.join("agent");
@@ -50,7 +52,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = read_rootfs(&p.image, |e| {
         assert!(!e.path.is_empty() && !e.path.starts_with('/'), "{}", e.path);
         assert!(
-            e.path.split('/').all(|c| !c.is_empty() && c != ".." && c != "."),
+            e.path
+                .split('/')
+                .all(|c| !c.is_empty() && c != ".." && c != "."),
             "unnormalised path {}",
             e.path
         );
@@ -86,7 +90,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(_) => {}
         Err(e) => {
             let _ = e.to_string();
-            assert!(!p.out.exists(), "a failed build left {} behind", p.out.display());
+            assert!(
+                !p.out.exists(),
+                "a failed build left {} behind",
+                p.out.display()
+            );
         }
     }
 });

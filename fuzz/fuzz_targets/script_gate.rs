@@ -101,14 +101,20 @@ fuzz_target!(|input: Input| {
         let allowed = gate.check(&command).is_ok();
         let matched = patterns.iter().any(|p| p.is_match(&rendering));
         if allowed {
-            assert!(matched, "allowed `{rendering}` that no anchored pattern matches");
+            assert!(
+                matched,
+                "allowed `{rendering}` that no anchored pattern matches"
+            );
         }
         // A denial with a matching pattern is only right when the command itself is not
         // canonical (the gate refuses those before any constraint).
         if matched && !allowed {
             let denial = gate.check(&command).unwrap_err();
             assert!(
-                matches!(denial.reason, exescript::DenialReason::EntryPointInvalid { .. }),
+                matches!(
+                    denial.reason,
+                    exescript::DenialReason::EntryPointInvalid { .. }
+                ),
                 "denied `{rendering}` which {:?} matches: {denial}",
                 anchored
             );

@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
     let full = parse_client_hello(data);
     if let Ok(Some(Some(name))) = &full {
         assert!(!name.is_empty());
-        assert_eq!(name, &name.to_ascii_lowercase(), "the SNI is reported lowercase");
+        assert_eq!(
+            name,
+            &name.to_ascii_lowercase(),
+            "the SNI is reported lowercase"
+        );
     }
     let Ok(Some(answer)) = full else {
         return;

@@ -35,15 +35,19 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<ActivityRequest>(data);
     round_trip::<ActivityResponse>(data);
     // What the provider does with a demand's fields right after decoding.
-    if let Ok(MarketRequest::Demand { properties, constraints }) =
-        serde_json::from_slice::<MarketRequest>(data)
+    if let Ok(MarketRequest::Demand {
+        properties,
+        constraints,
+    }) = serde_json::from_slice::<MarketRequest>(data)
     {
         let _ = provider::market::constraints::Filter::parse(&constraints);
-        if let Some(serde_json::Value::String(payload)) = properties.get(net::wire::props::PAYLOAD) {
+        if let Some(serde_json::Value::String(payload)) = properties.get(net::wire::props::PAYLOAD)
+        {
             let _ = policies::ReceivedManifest::from_base64(payload);
         }
     }
-    if let Ok(ActivityRequest::Exec { batch, .. }) = serde_json::from_slice::<ActivityRequest>(data) {
+    if let Ok(ActivityRequest::Exec { batch, .. }) = serde_json::from_slice::<ActivityRequest>(data)
+    {
         let _ = exescript::parse_batch(&batch.to_string());
     }
 });

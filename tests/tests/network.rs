@@ -535,9 +535,9 @@ fn kill_9_during_negotiation_leaves_a_clean_data_dir_and_a_restart_serves() {
     let audit = std::fs::read_to_string(s.p.data_dir().join("audit.jsonl")).unwrap();
     let last_verdict = audit
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "verdict")
-        .last()
+        .find(|v| v["event"] == "verdict")
         .expect("the last demand was audited");
     assert_eq!(last_verdict["verdict"], "reject");
 }

@@ -1385,7 +1385,10 @@ async fn an_upstream_reset_mid_body_cuts_the_response_and_the_proxy_carries_on()
                     None => break Ok(()),
                 }
             };
-            assert!(outcome.is_err(), "round {round}: a cut body looked complete ({got} bytes)");
+            assert!(
+                outcome.is_err(),
+                "round {round}: a cut body looked complete ({got} bytes)"
+            );
             assert!(got <= 3000, "round {round}: {got} bytes");
         })
         .await;
@@ -1397,4 +1400,3 @@ async fn an_upstream_reset_mid_body_cuts_the_response_and_the_proxy_carries_on()
     let (status, _, body) = get(p.addr, &format!("http://localhost:{port}/whole")).await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"whole"[..]));
 }
-
