@@ -318,7 +318,7 @@ impl ReceivedManifest {
 
 fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError> {
     let de = &mut serde_json::Deserializer::from_slice(json);
-    let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+    let manifest: Manifest = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -332,6 +332,10 @@ fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError
             )
         }
     })?;
+    // One document and nothing after it: serde stops at the end of the object, and text
+    // after it would be signed but read by no one (another parser may refuse it or read it).
+    de.end()
+        .map_err(|e| ManifestError::Json(format!("text after the manifest object: {e}")))?;
     let outbound = validate(&manifest)?;
     Ok((manifest, outbound))
 }

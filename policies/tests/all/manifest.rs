@@ -207,6 +207,22 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
     assert!(parse(&ok).is_ok());
 }
 
+/// Found by fuzzing (`fuzz/`, target `manifest`): a manifest followed by more text
+/// (`{…}garbage`, `{…}{…}`) was accepted, the rest ignored although it was signed too.
+#[test]
+fn text_after_the_manifest_object_is_refused() {
+    let text = manifest(&[]).to_string();
+    for tail in ["x", "{}", " ]", "\u{0}"] {
+        let err = ReceivedManifest::from_json(format!("{text}{tail}").as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::Json(m) if m.contains("after the manifest")),
+            "{tail:?}: {err}"
+        );
+    }
+    // Trailing whitespace is still fine (files end with a newline).
+    assert!(ReceivedManifest::from_json(format!("{text}\n  ").as_bytes()).is_ok());
+}
+
 #[test]
 fn hash_lengths_pick_the_sha3_variant() {
     for (n, alg) in [
