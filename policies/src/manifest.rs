@@ -48,7 +48,9 @@ fn field(field: impl Into<String>, message: impl Into<String>) -> ManifestError 
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Manifest {
     pub version: String,
+    #[serde(deserialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+    #[serde(deserialize_with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
     #[serde(default)]
     pub metadata: Option<Metadata>,
@@ -338,6 +340,17 @@ fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError
         .map_err(|e| ManifestError::Json(format!("text after the manifest object: {e}")))?;
     let outbound = validate(&manifest)?;
     Ok((manifest, outbound))
+}
+
+/// An RFC 3339 date-time, exactly (the schema's `date-time` format). chrono's own
+/// `FromStr` is lenient (found by fuzzing: it read `210 -01-01T00:00:00Z` as a year).
+fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = String::deserialize(d)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            serde::de::Error::custom(format!("`{text}` is not an RFC 3339 date-time: {e}"))
+        })
 }
 
 /// Why `text` is not a URI as RFC 3986 writes one (the `uri` format of Golem's schema),

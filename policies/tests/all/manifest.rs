@@ -143,7 +143,7 @@ fn structural_errors_name_the_field() {
         (
             json!({"expiresAt": "tomorrow"}),
             "expiresAt",
-            "input contains invalid characters",
+            "`tomorrow` is not an RFC 3339 date-time",
         ),
     ];
     for (patch, want_field, want_msg) in cases {
@@ -221,6 +221,20 @@ fn text_after_the_manifest_object_is_refused() {
     }
     // Trailing whitespace is still fine (files end with a newline).
     assert!(ReceivedManifest::from_json(format!("{text}\n  ").as_bytes()).is_ok());
+}
+
+/// Found by fuzzing (`fuzz/`, target `manifest`, against Golem's schema): chrono's
+/// lenient parsing accepted `210 -01-01T00:00:00Z`; the times must be RFC 3339 exactly.
+#[test]
+fn times_must_be_rfc3339_exactly() {
+    let mut m = manifest(&[]);
+    m["expiresAt"] = json!("210 -01-01T00:00:00Z");
+    let (field, message) = field_error(&m);
+    assert_eq!(field, "expiresAt");
+    assert!(message.contains("RFC 3339"), "{message}");
+    let mut m = manifest(&[]);
+    m["createdAt"] = json!("2024-01-01T00:00:00+02:00");
+    assert!(parse(&m).is_ok());
 }
 
 #[test]
