@@ -360,10 +360,20 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::E
 /// manifest must say exactly what it means.
 fn uri_problem(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
+    // `[` and `]` belong only around an IPv6 host, inside the authority.
+    let authority = text.find("://").map_or(0..0, |at| {
+        let start = at + 3;
+        let end = text[start..]
+            .find(['/', '?', '#'])
+            .map_or(text.len(), |e| start + e);
+        start..end
+    });
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        let allowed = b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=".contains(&b);
+        let allowed = b.is_ascii_alphanumeric()
+            || b"-._~:/?#@!$&'()*+,;=".contains(&b)
+            || (matches!(b, b'[' | b']') && authority.contains(&i));
         if b == b'%' {
             let escape = bytes.get(i + 1..i + 3);
             if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {

@@ -191,6 +191,10 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
         ("https://api.example.com/a b", "not allowed in a URI"),
         (" https://api.example.com/", "not allowed in a URI"),
         ("https://bücher.example/", "not allowed in a URI"),
+        (
+            "https://images.example.com/ap[p.tar.gz",
+            "not allowed in a URI",
+        ),
     ] {
         let (field, message) = field_error(&manifest(&[bad]));
         assert_eq!(field, "compManifest.net.inet.out.urls[0]", "{bad:?}");
@@ -201,7 +205,7 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
         assert_eq!(field_error(&m).0, "payload[0].urls[0]", "{bad:?}");
     }
     let ok = manifest(&[
-        "https://api.example.com/a%20b/?q=%7E&x=[1]#f",
+        "https://api.example.com/a%20b/?q=%7E&x=%5B1%5D#f",
         "https://xn--bcher-kva.example/",
     ]);
     assert!(parse(&ok).is_ok());
