@@ -2,7 +2,8 @@
 # Installs the Debian packages the build, the tests and the demo need when they are
 # missing (a C compiler, pkg-config, OpenSSL headers and CLI, QEMU, a static busybox for
 # the test image, `file`, python3 for the demo's upstream, depmod for the guest kernel's
-# modules, mksquashfs and mkfs.ext4 for disk images), then caches the guest kernel.
+# modules, mksquashfs and mkfs.ext4 for disk images), then caches the guest kernel, and
+# checks the nightly toolchain and cargo-fuzz for the fuzz step.
 # Used by .ci/run and scripts/demo.sh; a machine that has everything is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,3 +32,14 @@ fi
 
 # The guest kernel (Debian's linux-image-cloud-amd64) and its modules, cached once.
 scripts/fetch-guest-kernel.sh >/dev/null
+
+# The fuzz step of .ci/run: cargo-fuzz (from crates.io) on the nightly toolchain, which
+# this machine kind carries beside stable; it cannot be downloaded here, so say so.
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "the nightly toolchain is missing (rustup toolchain install nightly); the fuzz step needs it" >&2
+  exit 1
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi

@@ -58,6 +58,22 @@ enum Sink {
     },
 }
 
+/// A writer killed in the middle of a line leaves it without its newline; the next line
+/// would be glued to it and both lost to a reader. End it, so the torn line alone is lost.
+fn end_torn_line(file: &mut File) -> std::io::Result<()> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(());
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
 impl AuditLog {
     /// Appends to `path`, creating it (and its directory) if needed.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
@@ -68,11 +84,13 @@ impl AuditLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)
             .map_err(err)?;
+        end_torn_line(&mut file).map_err(err)?;
         Ok(Self {
             sink: Sink::File {
                 path: path.to_owned(),

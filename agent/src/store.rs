@@ -260,7 +260,7 @@ fn process_is_gone(pid: i32) -> bool {
 /// temp exists, and temps of live processes are never touched — nor this process's own. A
 /// dead writer's pid reused by an unrelated process only delays the clean-up. Best effort:
 /// litter is harmless (readers skip hidden files), so a failure here fails no command.
-fn remove_stale_temps(dir: &Path) {
+pub fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };

@@ -105,8 +105,10 @@ impl CertInfo {
             id: cert_id(cert),
             subject: name_to_string(cert.subject_name()),
             issuer: name_to_string(cert.issuer_name()),
-            not_before: asn1_to_chrono(cert.not_before()),
-            not_after: asn1_to_chrono(cert.not_after()),
+            // A time openssl cannot read (it parses the field, but not e.g. month 13)
+            // makes the certificate never valid: not yet valid, and already expired.
+            not_before: asn1_to_chrono(cert.not_before()).unwrap_or(DateTime::<Utc>::MAX_UTC),
+            not_after: asn1_to_chrono(cert.not_after()).unwrap_or(DateTime::<Utc>::MIN_UTC),
         }
     }
 
@@ -141,14 +143,15 @@ pub fn is_ca(cert: &X509Ref) -> bool {
         .unwrap_or(false)
 }
 
-/// Converts an ASN.1 time to chrono by measuring its distance from the epoch.
-pub(crate) fn asn1_to_chrono(t: &Asn1TimeRef) -> DateTime<Utc> {
+/// Converts an ASN.1 time to chrono by measuring its distance from the epoch; `None` when
+/// the time is malformed (a certificate from a stranger may carry any bytes there).
+pub(crate) fn asn1_to_chrono(t: &Asn1TimeRef) -> Option<DateTime<Utc>> {
     let epoch = openssl::asn1::Asn1Time::from_unix(0).expect("epoch is representable");
-    let diff = epoch
-        .diff(t)
-        .expect("two valid ASN.1 times can be compared");
-    DateTime::<Utc>::from_timestamp(i64::from(diff.days) * 86_400 + i64::from(diff.secs), 0)
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    let diff = epoch.diff(t).ok()?;
+    Some(
+        DateTime::<Utc>::from_timestamp(i64::from(diff.days) * 86_400 + i64::from(diff.secs), 0)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+    )
 }
 
 /// The common name, for messages.

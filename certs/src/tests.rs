@@ -444,3 +444,33 @@ fn keystore_directory_loads_and_skips_hidden_files() {
         .unwrap()
         .is_empty());
 }
+
+/// Found by fuzzing (`fuzz/`, target `certs`): a certificate whose `notBefore` openssl
+/// parses but cannot compare (a UTCTime with a `+` in the month) panicked while its dates
+/// were read, in the keystore and in chain verification alike. Such a certificate is now
+/// never valid, and a chain with it is refused with an error, not a panic.
+#[test]
+fn a_malformed_validity_time_is_never_valid_and_does_not_panic() {
+    let pem = parse_certificates(&read("certs/foo_req.cert.pem")).unwrap();
+    let mut der = pem[0].to_der().unwrap();
+    let at = der
+        .windows(15)
+        .position(|w| w[0] == 0x17 && w[1] == 0x0d && w[14] == b'Z')
+        .expect("a UTCTime notBefore");
+    der[2 + at + 2] = b'+'; // YY+M: the month's first digit
+    let certs = parse_certificates(&der).expect("openssl still parses the certificate");
+    let info = CertInfo::of(&certs[0]);
+    assert_eq!(info.not_before, chrono::DateTime::<Utc>::MAX_UTC);
+    assert!(!info.id.is_empty());
+
+    assert!(matches!(
+        Keystore::check_validity(&certs[0], Utc::now()),
+        Err(KeystoreError::NotYetValid { .. })
+    ));
+    Keystore::from_files(vec![(PathBuf::from("bad.der"), der.clone())])
+        .expect("loading does not judge validity, and must not panic either");
+
+    let ks = keystore_of(&["certs/foo_ca.cert.pem", "certs/foo_inter.cert.pem"]);
+    let verifier = ChainVerifier::new(ks);
+    assert!(verifier.verify(&der, Utc::now()).is_err());
+}

@@ -48,7 +48,9 @@ fn field(field: impl Into<String>, message: impl Into<String>) -> ManifestError 
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Manifest {
     pub version: String,
+    #[serde(deserialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+    #[serde(deserialize_with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
     #[serde(default)]
     pub metadata: Option<Metadata>,
@@ -318,7 +320,7 @@ impl ReceivedManifest {
 
 fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError> {
     let de = &mut serde_json::Deserializer::from_slice(json);
-    let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+    let manifest: Manifest = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -332,8 +334,65 @@ fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError
             )
         }
     })?;
+    // One document and nothing after it: serde stops at the end of the object, and text
+    // after it would be signed but read by no one (another parser may refuse it or read it).
+    de.end()
+        .map_err(|e| ManifestError::Json(format!("text after the manifest object: {e}")))?;
     let outbound = validate(&manifest)?;
     Ok((manifest, outbound))
+}
+
+/// An RFC 3339 date-time, exactly (the schema's `date-time` format). chrono's own
+/// `FromStr` is lenient (found by fuzzing: it read `210 -01-01T00:00:00Z` as a year).
+fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    let text = String::deserialize(d)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            serde::de::Error::custom(format!("`{text}` is not an RFC 3339 date-time: {e}"))
+        })
+}
+
+/// Why `text` is not a URI as RFC 3986 writes one (the `uri` format of Golem's schema),
+/// or `None`. The URL parser is more forgiving (WHATWG): it drops tabs and newlines,
+/// trims spaces and control characters, percent-encodes what it must and keeps a `%` that
+/// starts no escape, so the URL it returns can differ from the text that was signed. The
+/// manifest must say exactly what it means.
+fn uri_problem(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    // `[` and `]` belong only around an IPv6 host, inside the authority.
+    let authority = text.find("://").map_or(0..0, |at| {
+        let start = at + 3;
+        let end = text[start..]
+            .find(['/', '?', '#'])
+            .map_or(text.len(), |e| start + e);
+        start..end
+    });
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let allowed = b.is_ascii_alphanumeric()
+            || b"-._~:/?#@!$&'()*+,;=".contains(&b)
+            || (matches!(b, b'[' | b']') && authority.contains(&i));
+        if b == b'%' {
+            let escape = bytes.get(i + 1..i + 3);
+            if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
+                return Some(format!(
+                    "`%` at byte {i} does not start a percent-escape (`%` and two hex digits); write a literal `%` as `%25`"
+                ));
+            }
+            i += 3;
+            continue;
+        }
+        if !allowed {
+            let c = text[i..].chars().next().unwrap_or('?');
+            return Some(format!(
+                "{c:?} at byte {i} is not allowed in a URI (RFC 3986); percent-encode it"
+            ));
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Structural checks serde cannot express.
@@ -349,6 +408,12 @@ fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
             ));
         }
         for (j, u) in p.urls.iter().enumerate() {
+            if let Some(why) = uri_problem(u) {
+                return Err(field(
+                    format!("payload[{i}].urls[{j}]"),
+                    format!("`{u}`: {why}"),
+                ));
+            }
             let url = Url::parse(u)
                 .map_err(|e| field(format!("payload[{i}].urls[{j}]"), format!("`{u}`: {e}")))?;
             if !matches!(url.scheme(), "http" | "https" | "file" | "oci") {
@@ -399,6 +464,9 @@ fn validate(m: &Manifest) -> Result<Outbound, ManifestError> {
     let mut parsed = Vec::with_capacity(urls.len());
     for (i, u) in urls.iter().enumerate() {
         let at = format!("{base}.urls[{i}]");
+        if let Some(why) = uri_problem(u) {
+            return Err(field(&at, format!("`{u}`: {why}")));
+        }
         let url = Url::parse(u).map_err(|e| field(&at, format!("`{u}`: {e}")))?;
         if url.host_str().is_none_or(str::is_empty) {
             return Err(field(&at, format!("`{u}` has no host")));

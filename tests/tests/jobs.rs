@@ -264,39 +264,129 @@ fn a_job_runs_gated_and_filtered_and_leaves_a_verified_receipt() {
     }
 }
 
+/// The fault campaign's crash points with a VM (docs/robustness.md): `kill -9` of the
+/// daemon while a job's VM boots (job start) and while its batch runs. After each: no QEMU
+/// left, no half-written file in the data dir, the interrupted job marked ended with its
+/// reason once the daemon is back, and a new job served.
 #[test]
 fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
     let Some(j) = job() else { return };
     let args = daemon_args(&j);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = j.p.daemon(&args);
     let data = j.p.data_dir();
-    let submitter = start_long_job(&j, &d);
-    tests::util::signal(d.pid(), "KILL");
-    let _ = d.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemu_processes_mentioning(&data).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "QEMU outlived the killed daemon: {:?}",
-            qemu_processes_mentioning(&data)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut submitter = submitter;
-    let _ = submitter.kill();
-    let _ = submitter.wait();
+    for (point, settle) in [
+        ("job start", None),
+        ("running batch", Some(Duration::from_secs(2))),
+    ] {
+        let mut d = j.p.daemon(&args);
+        let submitter = start_long_job(&j, &d, settle);
+        tests::util::signal(d.pid(), "KILL");
+        let _ = d.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !qemu_processes_mentioning(&data).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{point}: QEMU outlived the killed daemon: {:?}",
+                qemu_processes_mentioning(&data)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut submitter = submitter;
+        let _ = submitter.kill();
+        let _ = submitter.wait();
 
-    let d2 = j.p.daemon(&args);
-    let (r, events) = submit(&j, &d2.addr, &[json!([run("/bin/echo", &["again"])])]);
-    assert_eq!(r.code, 0, "{r:?}\n{}", d2.logs());
-    let out = events.iter().find(|e| e["event"] == "result").unwrap();
-    assert_eq!(out["stdout"], "again\n");
+        let d2 = j.p.daemon(&args);
+        assert_clean_after_kill(&data, point);
+        let (r, events) = submit(&j, &d2.addr, &[json!([run("/bin/echo", &["again"])])]);
+        assert_eq!(r.code, 0, "{point}: {r:?}\n{}", d2.logs());
+        let out = events.iter().find(|e| e["event"] == "result").unwrap();
+        assert_eq!(out["stdout"], "again\n");
+        drop(d2);
+    }
+}
+
+/// What a restart after `kill -9` must have left: every job directory ended (a receipt,
+/// or an `ended` audit line, the killed one's saying it was interrupted), no temp file of
+/// an atomic write, no initramfs, and an audit log whose lines all parse but at most one
+/// line torn by the kill.
+fn assert_clean_after_kill(data: &std::path::Path, point: &str) {
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    let lines: Vec<Option<Value>> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        lines.iter().filter(|l| l.is_none()).count() <= 1,
+        "{point}: more than one torn audit line:\n{audit}"
+    );
+    let ended = |id: &str| {
+        lines.iter().flatten().any(|v| {
+            v["activity_id"] == id
+                && ((v["event"] == "job" && v["phase"] == "ended")
+                    || v["event"] == "activity-terminated"
+                    || v["event"] == "activity-failed")
+        })
+    };
+    let interrupted = lines
+        .iter()
+        .flatten()
+        .filter(|v| {
+            v["phase"] == "ended"
+                && v["termination"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("interrupted"))
+        })
+        .count();
+    assert!(
+        interrupted >= 1,
+        "{point}: no job was marked interrupted:\n{audit}"
+    );
+    for entry in std::fs::read_dir(data.join("jobs")).unwrap() {
+        let entry = entry.unwrap();
+        let id = entry.file_name().into_string().unwrap();
+        assert!(
+            ended(&id),
+            "{point}: job {id} was not marked ended:\n{audit}"
+        );
+        assert!(
+            !entry.path().join("initramfs.cpio").exists(),
+            "{point}: {id} kept its initramfs"
+        );
+    }
+    let mut stack = vec![data.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                !(name.starts_with('.') && name.contains(".tmp.")),
+                "{point}: half-written file {} left",
+                entry.path().display()
+            );
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
 }
 
 /// Starts `requestor submit` of one long `sleep` in the background and waits until its VM
 /// runs; returns the requestor process.
-fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
+/// `settle`: how long to wait after the VM process appears (`None`: return while it boots).
+/// How many jobs the daemon's audit log says have started (their VM booted).
+fn started_jobs(data: &std::path::Path) -> usize {
+    std::fs::read_to_string(data.join("audit.jsonl"))
+        .unwrap_or_default()
+        .matches("\"phase\":\"started\"")
+        .count()
+}
+
+fn start_long_job(
+    j: &Job,
+    d: &tests::util::Daemon,
+    settle: Option<Duration>,
+) -> std::process::Child {
+    let started_before = started_jobs(&j.p.data_dir());
     let batch = j.p.write_input(
         "long.json",
         json!([run("/bin/sleep", &["600"])]).to_string(),
@@ -325,20 +415,19 @@ fn start_long_job(j: &Job, d: &tests::util::Daemon) -> std::process::Child {
         assert!(Instant::now() < deadline, "no VM started: {}", d.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The job is started (its VM booted) once the audit log says so; then give the batch
-    // a moment to reach the guest. A fixed sleep raced slow boots on a loaded machine.
-    while !std::fs::read_to_string(data.join("audit.jsonl"))
-        .unwrap_or_default()
-        .contains("\"phase\":\"started\"")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the job never started: {}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    // With `settle`: once the audit log says the job started (its VM booted; a fixed sleep
+    // raced slow boots on a loaded machine), give the batch `settle` to reach the guest.
+    if let Some(settle) = settle {
+        while started_jobs(&data) <= started_before {
+            assert!(
+                Instant::now() < deadline,
+                "the job never started: {}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(settle);
     }
-    std::thread::sleep(Duration::from_secs(2));
     child
 }
 
@@ -362,7 +451,7 @@ fn sigterm_ends_running_jobs_with_stored_receipts_and_no_vm_left() {
     let args = daemon_args(&j);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = j.p.daemon(&args);
-    let mut submitter = start_long_job(&j, &d);
+    let mut submitter = start_long_job(&j, &d, Some(Duration::from_secs(2)));
     let t = Instant::now();
     assert_eq!(d.stop(Duration::from_secs(60)), Some(0), "{}", d.logs());
     assert!(
@@ -399,7 +488,7 @@ fn an_expired_agreement_ends_its_job() {
     args.extend(["--config".to_string(), cfg.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = j.p.daemon(&args);
-    let mut submitter = start_long_job(&j, &d);
+    let mut submitter = start_long_job(&j, &d, Some(Duration::from_secs(2)));
     let deadline = Instant::now() + Duration::from_secs(60);
     while stored_receipts(&j).is_empty() {
         assert!(

@@ -439,3 +439,106 @@ fn a_daemon_that_cannot_start_says_why_and_writes_nothing() {
     assert_eq!(p.snapshot(), before, "a failed start changed the data dir");
     assert!(!p.data_dir().join("identity.key").exists());
 }
+
+/// The fault campaign's negotiation crash point (docs/robustness.md): `kill -9` of the
+/// daemon while demands are in flight, at a different moment each round (the delays are
+/// spread over the time a round of demands takes, from a seed printed for replay). After
+/// each restart: the same identity, no half-written file anywhere in the data dir, an audit
+/// log whose lines all parse but at most the one torn by the kill per round, and a new
+/// demand answered with its verdict.
+#[test]
+fn kill_9_during_negotiation_leaves_a_clean_data_dir_and_a_restart_serves() {
+    let s = setup();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    eprintln!("kill points seeded with {seed}");
+    let stranger_root = testpki::root("Stranger", KeyKind::EcP256, Validity::current());
+    let stranger = testpki::issue(
+        &stranger_root,
+        "S",
+        KeyKind::EcP256,
+        false,
+        Validity::current(),
+    );
+    let files = write_signed(
+        &s.p,
+        "untrusted",
+        &manifest(&[]),
+        &stranger,
+        &testpki::pem(&[&stranger.cert]),
+    );
+    let mut identity = None;
+    let rounds = 3u32;
+    for round in 0..rounds {
+        let mut d = s.p.daemon(&[]);
+        if let Some(id) = &identity {
+            assert_eq!(d.peer_id(), id, "round {round}: the identity changed");
+        }
+        identity = Some(d.peer_id().to_owned());
+        let requestors: Vec<std::process::Child> = (0..4)
+            .map(|_| {
+                std::process::Command::new(tests::util::bin("requestor"))
+                    .args(["submit", "--provider", &d.addr, "--manifest"])
+                    .arg(&files.0)
+                    .arg("--sig")
+                    .arg(&files.1)
+                    .arg("--cert")
+                    .arg(&files.2)
+                    .arg("--script")
+                    .arg(&s.script)
+                    .args(["--timeout", "20s"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Somewhere in 0..1200 ms: from before the first demand lands to after the last.
+        let delay = (seed.wrapping_mul(2654435761).wrapping_add(round * 40503)) % 1200;
+        std::thread::sleep(Duration::from_millis(u64::from(delay)));
+        tests::util::signal(d.pid(), "KILL");
+        let _ = d.child.wait();
+        for mut r in requestors {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        let data = s.p.data_dir();
+        let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap_or_default();
+        let torn = audit
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+            .count();
+        assert!(
+            torn <= round as usize + 1,
+            "round {round} (kill at {delay} ms): {torn} torn lines:\n{audit}"
+        );
+        let mut stack = vec![data.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                assert!(
+                    !(name.starts_with('.') && name.contains(".tmp.")),
+                    "round {round} (kill at {delay} ms): half-written file {}",
+                    entry.path().display()
+                );
+                if entry.file_type().unwrap().is_dir() {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    let d = s.p.daemon(&[]);
+    let r = submit_signed(&s, &d, files, &[]);
+    assert_rejected(&r, "cert-chain-untrusted");
+    let audit = std::fs::read_to_string(s.p.data_dir().join("audit.jsonl")).unwrap();
+    let last_verdict = audit
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "verdict")
+        .expect("the last demand was audited");
+    assert_eq!(last_verdict["verdict"], "reject");
+}

@@ -28,6 +28,8 @@ pub mod proxy;
 pub mod sni;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
 
 pub use addr::{AddrDenied, AddressPolicy, Cidr, CidrError};

@@ -638,7 +638,9 @@ pub fn path_allowed(prefix: &str, path: &str) -> bool {
     if path_trick(path).is_some() {
         return false;
     }
-    match path.strip_prefix(prefix) {
+    // Compared in RFC 3986's normal form, so every spelling of one path gets one answer.
+    let (prefix, path) = (normal_escapes(prefix), normal_escapes(path));
+    match path.strip_prefix(prefix.as_str()) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
@@ -720,6 +722,39 @@ pub fn path_trick(path: &str) -> Option<&'static str> {
 fn dot_segment(segment: &[u8]) -> bool {
     let name = segment.split(|b| *b == b';').next().unwrap_or_default();
     name.contains(&b'.') && name.iter().all(|b| matches!(b, b'.' | b' '))
+}
+
+/// `text` with RFC 3986's percent-encoding normalisation (§6.2.2.1-2): an escape of an
+/// unreserved character other than `.` becomes the character (`%61` is `a`, `%7E` is `~`),
+/// and the hex digits of the other escapes are upper case (`%2f` is `%2F`). A `.` stays
+/// encoded: [`path_trick`] refuses `%2E` under a prefix before this is used.
+fn normal_escapes(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < b.len() {
+        let escape = (b[i] == b'%')
+            .then(|| Some((hex(*b.get(i + 1)?)? << 4) | hex(*b.get(i + 2)?)?))
+            .flatten();
+        match escape {
+            Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'~') => {
+                out.push(c as char);
+                i += 3;
+            }
+            Some(_) => {
+                out.push('%');
+                out.push_str(&text[i + 1..i + 3].to_ascii_uppercase());
+                i += 3;
+            }
+            None => {
+                // Whole characters: `text` is a `&str`, and only ASCII was consumed above.
+                let c = text[i..].chars().next().expect("within the text");
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    out
 }
 
 fn hex(b: u8) -> Option<u8> {

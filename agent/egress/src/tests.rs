@@ -1318,3 +1318,85 @@ async fn connections_beyond_the_limit_get_503() {
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     p.denied("too-many-connections").await;
 }
+
+/// Fault campaign (docs/robustness.md): an upstream that resets the connection in the
+/// middle of a response body, a few times over. The client gets the bytes that came and
+/// then an error (never a body that looks complete), the transfer is audited with the bytes
+/// that did pass, and the proxy serves the next request on a new connection.
+#[tokio::test]
+async fn an_upstream_reset_mid_body_cuts_the_response_and_the_proxy_carries_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /whole") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwhole")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&pattern(3000, 9)).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // SO_LINGER 0: the close sends a RST, not a FIN.
+                s.set_zero_linger().unwrap();
+                drop(s);
+            });
+        }
+    });
+    let p = start(
+        manifest(&[format!("http://localhost:{port}/")]),
+        LOOPBACK,
+        Limits::default(),
+    )
+    .await;
+    for round in 0..3 {
+        bounded(async {
+            let stream = TcpStream::connect(p.addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(format!("http://localhost:{port}/cut"))
+                .header("host", format!("localhost:{port}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+            let mut body = resp.into_body();
+            let mut got = 0usize;
+            let outcome = loop {
+                match body.frame().await {
+                    Some(Ok(f)) => got += f.data_ref().map_or(0, |d| d.len()),
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
+                }
+            };
+            assert!(
+                outcome.is_err(),
+                "round {round}: a cut body looked complete ({got} bytes)"
+            );
+            assert!(got <= 3000, "round {round}: {got} bytes");
+        })
+        .await;
+    }
+    let r = p
+        .audited(|r| r.decision == "allow" && r.destination.ends_with("/cut"))
+        .await;
+    assert!(r.bytes_down <= 3000, "{r:?}");
+    let (status, _, body) = get(p.addr, &format!("http://localhost:{port}/whole")).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"whole"[..]));
+}

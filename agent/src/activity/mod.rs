@@ -14,6 +14,8 @@
 //! - a [`JobStopper`] (from [`Job::stopper`]) ends the job from another thread while a
 //!   batch runs, so a terminate or a shutdown need not wait for a long command.
 //!
+//! - [`recover_interrupted`], at daemon start, marks ended the jobs a killed daemon left.
+//!
 //! The API is blocking: the daemon calls it from its own threads. Egress is served on the
 //! tokio runtime handed to [`Job::start`]. The lifecycle, the command semantics, the limits
 //! and the audit lines are described in `docs/activity.md`.
@@ -22,6 +24,7 @@ pub mod bridge;
 mod capture;
 mod job;
 pub mod meter;
+mod recover;
 mod service;
 mod transfer;
 
@@ -32,6 +35,7 @@ use chrono::{DateTime, Utc};
 
 pub use bridge::EgressBridge;
 pub use job::{Job, JobStopper};
+pub use recover::{recover_interrupted, INTERRUPTED};
 pub use service::{ActivityService, RunningJob};
 
 use egress::{AddressPolicy, Limits};

@@ -74,6 +74,11 @@ pub async fn run(
         AuditLog::open(&data.audit_path())
             .with_context(|| format!("open {}", data.audit_path().display()))?,
     );
+    // Before serving anyone: jobs a killed predecessor left are marked ended.
+    let interrupted = crate::activity::recover_interrupted(&data, &audit);
+    if !interrupted.is_empty() {
+        tracing::warn!(jobs = ?interrupted, "marked ended the jobs the previous daemon left running");
+    }
     // Bound before anything is announced: a port in use is an error at start.
     let metrics = match cfg.metrics {
         Some(addr) => {

@@ -375,12 +375,14 @@ impl fmt::Display for Filter {
             Filter::Present(a) => write!(f, "({a}=*)"),
             Filter::Compare { attr, op, value } => {
                 write!(f, "({attr}{}", op.as_str())?;
-                for p in value {
+                for (i, p) in value.iter().enumerate() {
                     match p {
                         Piece::Star => f.write_str("*")?,
                         Piece::Text(t) => {
-                            for c in t.chars() {
-                                if matches!(c, '(' | ')' | '*' | '\\') {
+                            for (j, c) in t.chars().enumerate() {
+                                // `<` or `>` then a literal `=` would read back as `<=`/`>=`.
+                                let after_op = i == 0 && j == 0 && matches!(op, Op::Lt | Op::Gt);
+                                if matches!(c, '(' | ')' | '*' | '\\') || (after_op && c == '=') {
                                     f.write_str("\\")?;
                                 }
                                 write!(f, "{c}")?;
@@ -499,6 +501,39 @@ mod tests {
             f.unmet(&offer()),
             ["(golem.inf.mem.gib>=64)", r"(golem.node.id.name=a\*b*)"]
         );
+    }
+
+    /// Found by fuzzing (`fuzz/`, target `constraints`): `(n<\=5)` compares `n < "=5"`,
+    /// but it printed as `(n<=5)`, which is `n <= 5`: a reject message (and anything else
+    /// that prints a filter) named a different constraint than the one applied.
+    #[test]
+    fn an_escaped_equals_after_less_or_greater_survives_printing() {
+        for text in [r"(n<\=5)", r"(n>\=5)", r"(&(a<\==)(b>\=))"] {
+            let f = Filter::parse(text).unwrap();
+            assert_eq!(f.to_string(), text);
+            assert_eq!(Filter::parse(&f.to_string()).unwrap(), f, "{text}");
+        }
+        // `<=` and `>=` followed by `=` need no escape: the operator already took it.
+        let f = Filter::parse("(n<==5)").unwrap();
+        assert_eq!(f.to_string(), "(n<==5)");
+        assert_eq!(Filter::parse(&f.to_string()).unwrap(), f);
+    }
+
+    /// Found by fuzzing (`fuzz/`, target `wire`): serde_json read `1.2222222222222221e+33`
+    /// one ulp off unless its `float_roundtrip` feature is on, while the constraint's own
+    /// literal parses exactly, so a property compared `=` with the very text it was sent as
+    /// did not match.
+    #[test]
+    fn a_property_equals_the_literal_it_was_written_as() {
+        for text in [
+            "1.2222222222222221e+33",
+            "0.30000000000000004",
+            "2.2250738585072014e-308",
+        ] {
+            let props: Properties = serde_json::from_str(&format!(r#"{{"x":{text}}}"#)).unwrap();
+            let f = Filter::parse(&format!("(x={text})")).unwrap();
+            assert!(f.matches(&props), "{text}");
+        }
     }
 
     #[test]

@@ -221,3 +221,75 @@ proptest! {
         prop_assert_eq!(gate.check(&source).is_ok(), run.env == wanted && canonical(&source));
     }
 }
+
+/// Regex fragments as authors write them, from pieces that compile often and match the
+/// words above often: literals, `.`, `*`, `+`, `?`, alternation, groups, classes, and a
+/// few that try to break out of the anchors (`$`, `^`, `\n`, `(?m)`).
+fn fragment() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("a".to_owned()),
+        Just("b".to_owned()),
+        Just(" ".to_owned()),
+        Just("/bin/sh".to_owned()),
+        Just(".".to_owned()),
+        Just(".*".to_owned()),
+        Just("+".to_owned()),
+        Just("?".to_owned()),
+        Just("|".to_owned()),
+        Just("(".to_owned()),
+        Just(")".to_owned()),
+        Just("[a-c ]".to_owned()),
+        Just("$".to_owned()),
+        Just("^".to_owned()),
+        Just("\n".to_owned()),
+        Just("(?m)".to_owned()),
+        Just("-c".to_owned()),
+    ];
+    prop::collection::vec(piece, 0..6).prop_map(|p| p.concat())
+}
+
+proptest! {
+    /// The gate's promise, for any regex constraints: a `run` it allows is matched by at
+    /// least one constraint's anchored pattern (`^(?:run <fragment>)$`, compiled here on
+    /// its own, so a wrapping that let a fragment escape its anchors would show), and a
+    /// `run` that one of them matches is allowed unless it is not canonical.
+    #[test]
+    fn regex_gate_allows_only_what_an_anchored_pattern_matches(
+        fragments in prop::collection::vec((fragment(), any::<bool>()), 0..6),
+        commands in prop::collection::vec(command(), 0..12),
+    ) {
+        let mut script = Vec::new();
+        let mut anchored = Vec::new();
+        for (fragment, plain) in &fragments {
+            if *plain {
+                script.push(json!(format!("run {fragment}")));
+                anchored.push(format!("^(?:run {fragment})$"));
+            } else {
+                script.push(json!({"run": {"args": fragment}}));
+                anchored.push(format!("^(?:run (?:{fragment}))$"));
+            }
+        }
+        let Ok(gate) = compile(&script, Match::Regex) else {
+            return Ok(());
+        };
+        let patterns: Vec<regex::Regex> = anchored
+            .iter()
+            .map(|p| regex::Regex::new(p).expect("the gate compiled every constraint"))
+            .collect();
+        for command in commands.iter().filter(|c| matches!(c, Command::Run(_))) {
+            let rendering = command.render();
+            let matched = patterns.iter().any(|p| p.is_match(&rendering));
+            let allowed = gate.check(command).is_ok();
+            if allowed {
+                prop_assert!(matched, "allowed {:?}, which no anchored pattern of {:?} matches", rendering, anchored);
+            }
+            if matched && canonical(command) && env_free(command) {
+                prop_assert!(allowed, "denied {:?}, which {:?} matches", rendering, anchored);
+            }
+        }
+    }
+}
+
+fn env_free(command: &Command) -> bool {
+    matches!(command, Command::Run(r) if r.env.is_empty())
+}

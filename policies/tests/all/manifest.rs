@@ -143,7 +143,7 @@ fn structural_errors_name_the_field() {
         (
             json!({"expiresAt": "tomorrow"}),
             "expiresAt",
-            "input contains invalid characters",
+            "`tomorrow` is not an RFC 3339 date-time",
         ),
     ];
     for (patch, want_field, want_msg) in cases {
@@ -175,6 +175,70 @@ fn outbound_urls_are_checked_against_protocols_and_parsed() {
     let mut m = manifest(&["https://api.example.com"]);
     m["compManifest"]["net"]["inet"]["out"]["unrestricted"] = json!({"urls": true});
     assert!(field_error(&m).1.contains("contradict"));
+}
+
+/// Found by fuzzing (`fuzz/`, target `manifest`, differential against Golem's schema): the
+/// URL parser accepted `https://api.example.com/%0/`, which is no URI, and silently mends
+/// or drops what RFC 3986 forbids (a tab inside the host disappears), so the URL the egress
+/// policy allowed was not the text the requestor signed. Both URL lists refuse such text,
+/// naming the byte; well-formed escapes still pass.
+#[test]
+fn urls_that_are_not_rfc3986_uris_are_refused() {
+    for (bad, says) in [
+        ("https://api.example.com/%0/", "percent-escape"),
+        ("https://api.example.com/%zz", "percent-escape"),
+        ("https://api.exa\tmple.com/", "not allowed in a URI"),
+        ("https://api.example.com/a b", "not allowed in a URI"),
+        (" https://api.example.com/", "not allowed in a URI"),
+        ("https://bücher.example/", "not allowed in a URI"),
+        (
+            "https://images.example.com/ap[p.tar.gz",
+            "not allowed in a URI",
+        ),
+    ] {
+        let (field, message) = field_error(&manifest(&[bad]));
+        assert_eq!(field, "compManifest.net.inet.out.urls[0]", "{bad:?}");
+        assert!(message.contains(says), "{bad:?}: {message}");
+
+        let mut m = manifest(&[]);
+        m["payload"][0]["urls"] = json!([bad]);
+        assert_eq!(field_error(&m).0, "payload[0].urls[0]", "{bad:?}");
+    }
+    let ok = manifest(&[
+        "https://api.example.com/a%20b/?q=%7E&x=%5B1%5D#f",
+        "https://xn--bcher-kva.example/",
+    ]);
+    assert!(parse(&ok).is_ok());
+}
+
+/// Found by fuzzing (`fuzz/`, target `manifest`): a manifest followed by more text
+/// (`{…}garbage`, `{…}{…}`) was accepted, the rest ignored although it was signed too.
+#[test]
+fn text_after_the_manifest_object_is_refused() {
+    let text = manifest(&[]).to_string();
+    for tail in ["x", "{}", " ]", "\u{0}"] {
+        let err = ReceivedManifest::from_json(format!("{text}{tail}").as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::Json(m) if m.contains("after the manifest")),
+            "{tail:?}: {err}"
+        );
+    }
+    // Trailing whitespace is still fine (files end with a newline).
+    assert!(ReceivedManifest::from_json(format!("{text}\n  ").as_bytes()).is_ok());
+}
+
+/// Found by fuzzing (`fuzz/`, target `manifest`, against Golem's schema): chrono's
+/// lenient parsing accepted `210 -01-01T00:00:00Z`; the times must be RFC 3339 exactly.
+#[test]
+fn times_must_be_rfc3339_exactly() {
+    let mut m = manifest(&[]);
+    m["expiresAt"] = json!("210 -01-01T00:00:00Z");
+    let (field, message) = field_error(&m);
+    assert_eq!(field, "expiresAt");
+    assert!(message.contains("RFC 3339"), "{message}");
+    let mut m = manifest(&[]);
+    m["createdAt"] = json!("2024-01-01T00:00:00+02:00");
+    assert!(parse(&m).is_ok());
 }
 
 #[test]
