@@ -4,7 +4,7 @@
 # (-timeout) or an out-of-memory (-rss_limit_mb); the input that did it is copied to
 # fuzz/artifacts/<target>/ and its libFuzzer log is printed.
 #
-#   fuzz/scripts/run-all.sh [SECONDS] [TARGET...]
+#   fuzz/scripts/run-all.sh [SECONDS] [TARGET...]     (SECONDS=0: replay the corpus only)
 #
 # New corpus entries go to a scratch directory (FUZZ_WORK, default a temp dir), not to the
 # committed seeds. Each target's last libFuzzer status line (execs, cov, ft) goes to
@@ -37,8 +37,12 @@ run_one() {
   local t=$1
   mkdir -p "$work/$t" "artifacts/$t"
   local log="$work/$t.log"
+  # SECONDS=0: replay the committed corpus once (deterministic; what CI runs), else mutate
+  # for SECONDS.
+  local budget=(-max_total_time="$seconds")
+  if ((seconds == 0)); then budget=(-runs=0); fi
   if nice -n 19 cargo +nightly fuzz run -s none -a "$t" "$work/$t" "corpus/$t" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+    "${budget[@]}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1; then
     local last
     last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
