@@ -188,6 +188,45 @@ fn dir_header(name: &str) -> Header<'_> {
     }
 }
 
+/// What every initramfs starts with: the agent as `/init`, `/dev` and `/dev/console` (the
+/// kernel opens it for init's stdin, stdout and stderr).
+fn agent_head<W: Write>(w: &mut NewcWriter<W>, agent: &[u8]) -> io::Result<()> {
+    w.entry(
+        &Header {
+            name: "init",
+            mode: S_IFREG | 0o755,
+            ..dir_header("")
+        },
+        agent,
+    )?;
+    w.entry(&dir_header("dev"), &[])?;
+    w.entry(
+        &Header {
+            name: "dev/console",
+            mode: S_IFCHR | 0o600,
+            rdev: (5, 1),
+            ..dir_header("")
+        },
+        &[],
+    )?;
+    Ok(())
+}
+
+/// Ends the archive, flushes it and fsyncs the file.
+fn finish_file(w: NewcWriter<BufWriter<File>>, out: &Path) -> Result<BuildStats, InitramfsError> {
+    let io_err = |action: &'static str, source: io::Error| InitramfsError::Io {
+        action,
+        path: out.to_owned(),
+        source,
+    };
+    let (bw, stats) = w.finish().map_err(|e| io_err("write", e))?;
+    let f = bw
+        .into_inner()
+        .map_err(|e| io_err("write", e.into_error()))?;
+    f.sync_all().map_err(|e| io_err("fsync", e))?;
+    Ok(stats)
+}
+
 /// Builds `out`: `/init` = `agent` (the static `provider-guest`), `/dev/console`, and the
 /// rootfs tarball `image` under `/rootfs` (every entry checked by
 /// [`image::read_rootfs`]; missing parent directories are added).
@@ -214,25 +253,7 @@ fn build_inner(out: &Path, agent: &Path, image: &Path) -> Result<BuildStats, Ini
 
     let agent_bytes = std::fs::read(agent).map_err(ioe("read the guest agent", agent))?;
     (|| -> io::Result<()> {
-        w.entry(
-            &Header {
-                name: "init",
-                mode: S_IFREG | 0o755,
-                size: 0,
-                ..dir_header("")
-            },
-            &agent_bytes,
-        )?;
-        w.entry(&dir_header("dev"), &[])?;
-        w.entry(
-            &Header {
-                name: "dev/console",
-                mode: S_IFCHR | 0o600,
-                rdev: (5, 1),
-                ..dir_header("")
-            },
-            &[],
-        )?;
+        agent_head(&mut w, &agent_bytes)?;
         w.entry(&dir_header(PAYLOAD_DIR), &[])?;
         Ok(())
     })()
@@ -368,14 +389,7 @@ fn build_inner(out: &Path, agent: &Path, image: &Path) -> Result<BuildStats, Ini
             .map_err(ioe("write", out))?;
         }
     }
-    let (bw, stats) = w.finish().map_err(ioe("write", out))?;
-    let f = bw.into_inner().map_err(|e| InitramfsError::Io {
-        action: "write",
-        path: out.to_owned(),
-        source: e.into_error(),
-    })?;
-    f.sync_all().map_err(ioe("fsync", out))?;
-    Ok(stats)
+    finish_file(w, out)
 }
 
 /// Builds `out` for the disk path: `/init` = `agent`, `/dev/console`, and, with
@@ -432,24 +446,7 @@ fn build_agent_inner(
     let file = File::create(out).map_err(ioe("create", out))?;
     let mut w = NewcWriter::new(BufWriter::with_capacity(1 << 20, file));
     (|| -> io::Result<()> {
-        w.entry(
-            &Header {
-                name: "init",
-                mode: S_IFREG | 0o755,
-                ..dir_header("")
-            },
-            &agent_bytes,
-        )?;
-        w.entry(&dir_header("dev"), &[])?;
-        w.entry(
-            &Header {
-                name: "dev/console",
-                mode: S_IFCHR | 0o600,
-                rdev: (5, 1),
-                ..dir_header("")
-            },
-            &[],
-        )?;
+        agent_head(&mut w, &agent_bytes)?;
         if !files.is_empty() {
             w.entry(&dir_header("modules"), &[])?;
         }
@@ -466,14 +463,7 @@ fn build_agent_inner(
         Ok(())
     })()
     .map_err(ioe("write", out))?;
-    let (bw, stats) = w.finish().map_err(ioe("write", out))?;
-    let f = bw.into_inner().map_err(|e| InitramfsError::Io {
-        action: "write",
-        path: out.to_owned(),
-        source: e.into_error(),
-    })?;
-    f.sync_all().map_err(ioe("fsync", out))?;
-    Ok(stats)
+    finish_file(w, out)
 }
 
 #[cfg(test)]
