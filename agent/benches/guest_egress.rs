@@ -80,6 +80,7 @@ fn main() {
         max_image_bytes: 64 << 20,
         image_disk_reserve: 0,
         image_cache_bytes: u64::MAX,
+        plain_http_registries: Vec::new(),
         limits: egress::Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -159,6 +159,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         max_image_bytes: 64 << 20,
         image_disk_reserve: 0,
         image_cache_bytes: u64::MAX,
+        plain_http_registries: Vec::new(),
         limits: Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -634,6 +635,7 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         max_image_bytes: 64 << 20,
         image_disk_reserve: 0,
         image_cache_bytes: u64::MAX,
+        plain_http_registries: Vec::new(),
         limits: Limits::default(),
     }
 }

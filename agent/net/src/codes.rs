@@ -104,6 +104,12 @@ codes! {
     PayloadStoreFailed => "payload-store-failed",
     /// The image is not a rootfs tarball the guards accept.
     PayloadImageInvalid => "payload-image-invalid",
+    /// The image's compatibility artifact has a required rule this host fails or cannot
+    /// evaluate.
+    PlatformIncompatible => "platform-incompatible",
+    /// The image's registry wants a login this provider has not (for requestors), or
+    /// refuses it.
+    PayloadAuthFailed => "payload-auth-failed",
 
     // Commands of a batch.
     /// `deploy` with virtual networks.

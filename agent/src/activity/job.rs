@@ -144,6 +144,7 @@ impl Job {
             },
         );
         store.progress = false;
+        store.plain_http = config.plain_http_registries.clone();
         let image = store.fetch_payload(payload)?;
         // Held for the job's life: the cache never evicts an image a job uses.
         let lease = store.lease(&image)?;

@@ -81,6 +81,8 @@ pub struct JobConfig {
     /// The image cache's size (`image_cache_size`): least recently used images not in use
     /// are evicted beyond it.
     pub image_cache_bytes: u64,
+    /// Registries pulled from over plain HTTP besides loopback ones.
+    pub plain_http_registries: Vec<String>,
     /// Bounds on the job's egress proxy.
     pub limits: Limits,
 }

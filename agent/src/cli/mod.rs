@@ -11,6 +11,7 @@ pub(crate) mod manifest;
 pub(crate) mod output;
 mod preset;
 mod profile;
+mod registry;
 mod rule;
 mod run;
 mod script;
@@ -66,6 +67,9 @@ pub enum Command {
     /// The image cache: list what is stored, evict what no job uses.
     #[command(subcommand)]
     Images(images::ImagesCmd),
+    /// Logins to OCI registries for `oci://` images.
+    #[command(subcommand)]
+    Registry(registry::RegistryCmd),
     /// Run the provider daemon: join the network, negotiate, run jobs.
     Run(run::RunArgs),
     /// The hardware profile: how much of this machine is sold.
@@ -132,6 +136,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Egress(cmd) => egress::run(&ctx, cmd),
         Command::Vm(cmd) => vm::run(&ctx, cmd),
         Command::Images(cmd) => images::run(&ctx, cmd),
+        Command::Registry(cmd) => registry::run(&ctx, cmd),
         Command::Run(args) => run::run(&ctx, args),
         Command::Profile(cmd) => profile::run(&ctx, cmd),
         Command::Preset(cmd) => preset::run(&ctx, cmd),

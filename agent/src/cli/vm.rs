@@ -41,9 +41,13 @@ pub(crate) fn vmm_parser() -> impl clap::builder::TypedValueParser<Value = Vmm> 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The image: a squashfs, a GVMI or a rootfs tarball (.tar, .tar.gz): a path, file://
-    /// or http(s):// URL.
+    /// or http(s):// URL; or an OCI image, `oci://REGISTRY/REPO:TAG[@sha256:DIGEST]`.
     #[arg(long, value_name = "PATH|URL")]
     image: String,
+    /// A registry (`host[:port]`) to speak plain HTTP to for `oci://` images (loopback
+    /// ones always are). Repeatable.
+    #[arg(long = "plain-http", value_name = "REGISTRY")]
+    plain_http: Vec<String>,
     /// Expected hash `sha3:<hex>` (224/256/384/512 by length); checked before the image is
     /// used. Without it the image is stored under its SHA3-256.
     #[arg(long, value_name = "sha3:HEX")]
@@ -140,7 +144,8 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     let (backend, why) = Backend::select(args.vmm, &info)?;
     tracing::info!("{why}");
     // The image's bytes are verified before anything reads them as a tarball.
-    let store = ImageStore::new(&ctx.data);
+    let mut store = ImageStore::new(&ctx.data);
+    store.plain_http = args.plain_http.clone();
     let image = store
         .fetch(&args.image, expected.as_ref())
         .with_context(|| format!("image {}", args.image))?;

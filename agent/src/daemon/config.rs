@@ -47,6 +47,9 @@ pub struct ConfigFile {
     /// The image cache's size, e.g. `20G`: beyond it the least recently used images no job
     /// uses are evicted.
     pub image_cache_size: Option<ByteSize>,
+    /// Registries (`host[:port]`) pulled from over plain HTTP for `oci://` images, besides
+    /// loopback ones (which always are); every other is spoken to over HTTPS.
+    pub plain_http_registries: Option<Vec<String>>,
     /// One job's writable layer when its demand asks for no more, e.g. `2G` (the least a
     /// job gets; its share of the hardware profile's `storage_gib`), reserved in the data
     /// dir while the job runs.
@@ -91,6 +94,7 @@ pub struct DaemonConfig {
     pub image_disk_reserve: u64,
     pub storage_bytes: u64,
     pub image_cache_bytes: u64,
+    pub plain_http_registries: Vec<String>,
     pub agreement_ttl: Duration,
     pub proposal_ttl: Duration,
     pub max_proposals_per_peer: usize,
@@ -125,6 +129,7 @@ impl Default for DaemonConfig {
             image_disk_reserve: 1 << 30,
             storage_bytes: 2 << 30,
             image_cache_bytes: 20 << 30,
+            plain_http_registries: Vec::new(),
             agreement_ttl: Duration::from_secs(3600),
             proposal_ttl: Duration::from_secs(60),
             max_proposals_per_peer: 100,
@@ -218,6 +223,19 @@ impl DaemonConfig {
         }
         if let Some(v) = file.image_disk_reserve {
             cfg.image_disk_reserve = v.bytes();
+        }
+        if let Some(v) = file.plain_http_registries {
+            for r in &v {
+                crate::images::oci::reference::OciRef::parse(&format!("oci://{r}/x:t")).map_err(
+                    |_| {
+                        at(
+                            "plain_http_registries",
+                            format!("`{r}` is not a registry host[:port]"),
+                        )
+                    },
+                )?;
+            }
+            cfg.plain_http_registries = v.iter().map(|r| r.to_ascii_lowercase()).collect();
         }
         if let Some(v) = file.metrics {
             cfg.metrics = Some(v.parse().map_err(|e| {

@@ -412,6 +412,7 @@ fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
         max_image_bytes: c.max_image_bytes,
         image_disk_reserve: c.image_disk_reserve,
         image_cache_bytes: c.image_cache_bytes,
+        plain_http_registries: c.plain_http_registries.clone(),
         limits: egress::Limits::default(),
     })
 }

@@ -166,6 +166,36 @@ pub(crate) fn fetch(
     sink: &mut dyn Write,
     progress: &mut dyn FnMut(Option<u64>, u64),
 ) -> Result<(), ImageError> {
+    let (url, resp) = send(url, limits, &http::HeaderMap::new())?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(ImageError::Fetch {
+            url: url.to_string(),
+            message: format!("HTTP {status}"),
+        });
+    }
+    stream_body(&url, resp, cap, sink, progress)
+}
+
+fn failed(url: &Url, e: &dyn std::error::Error) -> ImageError {
+    tracing::warn!(%url, error = %error_chain(e), "payload fetch failed");
+    ImageError::Fetch {
+        url: url.to_string(),
+        message: "the connection failed or timed out".into(),
+    }
+}
+
+/// One GET of `url` with `headers`, every hop's addresses checked against `limits` and the
+/// connection pinned to them, redirects followed by hand (at most [`MAX_REDIRECTS`]).
+/// `Authorization` goes only to the origin it was meant for: a registry's redirect of a
+/// blob to a storage host gets no credentials. Returns the last URL and its answer,
+/// whatever its status.
+pub(crate) fn send(
+    url: Url,
+    limits: &FetchLimits,
+    headers: &http::HeaderMap,
+) -> Result<(Url, reqwest::blocking::Response), ImageError> {
+    let origin = url.origin();
     let mut url = url;
     let mut hops = 0;
     loop {
@@ -180,89 +210,91 @@ pub(crate) fn fetch(
         if let Some(Host::Domain(name)) = url.host() {
             builder = builder.resolve_to_addrs(name, &addrs);
         }
-        let failed = |url: &Url, e: &dyn std::error::Error| {
-            tracing::warn!(%url, error = %error_chain(e), "payload fetch failed");
-            ImageError::Fetch {
-                url: url.to_string(),
-                message: "the connection failed or timed out".into(),
-            }
-        };
         let client = builder.build().map_err(|e| failed(&url, &e))?;
-        let mut resp = client
+        let mut hop_headers = headers.clone();
+        if url.origin() != origin {
+            hop_headers.remove(http::header::AUTHORIZATION);
+        }
+        let resp = client
             .get(url.clone())
+            .headers(hop_headers)
             .send()
             .map_err(|e| failed(&url, &e))?;
         let status = resp.status();
-        if status.is_redirection() {
-            let Some(location) = resp
-                .headers()
-                .get(http::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-            else {
-                return Err(ImageError::Fetch {
-                    url: url.to_string(),
-                    message: format!("HTTP {status} without a usable Location"),
-                });
-            };
-            hops += 1;
-            if hops > MAX_REDIRECTS {
-                return Err(refused(
-                    &url,
-                    format!("more than {MAX_REDIRECTS} redirects; link the image directly"),
-                ));
-            }
-            let next = url.join(location).map_err(|e| {
-                refused(&url, format!("redirects to `{location}`, not a URL ({e})"))
-            })?;
-            if !matches!(next.scheme(), "http" | "https") {
-                return Err(refused(
-                    &url,
-                    format!(
-                        "redirects to a `{}` URL; only http and https are followed",
-                        next.scheme()
-                    ),
-                ));
-            }
-            url = next;
-            continue;
+        if !status.is_redirection() {
+            return Ok((url, resp));
         }
-        if !status.is_success() {
+        let Some(location) = resp
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+        else {
             return Err(ImageError::Fetch {
                 url: url.to_string(),
-                message: format!("HTTP {status}"),
+                message: format!("HTTP {status} without a usable Location"),
             });
-        }
-        let too_large = |url: &Url| ImageError::TooLarge {
-            url: url.to_string(),
-            limit: cap.bytes,
-            why: cap.why,
         };
-        let length = resp.content_length();
-        if length.is_some_and(|n| n > cap.bytes) {
-            return Err(too_large(&url));
+        hops += 1;
+        if hops > MAX_REDIRECTS {
+            return Err(refused(
+                &url,
+                format!("more than {MAX_REDIRECTS} redirects; link the image directly"),
+            ));
         }
-        progress(length, 0);
-        let mut total = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match resp.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(failed(&url, &e)),
-            };
-            total += n as u64;
-            if total > cap.bytes {
-                return Err(too_large(&url));
-            }
-            sink.write_all(&buf[..n]).map_err(|e| {
-                tracing::warn!(%url, error = %e, "storing a payload image failed");
-                ImageError::Store
-            })?;
-            progress(length, n as u64);
+        let next = url
+            .join(location)
+            .map_err(|e| refused(&url, format!("redirects to `{location}`, not a URL ({e})")))?;
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(refused(
+                &url,
+                format!(
+                    "redirects to a `{}` URL; only http and https are followed",
+                    next.scheme()
+                ),
+            ));
         }
-        return Ok(());
+        url = next;
     }
+}
+
+/// Streams a successful answer's body into `sink`, at most `cap` bytes.
+pub(crate) fn stream_body(
+    url: &Url,
+    mut resp: reqwest::blocking::Response,
+    cap: Cap,
+    sink: &mut dyn Write,
+    progress: &mut dyn FnMut(Option<u64>, u64),
+) -> Result<(), ImageError> {
+    let too_large = || ImageError::TooLarge {
+        url: url.to_string(),
+        limit: cap.bytes,
+        why: cap.why,
+    };
+    let length = resp.content_length();
+    if length.is_some_and(|n| n > cap.bytes) {
+        return Err(too_large());
+    }
+    progress(length, 0);
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match resp.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed(url, &e)),
+        };
+        total += n as u64;
+        if total > cap.bytes {
+            return Err(too_large());
+        }
+        sink.write_all(&buf[..n]).map_err(|e| {
+            tracing::warn!(%url, error = %e, "storing a payload image failed");
+            ImageError::Store
+        })?;
+        progress(length, n as u64);
+    }
+    Ok(())
 }
 
 /// `reqwest` hides the cause (connection refused, DNS) in its source chain.

@@ -5,6 +5,7 @@
 //! is `vm::image`'s.
 
 pub mod fetch;
+pub mod oci;
 
 use std::fs;
 use std::fs::File;
@@ -35,6 +36,8 @@ pub fn code(e: &ImageError) -> Code {
             Code::PayloadStoreFailed
         }
         ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => Code::PayloadImageInvalid,
+        ImageError::PlatformIncompatible { .. } => Code::PlatformIncompatible,
+        ImageError::RegistryAuth { .. } => Code::PayloadAuthFailed,
         ImageError::Several(all) => match all.first().map(code) {
             Some(first) if all.iter().all(|e| code(e) == first) => first,
             _ => Code::PayloadFetchFailed,
@@ -208,6 +211,11 @@ pub struct ImageStore {
     /// `None`: the operator's own fetch (`provider vm run`): local paths, `file://`, any
     /// address. `Some`: a requestor's manifest, fetched under these limits.
     requestor: Option<FetchLimits>,
+    /// The data dir (its registry logins, `registry/auth.json`).
+    data: DataDir,
+    /// Registries spoken to over plain HTTP besides loopback ones (the daemon's
+    /// `plain_http_registries`, `vm run --plain-http`).
+    pub plain_http: Vec<String>,
 }
 
 impl ImageStore {
@@ -217,6 +225,8 @@ impl ImageStore {
             dir: data.root().join("images"),
             progress: true,
             requestor: None,
+            data: data.clone(),
+            plain_http: Vec::new(),
         }
     }
 
@@ -328,6 +338,9 @@ impl ImageStore {
                 });
             }
         }
+        if source.starts_with("oci://") {
+            return self.fetch_oci(source, expected);
+        }
         // A requestor's source must be http(s); the operator's may also be a local file.
         let http = match &self.requestor {
             Some(limits) => Some((fetch::requestor_url(source)?, limits.clone())),
@@ -410,6 +423,97 @@ impl ImageStore {
         })
     }
 
+    /// An `oci://` image: its top manifest is resolved (and must hash to `expected`), then
+    /// unless the store has it already, its layers are pulled into a squashfs stored under
+    /// that hash ([`oci::pull`]). A requestor's reference must pin a digest.
+    fn fetch_oci(
+        &self,
+        source: &str,
+        expected: Option<&PayloadHash>,
+    ) -> Result<StoredImage, ImageError> {
+        let refused = |why: String| ImageError::UrlRefused {
+            url: source.to_owned(),
+            why,
+        };
+        let r = oci::reference::OciRef::parse(source).map_err(refused)?;
+        if self.requestor.is_some() && r.digest.is_none() {
+            return Err(refused(
+                "a requestor's oci:// reference must pin its content with @sha256:DIGEST (a tag can be moved)".into(),
+            ));
+        }
+        let limits = self.requestor.clone().unwrap_or_else(FetchLimits::operator);
+        let logins = oci::auth::AuthFile::load(&self.data).map_err(|e| {
+            tracing::warn!(error = %e, "registry logins unreadable; pulling without them");
+            ImageError::RegistryAuth {
+                registry: r.registry.clone(),
+                why: "the provider's registry logins cannot be read (its operator's log has the cause)".into(),
+            }
+        });
+        let credential = match logins {
+            Ok(l) => l
+                .registries
+                .get(&r.registry)
+                .filter(|c| self.requestor.is_none() || c.for_requestors)
+                .cloned(),
+            // The operator is told; a requestor's public image needs no login.
+            Err(e) if self.requestor.is_none() => return Err(e),
+            Err(_) => None,
+        };
+        let mut reg = oci::Registry::new(&r, &limits, &self.plain_http, credential);
+        let top = oci::resolve(&mut reg)?;
+        let alg = expected.map(|h| h.algorithm).unwrap_or(Sha3::Sha3_256);
+        let actual = openssl::hash::hash(digest(alg), &top.bytes)
+            .map(|d| hex(&d))
+            .map_err(|e| ImageError::Convert(e.to_string()))?;
+        if let Some(h) = expected {
+            if h.hex != actual {
+                return Err(ImageError::HashMismatch {
+                    source_name: format!(
+                        "{source} (its manifest {}, the bytes `hash` covers)",
+                        top.digest
+                    ),
+                    expected: h.hex.clone(),
+                    actual,
+                });
+            }
+        }
+        let hash = PayloadHash {
+            algorithm: alg,
+            hex: actual,
+        };
+        let path = self.path_for(&hash);
+        if let Ok(meta) = fs::metadata(&path) {
+            return Ok(StoredImage {
+                path,
+                hash,
+                fetched: false,
+                bytes: meta.len(),
+            });
+        }
+        let work = self.dir.join("tmp");
+        sweep_stale_work(&work);
+        let pull = oci::Pull {
+            limits: &limits,
+            platform: oci::HostPlatform::detect(),
+            features: oci::compat::HostFeatures::detect(),
+            work: &work,
+            max_unpacked: if self.requestor.is_some() {
+                limits.max_bytes
+            } else {
+                u64::MAX
+            },
+            progress: self.progress_bar(),
+        };
+        oci::pull(&mut reg, &top, &pull, &path)?;
+        let bytes = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
+        Ok(StoredImage {
+            path,
+            hash,
+            fetched: true,
+            bytes,
+        })
+    }
+
     /// The operator's own `file://` or path (http(s) went through [`fetch::fetch`]).
     fn copy_local(&self, source: &str, sink: &mut dyn Write) -> Result<(), ImageError> {
         let fetch_err = |message: String| ImageError::Fetch {
@@ -480,11 +584,8 @@ mod tests {
     #[test]
     fn store_verifies_before_storing_and_skips_a_second_fetch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore {
-            dir: dir.path().join("images"),
-            progress: false,
-            requestor: None,
-        };
+        let mut store = ImageStore::new(&DataDir::new(dir.path()));
+        store.progress = false;
         let src = dir.path().join("img.tar");
         fs::write(&src, b"some image bytes").unwrap();
         let first = store.fetch(src.to_str().unwrap(), None).unwrap();
@@ -516,11 +617,8 @@ mod tests {
     #[test]
     fn sha3_variants_follow_the_hex_length() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore {
-            dir: dir.path().join("images"),
-            progress: false,
-            requestor: None,
-        };
+        let mut store = ImageStore::new(&DataDir::new(dir.path()));
+        store.progress = false;
         let src = dir.path().join("abc");
         fs::write(&src, b"abc").unwrap();
         // FIPS 202 test vectors for "abc".

@@ -51,6 +51,14 @@ pub enum ImageError {
     UnsafeEntry { entry: String, reason: String },
     #[error("image {path}: {message}")]
     Format { path: PathBuf, message: String },
+    /// The image's compatibility artifact has a required rule this host fails or cannot
+    /// evaluate (checked before any layer is downloaded).
+    #[error("platform-incompatible: {image}: {why}")]
+    PlatformIncompatible { image: String, why: String },
+    /// The registry wants credentials this provider does not have or refuses the ones it
+    /// has.
+    #[error("payload-auth-failed: {registry}: {why}")]
+    RegistryAuth { registry: String, why: String },
     /// The host's conversion of a good tarball failed (its tool, its disk); the cause is
     /// in the operator's log.
     #[error("convert the image: {0}")]
@@ -94,6 +102,84 @@ pub fn io_err<'a>(
     }
 }
 
+/// A zstd frame's magic number, or a skippable frame's (`0x184D2A5?`), little-endian.
+fn is_zstd_magic(head: &[u8]) -> bool {
+    match head {
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => true,
+        [b0, 0x2a, 0x4d, 0x18, ..] => b0 & 0xf0 == 0x50,
+        _ => false,
+    }
+}
+
+/// A zstd stream of one or more frames (an OCI `tar+zstd` layer; `zstd:chunked` layers
+/// compress each file as its own frame and append skippable frames of metadata, which are
+/// skipped).
+struct ZstdFrames<R: io::BufRead> {
+    src: R,
+    dec: ruzstd::decoding::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: io::BufRead> ZstdFrames<R> {
+    fn new(src: R) -> Self {
+        Self {
+            src,
+            dec: ruzstd::decoding::FrameDecoder::new(),
+            in_frame: false,
+        }
+    }
+}
+
+impl<R: io::BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_frame {
+                while self.dec.can_collect() < buf.len() && !self.dec.is_finished() {
+                    let want = buf.len() - self.dec.can_collect();
+                    self.dec
+                        .decode_blocks(
+                            &mut self.src,
+                            ruzstd::decoding::BlockDecodingStrategy::UptoBytes(want),
+                        )
+                        .map_err(io::Error::other)?;
+                }
+                let n = self.dec.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                if self.dec.is_finished() && self.dec.can_collect() == 0 {
+                    self.in_frame = false;
+                }
+                continue;
+            }
+            if self.src.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.dec.reset(&mut self.src) {
+                Ok(()) => self.in_frame = true,
+                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
+                    length,
+                    ..
+                })) => {
+                    let skipped =
+                        io::copy(&mut (&mut self.src).take(length.into()), &mut io::sink())?;
+                    if skipped < u64::from(length) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "a zstd skippable frame is cut short",
+                        ));
+                    }
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    }
+}
+
 /// One checked entry of a rootfs tarball.
 pub struct RootfsEntry<'a> {
     /// Relative to the root, normalised (`bin/sh`), never empty.
@@ -123,7 +209,7 @@ pub enum EntryKind {
     Fifo,
 }
 
-/// Reads a rootfs tarball (plain or gzip, detected by its first bytes) and hands each entry
+/// Reads a rootfs tarball (plain, gzip or zstd, detected by its first bytes) and hands each entry
 /// to `visit` after the checks: no absolute paths, no `..`, no device nodes, no symlink
 /// whose target leaves the root, no entry under an earlier symlink (or file), hard links
 /// only to earlier files. The first violation stops the walk with the entry named.
@@ -133,12 +219,15 @@ pub fn read_rootfs(
 ) -> Result<(), ImageError> {
     let f = File::open(path).map_err(io_err("open", path))?;
     let mut r = BufReader::new(f);
-    let gz = {
-        let head = io::BufRead::fill_buf(&mut r).map_err(io_err("read", path))?;
-        head.starts_with(&[0x1f, 0x8b])
-    };
-    let reader: Box<dyn Read> = if gz {
+    let head = io::BufRead::fill_buf(&mut r)
+        .map_err(io_err("read", path))?
+        .get(..4)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    let reader: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::GzDecoder::new(r))
+    } else if is_zstd_magic(&head) {
+        Box::new(ZstdFrames::new(r))
     } else {
         Box::new(r)
     };
@@ -342,6 +431,27 @@ mod tests {
     }
 
     use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
+
+    #[test]
+    fn zstd_tarballs_of_several_frames_with_skippable_ones_are_read() {
+        let t = tarball(&[("./", D, ""), ("./a", F, ""), ("./b", F, "")]);
+        let raw = std::fs::read(t.path()).unwrap();
+        let (one, two) = raw.split_at(700);
+        let z = |b: &[u8]| {
+            ruzstd::encoding::compress_to_vec(b, ruzstd::encoding::CompressionLevel::Fastest)
+        };
+        // Frame, skippable frame (magic 0x184D2A5E, 3 bytes), frame, trailing skippable.
+        let mut stream = z(one);
+        stream.extend_from_slice(&[0x5e, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3]);
+        stream.extend(z(two));
+        stream.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18, 0, 0, 0, 0]);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &stream).unwrap();
+        assert_eq!(walk(&f).unwrap(), ["a", "b"]);
+        // Cut inside the second frame: an error, not a short tree taken as whole.
+        std::fs::write(f.path(), &stream[..stream.len() - 20]).unwrap();
+        assert!(walk(&f).is_err());
+    }
 
     #[test]
     fn clean_tree_is_read_with_normalised_paths() {
