@@ -17,6 +17,8 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 command -v depmod >/dev/null 2>&1 || missing+=(kmod)
 command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)
+# The OCI pull tests run the distribution registry on loopback.
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
 # The discovery test builds NAT routers in network namespaces (ip netns, iptables MASQUERADE).
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
