@@ -81,6 +81,7 @@ fn main() {
         image_disk_reserve: 0,
         image_cache_bytes: u64::MAX,
         limits: egress::Limits::default(),
+        runtime: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

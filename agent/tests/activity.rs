@@ -160,6 +160,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         image_disk_reserve: 0,
         image_cache_bytes: u64::MAX,
         limits: Limits::default(),
+        runtime: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -635,6 +636,7 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         image_disk_reserve: 0,
         image_cache_bytes: u64::MAX,
         limits: Limits::default(),
+        runtime: Default::default(),
     }
 }
 

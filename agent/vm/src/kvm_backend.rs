@@ -52,15 +52,18 @@ impl KvmMachine {
             vcpus: u8::try_from(spec.cpus).unwrap_or(u8::MAX),
             kernel: image,
             initramfs: Some(spec.initramfs.clone()),
-            cmdline: spec.cmdline.clone(),
+            cmdline: spec.runtime.guest_cmdline(&spec.cmdline),
             console_log: spec.console_log.clone(),
             time_limit: TIME_LIMIT,
-            seccomp: Some(OnViolation::KillProcess),
-            landlock: Some(FsPolicy::for_vmm_job(
-                &spec.kernel,
-                Some(&spec.initramfs),
-                &spec.job_dir,
-            )),
+            // The own VMM's allow lists are already the tightest filter there is: `default`
+            // and `strict` both get them, `off` none.
+            seccomp: (spec.runtime.seccomp != crate::runtime::Seccomp::Off)
+                .then_some(OnViolation::KillProcess),
+            // It reads only the kernel, the initramfs and itself: `job-dir` and `minimal`
+            // are the same set here.
+            landlock: (spec.runtime.landlock != crate::runtime::FsScope::Off).then(|| {
+                FsPolicy::for_vmm_job(&spec.kernel, Some(&spec.initramfs), &spec.job_dir)
+            }),
             confined_check: None,
         };
         let vm = kvm::start(config, vmm_end).map_err(|e| VmError::Backend {
