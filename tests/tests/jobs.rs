@@ -565,7 +565,11 @@ fn a_runtime_profile_makes_the_root_read_only_and_caps_the_payloads_tasks() {
         ]);
         let all = format!("{}{}", r.stdout, r.stderr);
         assert!(all.contains("tmp-written"), "{profile}: {r:?}");
-        assert_eq!(all.contains("root-written"), writable_root, "{profile}: {r:?}");
+        assert_eq!(
+            all.contains("root-written"),
+            writable_root,
+            "{profile}: {r:?}"
+        );
         if !writable_root {
             assert!(all.contains("Read-only file system"), "{profile}: {r:?}");
         }
@@ -577,7 +581,16 @@ fn a_runtime_profile_makes_the_root_read_only_and_caps_the_payloads_tasks() {
     // A profile the host cannot enforce is refused, naming it (Landlock is on here, so a
     // CPU quota without a controller cannot be staged; an unknown scope is refused at load).
     std::fs::write(dir.join("bad.toml"), "landlock = \"everything\"\nseccomp = \"strict\"\npids_max = 1\ncpu_quota = 1\nread_only_rootfs = true\n").unwrap();
-    let r = p.run(["vm", "run", "--image", env.image.to_str().unwrap(), "--runtime-profile", "bad", "--", "/bin/true"]);
+    let r = p.run([
+        "vm",
+        "run",
+        "--image",
+        env.image.to_str().unwrap(),
+        "--runtime-profile",
+        "bad",
+        "--",
+        "/bin/true",
+    ]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("bad.toml"), "{r:?}");
 }

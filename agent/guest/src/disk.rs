@@ -185,7 +185,12 @@ pub fn mount_root(image: &str, upper: &str, target: &Path, dev: &Path) -> io::Re
     let writable = match fs::read_to_string(Path::new(UPPER).join("writable")) {
         Ok(list) => crate::limits::parse_writable(&list)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io::Error::new(e.kind(), format!("read the writable list: {e}"))),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("read the writable list: {e}"),
+            ))
+        }
     };
     // The overlay keeps private clones of its layers' mounts: the originals can go, and
     // with them the only paths to the layers' own roots.

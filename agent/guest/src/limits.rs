@@ -132,14 +132,8 @@ pub fn bind_writable(root: &Path, dirs: &[String]) -> io::Result<()> {
                 )));
             }
         }
-        mount(
-            Some(&at),
-            &at,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| io::Error::other(format!("bind {} onto itself: {e}", at.display())))?;
+        mount(Some(&at), &at, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| io::Error::other(format!("bind {} onto itself: {e}", at.display())))?;
     }
     Ok(())
 }

@@ -82,7 +82,10 @@ pub async fn run(
     // Their VMMs died with the killed daemon; their cgroups are empty now.
     let swept = vm::cgroup::sweep();
     if swept > 0 {
-        tracing::info!(groups = swept, "removed the cgroups of VMMs a previous daemon left");
+        tracing::info!(
+            groups = swept,
+            "removed the cgroups of VMMs a previous daemon left"
+        );
     }
     // Bound before anything is announced: a port in use is an error at start.
     let metrics = match cfg.metrics {

@@ -296,13 +296,25 @@ read_only_rootfs = true
         // The VM start path gets every field.
         let strict = RuntimeProfile::load(&data, "strict").unwrap().limits();
         assert_eq!(
-            (strict.landlock, strict.seccomp, strict.pids_max, strict.read_only_rootfs),
-            (vm::runtime::FsScope::Minimal, vm::runtime::Seccomp::Strict, Some(256), true)
+            (
+                strict.landlock,
+                strict.seccomp,
+                strict.pids_max,
+                strict.read_only_rootfs
+            ),
+            (
+                vm::runtime::FsScope::Minimal,
+                vm::runtime::Seccomp::Strict,
+                Some(256),
+                true
+            )
         );
         let t = p.limits();
         assert_eq!((t.profile.as_str(), t.cpu_quota), ("tight", Some(0.5)));
         let permissive = RuntimeProfile::builtin("permissive").unwrap().limits();
-        assert!(!permissive.read_only_rootfs && permissive.seccomp == vm::runtime::Seccomp::Default);
+        assert!(
+            !permissive.read_only_rootfs && permissive.seccomp == vm::runtime::Seccomp::Default
+        );
         // Listing stops at the first invalid file, naming it.
         assert!(RuntimeProfile::all(&data).is_err());
     }

@@ -91,7 +91,10 @@ pub fn hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
                             !o.contains('=')
                                 && !matches!(
                                     *o,
-                                    "rw" | "ro" | "xattr" | "noprefix" | "clone_children"
+                                    "rw" | "ro"
+                                        | "xattr"
+                                        | "noprefix"
+                                        | "clone_children"
                                         | "cpuset_v2_mode"
                                 )
                         })
@@ -236,7 +239,11 @@ impl JobCgroup {
                 let mut enabled = controllers.iter().try_for_each(|c| enable_v2(&base, c));
                 if enabled.is_err() {
                     if let Some(up) = base.parent() {
-                        if controllers.iter().try_for_each(|c| enable_v2(up, c)).is_ok() {
+                        if controllers
+                            .iter()
+                            .try_for_each(|c| enable_v2(up, c))
+                            .is_ok()
+                        {
                             parent = up.to_owned();
                             enabled = Ok(());
                         }
@@ -357,8 +364,7 @@ pub fn sweep() -> usize {
             };
             for e in entries.flatten() {
                 let name = e.file_name();
-                if name.to_string_lossy().starts_with(PREFIX) && fs::remove_dir(e.path()).is_ok()
-                {
+                if name.to_string_lossy().starts_with(PREFIX) && fs::remove_dir(e.path()).is_ok() {
                     gone += 1;
                 }
             }
@@ -396,7 +402,8 @@ mod tests {
 
     fn root_with(controller: &'static str) -> bool {
         // Making a group beside ours needs root (or a delegated subtree).
-        let ok = fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        let ok = fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
             && locate(controller).is_ok();
         if !ok {
             eprintln!("SKIP: no writable `{controller}` cgroup controller here");
@@ -420,7 +427,10 @@ mod tests {
         )
         .unwrap();
         let dirs = g.dirs().to_vec();
-        assert_eq!(fs::read_to_string(dirs[0].join("pids.max")).unwrap().trim(), "4");
+        assert_eq!(
+            fs::read_to_string(dirs[0].join("pids.max")).unwrap().trim(),
+            "4"
+        );
         let mut child = std::process::Command::new("/bin/sh")
             .args([
                 "-c",
@@ -442,9 +452,15 @@ mod tests {
             !out.status.success() || !text.contains("started 8"),
             "eight sleeps started in a group of 4: {text} {started}"
         );
-        assert!(started.contains("max ") && !started.contains("max 0"), "{started}");
+        assert!(
+            started.contains("max ") && !started.contains("max 0"),
+            "{started}"
+        );
         // Kill what is left (the group's own tasks, by pid), then the group can go.
-        for pid in fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap_or_default().lines() {
+        for pid in fs::read_to_string(dirs[0].join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid.parse().unwrap()),
                 nix::sys::signal::SIGKILL,
@@ -470,7 +486,10 @@ mod tests {
         .unwrap();
         let dir = g.dirs()[0].clone();
         let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", "read _; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+            .args([
+                "-c",
+                "read _; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+            ])
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();

@@ -495,8 +495,7 @@ pub const VMM_DENIED: &[i64] = &[
 /// The `strict` level's filter: [`VMM_DENIED`] fail with `EPERM`, everything else is left
 /// to QEMU's own sandbox.
 pub fn vmm_deny_filter() -> Result<BpfProgram, ConfineError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        VMM_DENIED.iter().map(|s| (*s, vec![])).collect();
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = VMM_DENIED.iter().map(|s| (*s, vec![])).collect();
     let err = |e: &dyn fmt::Display| ConfineError::BuildFilter {
         which: "VMM deny",
         reason: e.to_string(),

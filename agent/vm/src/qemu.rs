@@ -171,11 +171,10 @@ impl QemuMachine {
             address_space: (u64::from(spec.mem_mib) << 20) + (8 << 30),
             open_files: 1024,
         };
-        let report =
-            crate::confine::confine_command_with(&mut cmd, policy.as_ref(), limits, extra)
-                .map_err(|e| VmError::Backend {
-                    message: format!("cannot confine QEMU: {e}"),
-                })?;
+        let report = crate::confine::confine_command_with(&mut cmd, policy.as_ref(), limits, extra)
+            .map_err(|e| VmError::Backend {
+                message: format!("cannot confine QEMU: {e}"),
+            })?;
         let text = format!("{report}\n{notes}");
         tracing::info!(profile = %spec.runtime.profile, "qemu confinement: {}", text.trim_end().replace('\n', "; "));
         let _ = std::fs::write(spec.job_dir.join("confinement.txt"), text);
@@ -264,12 +263,14 @@ fn enforce_profile(
         match (rt.seccomp, opts.sandbox) {
             (Seccomp::Off, _) => "off (the runtime profile asks for none)",
             (Seccomp::Default, _) => "qemu -sandbox on (every option denied)",
-            (Seccomp::Strict, _) => "qemu -sandbox on (every option denied) + the provider's deny filter",
+            (Seccomp::Strict, _) =>
+                "qemu -sandbox on (every option denied) + the provider's deny filter",
         }
     );
     if rt.seccomp == Seccomp::Strict {
         extra.filter = Some(
-            crate::confine::vmm_deny_filter().map_err(|e| refuse(format!("seccomp = strict: {e}")))?,
+            crate::confine::vmm_deny_filter()
+                .map_err(|e| refuse(format!("seccomp = strict: {e}")))?,
         );
     }
     let name = spec
@@ -326,7 +327,14 @@ fn enforce_profile(
             },
         ) {
             Ok(g) => {
-                notes.push_str(&format!("cgroup: pids.max {tasks}, no cpu quota{}\n", if quota.is_some() { " (cpu_quota = 1: the vCPU count bounds the guest)" } else { "" }));
+                notes.push_str(&format!(
+                    "cgroup: pids.max {tasks}, no cpu quota{}\n",
+                    if quota.is_some() {
+                        " (cpu_quota = 1: the vCPU count bounds the guest)"
+                    } else {
+                        ""
+                    }
+                ));
                 cgroup = Some(g);
             }
             Err(e) => {

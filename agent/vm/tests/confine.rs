@@ -221,7 +221,8 @@ fn strict_seccomp_and_minimal_landlock_take_away_what_default_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let job = dir.path().join("job");
     std::fs::create_dir(&job).unwrap();
-    let script = "/usr/bin/unshare --user /bin/true 2>/dev/null && echo unshared || echo unshare-denied; \
+    let script =
+        "/usr/bin/unshare --user /bin/true 2>/dev/null && echo unshared || echo unshare-denied; \
                   cat /usr/bin/unshare >/dev/null 2>&1 && echo other-read || echo other-denied";
     let run = |strict: bool, scope: vm::runtime::FsScope| {
         let sh = Path::new("/bin/sh");
@@ -244,7 +245,10 @@ fn strict_seccomp_and_minimal_landlock_take_away_what_default_leaves() {
         return;
     }
     let loose = run(false, vm::runtime::FsScope::Off);
-    assert!(loose.contains("unshared") && loose.contains("other-read"), "{loose}");
+    assert!(
+        loose.contains("unshared") && loose.contains("other-read"),
+        "{loose}"
+    );
     let strict = run(true, vm::runtime::FsScope::Off);
     assert!(strict.contains("unshare-denied"), "{strict}");
     if confine::expected_landlock().0 != Enforcement::Not {
