@@ -82,6 +82,7 @@ fn main() {
         image_cache_bytes: u64::MAX,
         plain_http_registries: Vec::new(),
         limits: egress::Limits::default(),
+        runtime: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -149,6 +149,7 @@ fn main() {
             job_dir: job.path().to_owned(),
             console_log: job.path().join("console.log"),
             disks: Vec::new(),
+            runtime: Default::default(),
         };
         let mark = Instant::now();
         let guest = Vm::boot(

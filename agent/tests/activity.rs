@@ -161,6 +161,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         image_cache_bytes: u64::MAX,
         plain_http_registries: Vec::new(),
         limits: Limits::default(),
+        runtime: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -637,6 +638,7 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         image_cache_bytes: u64::MAX,
         plain_http_registries: Vec::new(),
         limits: Limits::default(),
+        runtime: Default::default(),
     }
 }
 

@@ -5,6 +5,8 @@
 //! | `provider.root=SERIAL` | the payload image is the read-only virtio disk with this serial (squashfs) | the rootfs is `/rootfs` in the initramfs |
 //! | `provider.upper=SERIAL` | the overlay's writable layer is the virtio disk with this serial (ext4) | (required with `provider.root`) |
 //! | `provider.channel=NAME` | the host channel is the virtio-serial port named `NAME` | the channel is `/dev/ttyS1` |
+//! | `provider.ro=1` | the payload's `/` is read-only (the runtime profile's `read_only_rootfs`) | `/` is writable |
+//! | `provider.pids=N` | the payload's processes are in a pids cgroup of `N` tasks | no pids limit |
 //!
 //! Disks are named by their virtio serial (`-device virtio-blk-pci,serial=…`, read from
 //! `/sys/block/vd*/serial`), not by `vda`/`vdb`, whose letters follow probe order.
@@ -24,6 +26,10 @@ pub struct BootConfig {
     pub upper: Option<String>,
     /// Name of the virtio-serial port of the channel.
     pub channel: Option<String>,
+    /// The payload's root is read-only.
+    pub read_only: bool,
+    /// Tasks the payload may have at once.
+    pub pids_max: Option<u32>,
 }
 
 /// Where the payload's root comes from.
@@ -46,6 +52,30 @@ impl BootConfig {
                 return Err(format!("kernel parameter `{word}` has no value"));
             };
             let value = value.trim_matches('"');
+            match key {
+                "ro" => {
+                    c.read_only = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(format!("kernel parameter `provider.ro={value}`: 0 or 1")),
+                    };
+                    continue;
+                }
+                "pids" => {
+                    let n = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            format!("kernel parameter `provider.pids={value}`: a number from 1")
+                        })?;
+                    if c.pids_max.replace(n).is_some() {
+                        return Err("kernel parameter `provider.pids` is given twice".into());
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             let (slot, max) = match key {
                 "root" => (&mut c.root, MAX_SERIAL),
                 "upper" => (&mut c.upper, MAX_SERIAL),
@@ -53,7 +83,7 @@ impl BootConfig {
                 _ => {
                     return Err(format!(
                         "unknown kernel parameter `provider.{key}` (known: provider.root, \
-                         provider.upper, provider.channel)"
+                         provider.upper, provider.channel, provider.ro, provider.pids)"
                     ))
                 }
             };
@@ -120,6 +150,9 @@ mod tests {
                 upper: "upper".into()
             }
         );
+        let c = BootConfig::parse("quiet provider.ro=1 provider.pids=64").unwrap();
+        assert!(c.read_only);
+        assert_eq!(c.pids_max, Some(64));
         // The channel alone keeps the initramfs rootfs.
         let c = BootConfig::parse("provider.channel=ch").unwrap();
         assert_eq!(c.root().unwrap(), Root::Initramfs);
@@ -135,6 +168,15 @@ mod tests {
             ("provider.root=abcdefghijklmnopqrstu", "1 to 20"),
             ("provider.root=a provider.root=b", "given twice"),
             ("provider.root=a provider.upper=a", "the same disk"),
+        ] {
+            let e = BootConfig::parse(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+        for (line, want) in [
+            ("provider.ro=yes", "0 or 1"),
+            ("provider.pids=0", "a number from 1"),
+            ("provider.pids=x", "a number from 1"),
+            ("provider.pids=3 provider.pids=4", "given twice"),
         ] {
             let e = BootConfig::parse(line).unwrap_err();
             assert!(e.contains(want), "{line}: {e}");

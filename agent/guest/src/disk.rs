@@ -89,8 +89,10 @@ fn mount_err(what: &str, e: nix::Error, why: String) -> io::Error {
 }
 
 /// Mounts the image and the writable disk, and the overlay of the two on `target`;
-/// removes the disks' device nodes from `dev` (the early devtmpfs).
-pub fn mount_root(image: &str, upper: &str, target: &Path, dev: &Path) -> io::Result<()> {
+/// removes the disks' device nodes from `dev` (the early devtmpfs). Returns the directories
+/// the host listed as writable under a read-only root (the image's volumes and working
+/// dir: `vm::upper::WRITABLE_LIST` at the writable disk's root).
+pub fn mount_root(image: &str, upper: &str, target: &Path, dev: &Path) -> io::Result<Vec<String>> {
     let sys_block = Path::new("/sys/block");
     let img = wait_disk(sys_block, image, DISK_WAIT)?;
     let up = wait_disk(sys_block, upper, DISK_WAIT)?;
@@ -180,6 +182,16 @@ pub fn mount_root(image: &str, upper: &str, target: &Path, dev: &Path) -> io::Re
             klog::tail(&["overlay"], &[], 2),
         ));
     }
+    let writable = match fs::read_to_string(Path::new(UPPER).join("writable")) {
+        Ok(list) => crate::limits::parse_writable(&list)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("read the writable list: {e}"),
+            ))
+        }
+    };
     // The overlay keeps private clones of its layers' mounts: the originals can go, and
     // with them the only paths to the layers' own roots.
     for m in [LOWER, UPPER] {
@@ -189,7 +201,7 @@ pub fn mount_root(image: &str, upper: &str, target: &Path, dev: &Path) -> io::Re
     for node in [&img_node, &up_node] {
         remove(node)?;
     }
-    Ok(())
+    Ok(writable)
 }
 
 fn remove(node: &Path) -> io::Result<()> {

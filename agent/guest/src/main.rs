@@ -24,6 +24,7 @@ mod boot;
 mod disk;
 mod entry;
 mod klog;
+mod limits;
 mod lockdown;
 mod modules;
 mod reaper;

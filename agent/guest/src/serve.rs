@@ -139,9 +139,12 @@ fn run(mux: &Mux, spec: &RunSpec, stdout: u32, stderr: u32) -> Result<ExitStatus
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: `drop_payload_caps` only makes syscalls (async-signal-safe, no allocation),
+    // SAFETY: `join_payload_cgroup` and `drop_payload_caps` only make syscalls (async-signal-safe, no allocation),
     // as code between fork and exec must.
     unsafe {
+        // First into the payload's pids group (the runtime profile's `pids_max`), while
+        // the child still has every capability.
+        cmd.pre_exec(crate::limits::join_payload_cgroup);
         cmd.pre_exec(crate::lockdown::drop_payload_caps);
     }
     let deadline = spec.timeout.map(|t| Instant::now() + t);

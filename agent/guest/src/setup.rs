@@ -13,7 +13,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::termios::{self, SetArg};
 
 use crate::boot::{BootConfig, Root};
-use crate::{disk, lockdown, modules, vport};
+use crate::{disk, limits, lockdown, modules, vport};
 
 /// Where the payload's rootfs is: a directory of the initramfs, or the overlay's mount.
 pub const PAYLOAD_ROOT: &str = "/rootfs";
@@ -97,22 +97,47 @@ pub fn setup() -> io::Result<File> {
     if mods.join("order").exists() {
         modules::load_all(mods)?;
     }
-    match &root {
+    let writable = match &root {
         Root::Initramfs => {
             if !Path::new(PAYLOAD_ROOT).is_dir() {
                 return Err(io::Error::other(format!(
                     "{PAYLOAD_ROOT} is missing from the initramfs"
                 )));
             }
+            if boot.read_only {
+                // A directory, not a mount: make it one, whose flags can then be changed.
+                ctx(
+                    mount(
+                        Some(PAYLOAD_ROOT),
+                        PAYLOAD_ROOT,
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    ),
+                    "bind the payload root onto itself",
+                )?;
+            }
+            Vec::new()
         }
         Root::Disks { image, upper } => {
             early.mount("sysfs", "/sys", nosuid | MsFlags::MS_RDONLY, None)?;
             early.mount("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-            disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?;
+            disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?
         }
-    }
+    };
     early.finish()?;
+    if let Some(n) = boot.pids_max {
+        limits::pids_cgroup(n)?;
+    }
+    if boot.read_only {
+        limits::bind_writable(Path::new(PAYLOAD_ROOT), &writable)?;
+    }
     let channel = payload_mounts(boot.channel.as_deref())?;
+    if boot.read_only {
+        // Last, once every mount point below it exists: only the root's own mount turns
+        // read-only; /tmp, /dev/shm and the writable binds stay as they are.
+        read_only(PAYLOAD_ROOT, MsFlags::MS_NODEV)?;
+    }
     enter(&root)?;
     Ok(channel)
 }

@@ -181,7 +181,7 @@ impl Job {
             storage_bytes: config.storage_bytes,
             max_unpacked: config.max_image_bytes,
         };
-        let (machine_spec, image_config) =
+        let (mut machine_spec, image_config) =
             match images::prepare_machine(&store, &image, &config.backend, &files, machine, &dir) {
                 Ok(p) => p,
                 Err(e) => {
@@ -189,6 +189,7 @@ impl Job {
                     return Err(e.into());
                 }
             };
+        machine_spec.runtime = config.runtime.clone();
         let initrd = machine_spec.initramfs.clone();
 
         let tee = Arc::new(AuditLog::tee(audit.clone()));

@@ -85,6 +85,8 @@ pub struct JobConfig {
     pub plain_http_registries: Vec<String>,
     /// Bounds on the job's egress proxy.
     pub limits: Limits,
+    /// The offered preset's runtime profile, as the VM enforces it.
+    pub runtime: vm::runtime::RuntimeLimits,
 }
 
 /// One agreement's job, as the market hands it over.
@@ -168,6 +170,10 @@ impl ActivityError {
             }) if why.contains("payload image") || why.contains("payload's image") => Reason::new(
                 Code::PayloadImageInvalid,
                 format!("the guest could not mount the payload's image: {why}"),
+            ),
+            ActivityError::Vm(vm::VmError::Unenforceable { profile, .. }) => Reason::new(
+                Code::JobStartFailed,
+                format!("the provider's runtime profile `{profile}` cannot be enforced on its host (the provider's log has the cause)"),
             ),
             ActivityError::Vm(_) => Reason::new(
                 Code::JobStartFailed,

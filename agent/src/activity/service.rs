@@ -352,6 +352,8 @@ async fn create(shared: &Arc<Inner>, peer: &str, agreement_id: &str) -> Activity
     cfg.mem_mib = agreement.grant.mem_mib();
     cfg.cpus = agreement.grant.cpu_threads;
     cfg.storage_bytes = agreement.grant.storage_bytes();
+    // What the VM is confined by: the offered preset's runtime profile.
+    cfg.runtime = shared.market.runtime().limits();
     if let Err(reason) = shared.market.hold_capacity(&agreement, Utc::now()) {
         return ActivityResponse::Error { reason };
     }

@@ -4,8 +4,19 @@ use serde::Serialize;
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    emit(&(serde_json::to_string_pretty(value)? + "\n"))
+}
+
+/// Writes `text` to stdout. A reader that went away (`provider … --json | head -c1`) ends
+/// the process quietly with 141, the shell's code for a death by SIGPIPE, instead of the
+/// panic `println!` gives on a broken pipe.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        r => Ok(r?),
+    }
 }
 
 /// An aligned text table; the last column is not padded.
@@ -53,7 +64,7 @@ impl Table {
     }
 
     pub fn print(&self) {
-        print!("{}", self.render());
+        let _ = emit(&self.render());
     }
 }
 

@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// Print the phases' timings on stderr when done.
     #[arg(long)]
     timings: bool,
+    /// Run under this runtime profile (built in, or the data dir's runtime-profiles/),
+    /// as a job of a preset naming it would [default: no profile: Landlock on the job dir,
+    /// the default sandbox, a writable root].
+    #[arg(long, value_name = "NAME")]
+    runtime_profile: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -143,6 +148,10 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     let info = HostInfo::detect();
     let (backend, why) = Backend::select(args.vmm, &info)?;
     tracing::info!("{why}");
+    let runtime = match &args.runtime_profile {
+        Some(name) => crate::market::runtime::RuntimeProfile::load(&ctx.data, name)?.limits(),
+        None => vm::runtime::RuntimeLimits::default(),
+    };
     // The image's bytes are verified before anything reads them as a tarball.
     let mut store = ImageStore::new(&ctx.data);
     store.plain_http = args.plain_http.clone();
@@ -174,7 +183,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
         storage_bytes: args.storage.bytes(),
         max_unpacked: u64::MAX,
     };
-    let (spec, image_config) =
+    let (mut spec, image_config) =
         match crate::images::prepare_machine(&store, &image, &backend, &files, size, &job) {
             Ok(p) => p,
             Err(e) => {
@@ -182,6 +191,7 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
                 return Err(e.into());
             }
         };
+    spec.runtime = runtime;
     let initrd = spec.initramfs.clone();
     t.initramfs = mark.elapsed();
     let mark = Instant::now();

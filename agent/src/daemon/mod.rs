@@ -79,6 +79,14 @@ pub async fn run(
     if !interrupted.is_empty() {
         tracing::warn!(jobs = ?interrupted, "marked ended the jobs the previous daemon left running");
     }
+    // Their VMMs died with the killed daemon; their cgroups are empty now.
+    let swept = vm::cgroup::sweep();
+    if swept > 0 {
+        tracing::info!(
+            groups = swept,
+            "removed the cgroups of VMMs a previous daemon left"
+        );
+    }
     // Bound before anything is announced: a port in use is an error at start.
     let metrics = match cfg.metrics {
         Some(addr) => {
@@ -414,5 +422,6 @@ fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
         image_cache_bytes: c.image_cache_bytes,
         plain_http_registries: c.plain_http_registries.clone(),
         limits: egress::Limits::default(),
+        runtime: Default::default(),
     })
 }

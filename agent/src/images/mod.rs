@@ -139,6 +139,7 @@ pub fn prepare_machine(
                     job_dir: dir.to_owned(),
                     console_log: dir.join("console.log"),
                     disks: Vec::new(),
+                    runtime: Default::default(),
                 },
                 vm::rootfs::ImageConfig::default(),
             ))

@@ -8,10 +8,11 @@
 //! `memory` and `disk` (a demand asking more is `constraints-unmet`), writes its name and
 //! settings into the job's directory and audit line, and the receipt names it.
 //!
-//! What is enforced where is in `docs/operator.md` (Runtime profiles): the VM's own
-//! confinement (Landlock on the VMM, its seccomp filters, a guest without a network
-//! device) applies to every job whatever the profile says; `pids_max`, `cpu_quota` and
-//! `read_only_rootfs` are recorded for the VM start path, which does not read them yet.
+//! Every other field takes effect on the job's VM ([`RuntimeProfile::limits`], enforced by
+//! `vm::runtime`): Landlock scope and seccomp level on the VMM process, `cpu_quota` as
+//! the VMM's cgroup CPU quota, `pids_max` as the guest's pids cgroup around the payload,
+//! `read_only_rootfs` as a read-only `/` in the guest. A field the host cannot enforce
+//! refuses the job (fail closed); `docs/operator.md` (Runtime profiles) has the table.
 
 use std::path::PathBuf;
 
@@ -26,6 +27,9 @@ use crate::units::ByteSize;
 pub enum LandlockScope {
     /// Read the kernel and the image, write the job's directory only.
     JobDir,
+    /// As `job-dir`, but of the host's `/usr` and `/lib*` only the emulator's libraries
+    /// and firmware are readable.
+    Minimal,
     /// No Landlock ruleset (hosts whose kernel lacks it).
     Off,
 }
@@ -34,10 +38,12 @@ pub enum LandlockScope {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SeccompLevel {
-    /// The VMM's own per-thread allow lists, and QEMU's `-sandbox on` with every option.
+    /// `default`, plus a deny filter on the whole VMM process for the kernel interfaces an
+    /// emulator never uses (ptrace, BPF, perf, namespaces, mounts, keyrings, io_uring…).
     Strict,
-    /// The same allow lists; QEMU's sandbox with its defaults.
+    /// QEMU's `-sandbox on` with every option it has; the own VMM's per-thread allow lists.
     Default,
+    /// No filter (a QEMU built without seccomp).
     Off,
 }
 
@@ -87,7 +93,7 @@ impl RuntimeProfile {
         let p = match name {
             "strict" => Self {
                 name: String::new(),
-                landlock: LandlockScope::JobDir,
+                landlock: LandlockScope::Minimal,
                 seccomp: SeccompLevel::Strict,
                 pids_max: 256,
                 cpu_quota: 1.0,
@@ -121,6 +127,28 @@ impl RuntimeProfile {
             name: name.into(),
             ..p
         })
+    }
+
+    /// What the VM start path enforces of this profile (memory and disk are enforced by
+    /// the market, which caps a job's share by them).
+    pub fn limits(&self) -> vm::runtime::RuntimeLimits {
+        use vm::runtime::{FsScope, Seccomp};
+        vm::runtime::RuntimeLimits {
+            profile: self.name.clone(),
+            landlock: match self.landlock {
+                LandlockScope::Off => FsScope::Off,
+                LandlockScope::JobDir => FsScope::JobDir,
+                LandlockScope::Minimal => FsScope::Minimal,
+            },
+            seccomp: match self.seccomp {
+                SeccompLevel::Off => Seccomp::Off,
+                SeccompLevel::Default => Seccomp::Default,
+                SeccompLevel::Strict => Seccomp::Strict,
+            },
+            pids_max: Some(self.pids_max),
+            cpu_quota: Some(self.cpu_quota),
+            read_only_rootfs: self.read_only_rootfs,
+        }
     }
 
     fn check(&self) -> Result<(), String> {
@@ -265,6 +293,28 @@ read_only_rootfs = true
             RuntimeProfile::load(&data, "../x"),
             Err(RuntimeProfileError::BadName(_))
         ));
+        // The VM start path gets every field.
+        let strict = RuntimeProfile::load(&data, "strict").unwrap().limits();
+        assert_eq!(
+            (
+                strict.landlock,
+                strict.seccomp,
+                strict.pids_max,
+                strict.read_only_rootfs
+            ),
+            (
+                vm::runtime::FsScope::Minimal,
+                vm::runtime::Seccomp::Strict,
+                Some(256),
+                true
+            )
+        );
+        let t = p.limits();
+        assert_eq!((t.profile.as_str(), t.cpu_quota), ("tight", Some(0.5)));
+        let permissive = RuntimeProfile::builtin("permissive").unwrap().limits();
+        assert!(
+            !permissive.read_only_rootfs && permissive.seccomp == vm::runtime::Seccomp::Default
+        );
         // Listing stops at the first invalid file, naming it.
         assert!(RuntimeProfile::all(&data).is_err());
     }

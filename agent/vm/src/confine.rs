@@ -205,6 +205,63 @@ impl FsPolicy {
         Self { read, write }
     }
 
+    /// The QEMU child under the `minimal` scope: of `/usr` and `/lib*` only the library
+    /// directories and the firmware directories QEMU searches (`<bindir>/../share/qemu`,
+    /// `../share/seabios`, `../lib/ipxe/qemu`), so no other program or data file on the
+    /// host is readable; the rest as [`Self::for_qemu_job`].
+    pub fn minimal_for_qemu_job(
+        qemu: &Path,
+        kernel: &Path,
+        initramfs: Option<&Path>,
+        job_dir: &Path,
+    ) -> Self {
+        let full = Self::for_qemu_job(qemu, kernel, initramfs, job_dir);
+        let mut read = vec![qemu.to_owned(), kernel.to_owned()];
+        read.extend(initramfs.map(Path::to_owned));
+        let mut candidates: Vec<PathBuf> = [
+            "/lib/x86_64-linux-gnu",
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib64",
+            "/etc/ld.so.cache",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        if let Some(bindir) = qemu.parent() {
+            for rel in ["../share/qemu", "../share/seabios", "../lib/ipxe/qemu"] {
+                candidates.push(bindir.join(rel));
+            }
+        }
+        for p in candidates {
+            // Canonical, so `..` and merged-/usr symlinks name what is really opened.
+            if let Ok(c) = std::fs::canonicalize(&p) {
+                if !read.contains(&c) {
+                    read.push(c);
+                }
+            }
+        }
+        Self {
+            read,
+            write: full.write,
+        }
+    }
+
+    /// The QEMU child's policy for `scope`; `None` for no Landlock at all.
+    pub fn for_qemu_scope(
+        scope: crate::runtime::FsScope,
+        qemu: &Path,
+        kernel: &Path,
+        initramfs: Option<&Path>,
+        job_dir: &Path,
+    ) -> Option<Self> {
+        use crate::runtime::FsScope;
+        match scope {
+            FsScope::Off => None,
+            FsScope::JobDir => Some(Self::for_qemu_job(qemu, kernel, initramfs, job_dir)),
+            FsScope::Minimal => Some(Self::minimal_for_qemu_job(qemu, kernel, initramfs, job_dir)),
+        }
+    }
+
     fn ruleset(&self) -> Result<RulesetCreated, ConfineError> {
         for p in self.read.iter().chain(&self.write) {
             if let Err(e) = std::fs::symlink_metadata(p) {
@@ -302,21 +359,60 @@ pub fn confine_command(
     policy: &FsPolicy,
     limits: Rlimits,
 ) -> Result<LandlockReport, ConfineError> {
+    confine_command_with(cmd, Some(policy), limits, Extra::default())
+}
+
+/// What a job's VMM child gets beyond [`confine_command`]'s.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// `cgroup.procs` files the child joins first (it writes `0` to each).
+    pub cgroup_procs: Vec<std::os::fd::RawFd>,
+    /// A seccomp filter installed just before `exec` (see [`vmm_deny_filter`]).
+    pub filter: Option<BpfProgram>,
+}
+
+/// [`confine_command`] with Landlock optional (`None`: the profile asks for none; the
+/// report says so) and [`Extra`]: the child joins its cgroups, then gets `no_new_privs`,
+/// the rlimits, the seccomp filter and Landlock, in that order.
+pub fn confine_command_with(
+    cmd: &mut Command,
+    policy: Option<&FsPolicy>,
+    limits: Rlimits,
+    extra: Extra,
+) -> Result<LandlockReport, ConfineError> {
     use std::os::unix::process::CommandExt;
     // Built in the parent: opening paths and allocating are not safe after `fork`.
-    let ruleset = std::sync::Mutex::new(Some(policy.ruleset()?));
-    let (enforcement, kernel_abi, reason) = expected_landlock();
+    let ruleset = match policy {
+        Some(p) => Some(p.ruleset()?),
+        None => None,
+    };
+    let ruleset = std::sync::Mutex::new(ruleset);
+    let (mut enforcement, kernel_abi, mut reason) = expected_landlock();
+    if policy.is_none() {
+        enforcement = Enforcement::Not;
+        reason = Some("the runtime profile asks for no Landlock".into());
+    }
     let limits_raw = [
         (libc::RLIMIT_AS, limits.address_space),
         (libc::RLIMIT_NOFILE, limits.open_files),
         (libc::RLIMIT_CORE, 0),
     ];
+    let Extra {
+        cgroup_procs,
+        filter,
+    } = extra;
     // SAFETY: the closure runs in the child between fork and exec. It only calls
-    // async-signal-safe syscalls (prctl, setrlimit, and Landlock's restrict_self, which is
+    // async-signal-safe syscalls (write on fds opened in the parent, prctl, setrlimit,
+    // seccomp with a program built in the parent, and Landlock's restrict_self, which is
     // prctl + landlock_restrict_self on an fd created in the parent); the Mutex is owned by
     // the closure and never held by another thread at fork time.
     unsafe {
         cmd.pre_exec(move || {
+            for fd in &cgroup_procs {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -328,6 +424,9 @@ pub fn confine_command(
                 if libc::setrlimit(resource, &lim) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if let Some(f) = &filter {
+                seccompiler::apply_filter(f).map_err(|_| std::io::Error::last_os_error())?;
             }
             let taken = ruleset.lock().ok().and_then(|mut r| r.take());
             if let Some(r) = taken {
@@ -344,6 +443,73 @@ pub fn confine_command(
         no_new_privs: true,
         reason,
     })
+}
+
+/// Kernel interfaces an emulator never uses and an escaped guest would want: debugging
+/// other processes, loading code into the kernel, BPF, perf, namespaces and mounts, the
+/// keyring, userfaultfd, io_uring, clocks and power. The `strict` seccomp level denies
+/// them (`EPERM`) to the whole VMM process, under QEMU's own `-sandbox` filter.
+pub const VMM_DENIED: &[i64] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_reboot,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_fanotify_init,
+    libc::SYS_mknod,
+    libc::SYS_mknodat,
+];
+
+/// The `strict` level's filter: [`VMM_DENIED`] fail with `EPERM`, everything else is left
+/// to QEMU's own sandbox.
+pub fn vmm_deny_filter() -> Result<BpfProgram, ConfineError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = VMM_DENIED.iter().map(|s| (*s, vec![])).collect();
+    let err = |e: &dyn fmt::Display| ConfineError::BuildFilter {
+        which: "VMM deny",
+        reason: e.to_string(),
+    };
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| err(&e))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(&e))
 }
 
 /// What a seccomp filter does to a syscall it does not allow.

@@ -44,6 +44,13 @@ impl KvmMachine {
     }
 
     fn start(spec: &MachineSpec, image: KernelImage) -> Result<Self, VmError> {
+        // The own VMM runs in the provider's process: no cgroup of its own to hold a quota.
+        if spec.runtime.cpu_quota_binds() {
+            return Err(VmError::Unenforceable {
+                profile: spec.runtime.profile.clone(),
+                what: "it asks for a cpu_quota below 1 and the own VMM runs in the provider's process, which has no cgroup of its own; use --vmm qemu".into(),
+            });
+        }
         let (host_end, vmm_end) = UnixStream::pair().map_err(|e| VmError::Backend {
             message: format!("cannot create the channel socket pair: {e}"),
         })?;
@@ -52,15 +59,17 @@ impl KvmMachine {
             vcpus: u8::try_from(spec.cpus).unwrap_or(u8::MAX),
             kernel: image,
             initramfs: Some(spec.initramfs.clone()),
-            cmdline: spec.cmdline.clone(),
+            cmdline: spec.runtime.guest_cmdline(&spec.cmdline),
             console_log: spec.console_log.clone(),
             time_limit: TIME_LIMIT,
-            seccomp: Some(OnViolation::KillProcess),
-            landlock: Some(FsPolicy::for_vmm_job(
-                &spec.kernel,
-                Some(&spec.initramfs),
-                &spec.job_dir,
-            )),
+            // The own VMM's allow lists are already the tightest filter there is: `default`
+            // and `strict` both get them, `off` none.
+            seccomp: (spec.runtime.seccomp != crate::runtime::Seccomp::Off)
+                .then_some(OnViolation::KillProcess),
+            // It reads only the kernel, the initramfs and itself: `job-dir` and `minimal`
+            // are the same set here.
+            landlock: (spec.runtime.landlock != crate::runtime::FsScope::Off)
+                .then(|| FsPolicy::for_vmm_job(&spec.kernel, Some(&spec.initramfs), &spec.job_dir)),
             confined_check: None,
         };
         let vm = kvm::start(config, vmm_end).map_err(|e| VmError::Backend {

@@ -14,6 +14,7 @@
 //! `// SAFETY:` note.
 #![deny(unsafe_code)]
 
+pub mod cgroup;
 pub mod confine;
 pub mod host;
 pub mod image;
@@ -22,6 +23,7 @@ pub mod kvm;
 pub mod kvm_backend;
 pub mod qemu;
 pub mod rootfs;
+pub mod runtime;
 pub mod upper;
 
 use std::collections::HashMap;
@@ -121,6 +123,9 @@ pub enum VmError {
     Guest(String),
     #[error("the guest did not answer within {0:?} of the command's deadline; the VM was killed")]
     Unresponsive(Duration),
+    /// The job's runtime profile asks for a limit this host cannot apply.
+    #[error("the runtime profile `{profile}` cannot be enforced on this host: {what}")]
+    Unenforceable { profile: String, what: String },
 }
 
 /// What a backend needs to start a machine.
@@ -137,6 +142,8 @@ pub struct MachineSpec {
     pub console_log: PathBuf,
     /// Block devices, in this order (the guest finds each by its serial).
     pub disks: Vec<DiskSpec>,
+    /// The job's runtime profile (confinement, quota, guest limits).
+    pub runtime: runtime::RuntimeLimits,
 }
 
 /// One virtio-blk disk of a machine.
@@ -360,6 +367,7 @@ pub fn disk_machine(
                 read_only: false,
             },
         ],
+        runtime: runtime::RuntimeLimits::default(),
     })
 }
 

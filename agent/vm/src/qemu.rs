@@ -37,6 +37,8 @@ pub struct QemuMachine {
     channel: Option<UnixStream>,
     console: PathBuf,
     exited: Option<String>,
+    /// The VMM's cgroup (pids and CPU quota), removed once QEMU is reaped.
+    cgroup: Option<crate::cgroup::JobCgroup>,
 }
 
 /// The name of the channel's virtio-serial port (`provider.channel=` on the command line).
@@ -70,7 +72,7 @@ pub fn args(spec: &MachineSpec, opts: &QemuOptions) -> Vec<String> {
         "-initrd".into(),
         spec.initramfs.display().to_string(),
         "-append".into(),
-        spec.cmdline.clone(),
+        spec.runtime.guest_cmdline(&spec.cmdline),
         "-chardev".into(),
         format!("file,id=console,path={}", spec.console_log.display()),
         "-serial".into(),
@@ -99,7 +101,7 @@ pub fn args(spec: &MachineSpec, opts: &QemuOptions) -> Vec<String> {
         a.push("-device".into());
         a.push(format!("virtio-blk-pci,drive=disk{i},serial={}", d.serial));
     }
-    if opts.sandbox {
+    if opts.sandbox && spec.runtime.seccomp != crate::runtime::Seccomp::Off {
         a.push("-sandbox".into());
         a.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
     }
@@ -143,20 +145,24 @@ impl QemuMachine {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        let (extra, cgroup, notes) = enforce_profile(spec, opts)?;
         // Landlock (read the emulator, its libraries, the kernel, the initramfs and the
         // read-only disks; write only the job dir, where the writable layer is), no_new_privs
         // and rlimits, applied between fork and exec.
-        let mut policy = crate::confine::FsPolicy::for_qemu_job(
+        let mut policy = crate::confine::FsPolicy::for_qemu_scope(
+            spec.runtime.landlock,
             &opts.binary,
             &spec.kernel,
             Some(&spec.initramfs),
             &spec.job_dir,
         );
-        for d in &spec.disks {
-            if d.read_only {
-                policy.read.push(d.path.clone());
-            } else if !d.path.starts_with(&spec.job_dir) {
-                policy.write.push(d.path.clone());
+        if let Some(policy) = policy.as_mut() {
+            for d in &spec.disks {
+                if d.read_only {
+                    policy.read.push(d.path.clone());
+                } else if !d.path.starts_with(&spec.job_dir) {
+                    policy.write.push(d.path.clone());
+                }
             }
         }
         let limits = crate::confine::Rlimits {
@@ -165,13 +171,13 @@ impl QemuMachine {
             address_space: (u64::from(spec.mem_mib) << 20) + (8 << 30),
             open_files: 1024,
         };
-        let report = crate::confine::confine_command(&mut cmd, &policy, limits).map_err(|e| {
-            VmError::Backend {
+        let report = crate::confine::confine_command_with(&mut cmd, policy.as_ref(), limits, extra)
+            .map_err(|e| VmError::Backend {
                 message: format!("cannot confine QEMU: {e}"),
-            }
-        })?;
-        tracing::info!("qemu confinement: {report}");
-        let _ = std::fs::write(spec.job_dir.join("confinement.txt"), format!("{report}\n"));
+            })?;
+        let text = format!("{report}\n{notes}");
+        tracing::info!(profile = %spec.runtime.profile, "qemu confinement: {}", text.trim_end().replace('\n', "; "));
+        let _ = std::fs::write(spec.job_dir.join("confinement.txt"), text);
         let parent = std::process::id();
         let theirs_fd = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only calls prctl,
@@ -208,8 +214,145 @@ impl QemuMachine {
             channel: Some(ours),
             console: spec.console_log.clone(),
             exited: None,
+            cgroup,
         })
     }
+}
+
+/// Checks that the job's runtime profile can be enforced here and prepares what enforces
+/// it beyond Landlock: the deny filter of `seccomp = strict` and the VMM's cgroup. Also the
+/// lines `confinement.txt` gets about them. Fails closed (see [`crate::runtime`]).
+fn enforce_profile(
+    spec: &MachineSpec,
+    opts: &QemuOptions,
+) -> Result<
+    (
+        crate::confine::Extra,
+        Option<crate::cgroup::JobCgroup>,
+        String,
+    ),
+    VmError,
+> {
+    use crate::cgroup::{JobCgroup, Limits};
+    use crate::runtime::{FsScope, Seccomp};
+    let rt = &spec.runtime;
+    let refuse = |what: String| VmError::Unenforceable {
+        profile: rt.profile.clone(),
+        what,
+    };
+    if rt.landlock != FsScope::Off {
+        let (enforcement, _, why) = crate::confine::expected_landlock();
+        if enforcement == crate::confine::Enforcement::Not {
+            return Err(refuse(format!(
+                "it asks for Landlock ({:?}) and {}; use a profile with landlock = \"off\"",
+                rt.landlock,
+                why.unwrap_or_else(|| "the kernel enforces none".into())
+            )));
+        }
+    }
+    if rt.seccomp != Seccomp::Off && !opts.sandbox {
+        return Err(refuse(format!(
+            "it asks for seccomp = {:?} and {} was built without -sandbox (seccomp)",
+            rt.seccomp,
+            opts.binary.display()
+        )));
+    }
+    let mut extra = crate::confine::Extra::default();
+    let mut notes = format!(
+        "seccomp: {}\n",
+        match (rt.seccomp, opts.sandbox) {
+            (Seccomp::Off, _) => "off (the runtime profile asks for none)",
+            (Seccomp::Default, _) => "qemu -sandbox on (every option denied)",
+            (Seccomp::Strict, _) =>
+                "qemu -sandbox on (every option denied) + the provider's deny filter",
+        }
+    );
+    if rt.seccomp == Seccomp::Strict {
+        extra.filter = Some(
+            crate::confine::vmm_deny_filter()
+                .map_err(|e| refuse(format!("seccomp = strict: {e}")))?,
+        );
+    }
+    let name = spec
+        .job_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| std::process::id().to_string());
+    let tasks = crate::runtime::vmm_task_bound(spec.cpus);
+    let quota = rt.cpu_quota_us(spec.cpus);
+    let mut cgroup = None;
+    let mut why_not = Vec::new();
+    if let Some(q) = quota {
+        for limits in [
+            Limits {
+                pids_max: Some(tasks),
+                cpu_quota_us: Some(q),
+            },
+            Limits {
+                pids_max: None,
+                cpu_quota_us: Some(q),
+            },
+        ] {
+            match JobCgroup::create(&name, &limits) {
+                Ok(g) => {
+                    notes.push_str(&format!(
+                        "cgroup: cpu quota {q} µs per {} µs{}\n",
+                        crate::runtime::CPU_PERIOD_US,
+                        if limits.pids_max.is_some() {
+                            format!(", pids.max {tasks}")
+                        } else {
+                            String::new()
+                        }
+                    ));
+                    cgroup = Some(g);
+                    break;
+                }
+                Err(e) => why_not.push(e.to_string()),
+            }
+        }
+        if cgroup.is_none() && rt.cpu_quota_binds() {
+            return Err(refuse(format!(
+                "it asks for cpu_quota = {} and no cgroup cpu quota can be set: {}",
+                rt.cpu_quota.unwrap_or_default(),
+                why_not.join("; ")
+            )));
+        }
+    }
+    if cgroup.is_none() {
+        match JobCgroup::create(
+            &name,
+            &Limits {
+                pids_max: Some(tasks),
+                cpu_quota_us: None,
+            },
+        ) {
+            Ok(g) => {
+                notes.push_str(&format!(
+                    "cgroup: pids.max {tasks}, no cpu quota{}\n",
+                    if quota.is_some() {
+                        " (cpu_quota = 1: the vCPU count bounds the guest)"
+                    } else {
+                        ""
+                    }
+                ));
+                cgroup = Some(g);
+            }
+            Err(e) => {
+                tracing::warn!(profile = %rt.profile, "the VMM runs without a cgroup: {e}");
+                notes.push_str(&format!("cgroup: none ({e})\n"));
+            }
+        }
+    }
+    if let Some(g) = &cgroup {
+        extra.cgroup_procs = g.procs_fds();
+    }
+    if let Some(n) = rt.pids_max {
+        notes.push_str(&format!("guest: pids.max {n} for the payload\n"));
+    }
+    if rt.read_only_rootfs {
+        notes.push_str("guest: read-only root file system\n");
+    }
+    Ok((extra, cgroup, notes))
 }
 
 impl Machine for QemuMachine {
@@ -236,6 +379,9 @@ impl Machine for QemuMachine {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                if let Some(g) = self.cgroup.take() {
+                    g.remove();
+                }
                 let s = status.to_string();
                 self.exited = Some(s.clone());
                 return Ok(Some(s));
@@ -252,6 +398,9 @@ impl Machine for QemuMachine {
             let _ = self.child.kill();
             let status = self.child.wait()?;
             self.exited = Some(status.to_string());
+        }
+        if let Some(g) = self.cgroup.take() {
+            g.remove();
         }
         Ok(())
     }

@@ -11,6 +11,10 @@ use std::process::{Command, Stdio};
 
 use crate::VmError;
 
+/// The file at the writable disk's root listing the image's volumes and working dir, one
+/// absolute path a line (read by the guest agent for a read-only root).
+pub const WRITABLE_LIST: &str = "writable";
+
 /// The smallest writable layer (ext4 needs room for its own metadata).
 pub const MIN_BYTES: u64 = 16 << 20;
 
@@ -92,6 +96,13 @@ fn create_inner(path: &Path, bytes: u64, dirs: &[String]) -> Result<(), VmError>
         }
         let p = seed.path().join("upper").join(rel);
         fs::create_dir_all(&p).map_err(io("create", &p))?;
+    }
+    if !dirs.is_empty() {
+        // Beside the overlay's `upper/`, out of the payload's sight: the directories that
+        // stay writable when the runtime profile makes the root read-only (the guest
+        // agent bind-mounts each before it remounts `/` read-only).
+        let list = seed.path().join(WRITABLE_LIST);
+        fs::write(&list, dirs.join("\n") + "\n").map_err(io("write", &list))?;
     }
     let binary = mkfs_binary();
     let mut cmd = Command::new(&binary);

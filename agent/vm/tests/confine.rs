@@ -210,3 +210,52 @@ fn qemu_child_is_landlocked_and_limited() {
     assert!(stdout.contains("secret-denied"), "{stdout}");
     assert!(stdout.contains("proc-denied"), "{stdout}");
 }
+
+/// `seccomp = strict`'s deny filter: a namespace or a ptrace fails in the child, an ordinary
+/// program still runs; `minimal` Landlock reads no program but the one it runs.
+#[test]
+fn strict_seccomp_and_minimal_landlock_take_away_what_default_leaves() {
+    if std::env::var_os("CONFINE_CHILD").is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job");
+    std::fs::create_dir(&job).unwrap();
+    let script =
+        "/usr/bin/unshare --user /bin/true 2>/dev/null && echo unshared || echo unshare-denied; \
+                  cat /usr/bin/unshare >/dev/null 2>&1 && echo other-read || echo other-denied";
+    let run = |strict: bool, scope: vm::runtime::FsScope| {
+        let sh = Path::new("/bin/sh");
+        let mut cmd = Command::new(sh);
+        cmd.args(["-c", script]);
+        let policy = FsPolicy::for_qemu_scope(scope, sh, sh, None, &job);
+        let extra = confine::Extra {
+            cgroup_procs: Vec::new(),
+            filter: strict.then(|| confine::vmm_deny_filter().unwrap()),
+        };
+        let limits = confine::Rlimits {
+            address_space: 4 << 30,
+            open_files: 64,
+        };
+        confine::confine_command_with(&mut cmd, policy.as_ref(), limits, extra).unwrap();
+        String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned()
+    };
+    if !Path::new("/usr/bin/unshare").exists() {
+        eprintln!("SKIP: no /usr/bin/unshare");
+        return;
+    }
+    let loose = run(false, vm::runtime::FsScope::Off);
+    assert!(
+        loose.contains("unshared") && loose.contains("other-read"),
+        "{loose}"
+    );
+    let strict = run(true, vm::runtime::FsScope::Off);
+    assert!(strict.contains("unshare-denied"), "{strict}");
+    if confine::expected_landlock().0 != Enforcement::Not {
+        // `job-dir` reads /usr; `minimal` only the libraries and firmware.
+        let job_dir = run(false, vm::runtime::FsScope::JobDir);
+        assert!(job_dir.contains("other-read"), "{job_dir}");
+        let minimal = run(false, vm::runtime::FsScope::Minimal);
+        assert!(minimal.contains("other-denied"), "{minimal}");
+    }
+}

@@ -353,6 +353,7 @@ fn job_confinement_txt_states_landlock_and_seccomp() {
         job_dir: job.clone(),
         console_log: job.join("console.log"),
         disks: Vec::new(),
+        runtime: Default::default(),
     };
     // The policy names them, so they must exist; the guest is ours, not Linux.
     std::fs::write(&spec.kernel, b"k").unwrap();

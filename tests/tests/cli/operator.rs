@@ -895,3 +895,29 @@ fn images_list_and_prune_follow_last_use() {
     p.run(["images", "prune", "--max-size", "lots"])
         .bad_input("lots");
 }
+
+/// A reader that goes away (`provider --json … | head -c1`) ends the command quietly with
+/// 141 (SIGPIPE's shell code), not a panic.
+#[test]
+fn a_closed_stdout_ends_a_listing_quietly() {
+    let p = tests::util::Provider::new();
+    for args in [
+        &["--json", "profile", "runtime", "list"][..],
+        &["profile", "runtime", "list"][..],
+    ] {
+        let mut child = std::process::Command::new(tests::util::bin("provider"))
+            .arg("--data-dir")
+            .arg(p.data_dir())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
