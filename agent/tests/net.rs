@@ -935,3 +935,383 @@ async fn a_signed_offer_reaches_a_requestor_through_a_bootstrap_peer() {
     provider.set_offer(props(1.0), String::new()).await.unwrap();
     within("the changed offer", wait_for(1.0)).await;
 }
+
+/// Makes one forged offer, given the forger's key.
+type Forgery = Box<dyn Fn(&Keypair) -> Vec<u8>>;
+
+/// A hostile gossip peer: a stock gossipsub node (its own signing key, no validation of
+/// what it sends) that publishes whatever bytes the test hands it on the offers topic.
+struct Hostile {
+    peer: PeerId,
+    key: Keypair,
+    publish: mpsc::UnboundedSender<Vec<u8>>,
+    /// Set when its last connection to the target closed.
+    disconnected: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Starts a hostile peer, connects it to `target` and waits until gossipsub knows the
+/// target is subscribed to the offers topic (so a publish reaches it).
+async fn hostile(target: Multiaddr) -> Hostile {
+    use libp2p::gossipsub;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let key = Keypair::generate_ed25519();
+    let target_peer = match target.iter().last() {
+        Some(Protocol::P2p(p)) => p,
+        _ => panic!("{target} has no /p2p/"),
+    };
+    let config = gossipsub::ConfigBuilder::default()
+        // Room for the oversized offer: the target's own limit is what is tested.
+        .max_transmit_size(64 * 1024)
+        .heartbeat_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut behaviour: gossipsub::Behaviour =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
+            .unwrap();
+    let topic = gossipsub::IdentTopic::new(net::offer::OFFER_TOPIC);
+    behaviour.subscribe(&topic).unwrap();
+    let mut swarm = SwarmBuilder::with_existing_identity(key.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| behaviour)
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.dial(target).unwrap();
+    let (publish, mut to_publish) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let disconnected = std::sync::Arc::new(AtomicBool::new(false));
+    let gone = disconnected.clone();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            tokio::select! {
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::Behaviour(gossipsub::Event::Subscribed { peer_id, .. })
+                        if peer_id == target_peer =>
+                    {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. }
+                        if peer_id == target_peer =>
+                    {
+                        gone.store(true, Ordering::SeqCst);
+                    }
+                    _ => {}
+                },
+                bytes = to_publish.recv() => match bytes {
+                    // A peer that closed the connection leaves nobody to publish to.
+                    Some(bytes) => { let _ = swarm.behaviour_mut().publish(topic.clone(), bytes); }
+                    None => break,
+                },
+            }
+        }
+    });
+    within("hostile peer subscribed", ready_rx).await.unwrap();
+    Hostile {
+        peer: key.public().to_peer_id(),
+        key,
+        publish,
+        disconnected,
+    }
+}
+
+fn offer_body(
+    key: &Keypair,
+    issued: chrono::DateTime<chrono::Utc>,
+    ttl_s: i64,
+) -> net::offer::OfferBody {
+    net::offer::OfferBody {
+        version: net::offer::OFFER_VERSION,
+        provider_id: key.public().to_peer_id().to_string(),
+        properties: [("golem.runtime.name".to_string(), serde_json::json!("vm"))].into(),
+        constraints: String::new(),
+        addresses: vec!["/ip4/127.0.0.1/tcp/9".into()],
+        issued_at: issued,
+        expires_at: issued + chrono::Duration::seconds(ttl_s),
+    }
+}
+
+/// Signs arbitrary body text with `key` (an offer `SignedOffer::sign` would not make).
+fn sign_text(text: String, key: &Keypair) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut signed = net::offer::SIGNING_CONTEXT.to_vec();
+    signed.extend_from_slice(text.as_bytes());
+    let offer = net::offer::SignedOffer {
+        offer: text,
+        public_key: b64.encode(key.public().encode_protobuf()),
+        signature: b64.encode(key.sign(&signed).unwrap()),
+    };
+    serde_json::to_vec(&offer).unwrap()
+}
+
+/// Hostile gossip over the wire: real swarms on loopback. An honest provider gossips its
+/// offer to a requestor; hostile peers connected to the same requestor publish forged
+/// offers (bad signature, key of another peer than the source, oversized, expired,
+/// future-dated, an unknown field, not JSON), one floods valid offers of its own and one
+/// floods garbage. The requestor keeps only the valid offers, verifies a bounded number
+/// of the flood (its forwarding peer's rate), penalises every forger in gossipsub's score
+/// and bans (disconnects) the flooders, while the honest provider stays connected and
+/// well scored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_gossip_is_refused_scored_down_and_flooders_are_banned() {
+    use std::sync::atomic::Ordering;
+    init_tracing();
+    let forwarders = net::gossip_guard::GossipLimits {
+        rate: 20.0,
+        burst: 40,
+        excess_half_life: Duration::from_secs(30),
+        ban_after: 16.0,
+        ban_for: Duration::from_secs(600),
+        max_peers: 64,
+    };
+    let (requestor, _r_in, r_addr) = start(NetConfig {
+        offer_limits: net::offer::OfferLimits {
+            forwarders: forwarders.clone(),
+            ..Default::default()
+        },
+        ..loopback_config()
+    })
+    .await;
+    let (provider, _p_in, _) = start(loopback_config()).await;
+    within(
+        "provider dials the requestor",
+        provider.dial(r_addr.clone()),
+    )
+    .await
+    .unwrap();
+    provider
+        .set_offer(
+            [("golem.runtime.name".to_string(), serde_json::json!("vm"))].into(),
+            String::new(),
+        )
+        .await
+        .unwrap();
+    let honest = provider.local_peer_id();
+    within("the honest offer at the requestor", async {
+        while !requestor
+            .offers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|o| o.publisher == honest)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let before = requestor.gossip_standing().await.unwrap();
+
+    // One forger per kind, so that each forgery meets the validator on a fresh score
+    // (a second invalid offer from one peer already graylists it).
+    let now = chrono::Utc::now();
+    let other = Keypair::generate_ed25519();
+    let other_peer = other.public().to_peer_id();
+    let mut forgers = Vec::new();
+    let kinds: Vec<(&str, Forgery)> = vec![
+        (
+            "bad signature",
+            Box::new(move |k: &Keypair| {
+                let mut o = net::offer::SignedOffer::sign(&offer_body(k, now, 600), k).unwrap();
+                o.offer = o.offer.replace("\"vm\"", "\"vx\"");
+                serde_json::to_vec(&o).unwrap()
+            }),
+        ),
+        (
+            "key is not the source",
+            Box::new(move |_: &Keypair| {
+                // Validly signed by `other`, for `other`, but published by the forger.
+                net::offer::SignedOffer::sign(&offer_body(&other, now, 600), &other)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+            }),
+        ),
+        (
+            "oversized",
+            Box::new(move |k: &Keypair| {
+                let mut b = offer_body(k, now, 600);
+                b.properties
+                    .insert("pad".into(), serde_json::json!("x".repeat(16 * 1024 - 100)));
+                let o = net::offer::SignedOffer::sign(&b, k).unwrap();
+                let bytes = serde_json::to_vec(&o).unwrap();
+                // Past the offer limit, within gossipsub's transmit limit.
+                assert!(bytes.len() > net::offer::MAX_OFFER_BYTES);
+                assert!(bytes.len() < net::offer::MAX_OFFER_BYTES + 700);
+                bytes
+            }),
+        ),
+        (
+            "expired",
+            Box::new(move |k: &Keypair| {
+                let b = offer_body(k, now - chrono::Duration::seconds(1200), 600);
+                net::offer::SignedOffer::sign(&b, k)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+            }),
+        ),
+        (
+            "future-dated",
+            Box::new(move |k: &Keypair| {
+                let b = offer_body(k, now + chrono::Duration::seconds(3600), 600);
+                net::offer::SignedOffer::sign(&b, k)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+            }),
+        ),
+        (
+            "unknown field",
+            Box::new(move |k: &Keypair| {
+                let mut v = serde_json::to_value(offer_body(k, now, 600)).unwrap();
+                v["price"] = serde_json::json!(0);
+                sign_text(v.to_string(), k)
+            }),
+        ),
+        (
+            "not JSON",
+            Box::new(|_: &Keypair| b"\x00\xffnot an offer".to_vec()),
+        ),
+    ];
+    let mut rejected = before.clone();
+    for (kind, make) in &kinds {
+        let h = hostile(r_addr.clone()).await;
+        h.publish.send(make(&h.key)).unwrap();
+        let seen = rejected.rejected;
+        rejected = within(&format!("the {kind} forgery rejected"), async {
+            loop {
+                let s = requestor.gossip_standing().await.unwrap();
+                if s.rejected > seen {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        // gossipsub's penalty for an invalid message (it decays within seconds).
+        let score = rejected
+            .scores
+            .iter()
+            .find(|(p, _)| *p == h.peer)
+            .map(|s| s.1);
+        assert!(
+            score.is_some_and(|s| s < 0.0),
+            "the {kind} forger is not penalised: {score:?}"
+        );
+        forgers.push(h);
+    }
+    assert_eq!(rejected.rejected - before.rejected, kinds.len() as u64);
+    // A flood of valid offers of the flooder's own (each newer than the last: only the
+    // per-publisher rate would stop them after their signature is checked), and a flood of
+    // garbage, from two more peers.
+    let flooder = hostile(r_addr.clone()).await;
+    let garbage = hostile(r_addr.clone()).await;
+    let start_flood = std::time::Instant::now();
+    let flood = 400;
+    for i in 0..flood {
+        let issued = chrono::Utc::now() + chrono::Duration::milliseconds(i);
+        let b = offer_body(&flooder.key, issued, 600);
+        flooder
+            .publish
+            .send(
+                net::offer::SignedOffer::sign(&b, &flooder.key)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap(),
+            )
+            .unwrap();
+        garbage
+            .publish
+            .send(format!("garbage {i}").into_bytes())
+            .unwrap();
+    }
+    let banned = within("both flooders banned and disconnected", async {
+        loop {
+            let s = requestor.gossip_standing().await.unwrap();
+            let both = [flooder.peer, garbage.peer]
+                .iter()
+                .all(|p| s.banned.contains(p));
+            if both
+                && flooder.disconnected.load(Ordering::SeqCst)
+                && garbage.disconnected.load(Ordering::SeqCst)
+            {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let elapsed = start_flood.elapsed().as_secs_f64();
+    // The flood cost at most the flooder's bucket plus its refill (and one check for each
+    // garbage message before gossipsub graylisted its peer, and the honest republishes).
+    let verified = banned.verified - rejected.verified;
+    let bound = f64::from(forwarders.burst) + forwarders.rate * elapsed + 2.0 * 10.0;
+    assert!(
+        (verified as f64) <= bound && verified < flood as u64,
+        "{verified} of the {flood}-offer flood verified in {elapsed:.1} s (bound {bound:.0})"
+    );
+    assert!(banned.over_rate > 0, "{banned:?}");
+
+    // The cache: the honest offer and the flooder's one valid offer, none of the forged.
+    let offers = requestor.offers().await.unwrap();
+    let publishers: Vec<PeerId> = offers.iter().map(|o| o.publisher).collect();
+    assert!(publishers.contains(&honest), "{publishers:?}");
+    for p in &publishers {
+        assert!(
+            *p == honest || *p == flooder.peer,
+            "a forged offer was kept: {p}"
+        );
+    }
+    assert!(!publishers.contains(&other_peer));
+    for o in &offers {
+        o.signed.clone().verify(chrono::Utc::now()).unwrap();
+    }
+    // The honest provider is neither banned nor penalised, and still connected: a new
+    // offer of its own still arrives.
+    assert!(!banned.banned.contains(&honest));
+    let honest_score = banned
+        .scores
+        .iter()
+        .find(|(p, _)| *p == honest)
+        .map(|s| s.1);
+    assert!(honest_score.is_some_and(|s| s >= 0.0), "{honest_score:?}");
+    let issued_before = offers
+        .iter()
+        .find(|o| o.publisher == honest)
+        .unwrap()
+        .body
+        .issued_at;
+    provider
+        .set_offer(
+            [
+                ("golem.runtime.name".to_string(), serde_json::json!("vm")),
+                ("golem.inf.mem.gib".to_string(), serde_json::json!(1.0)),
+            ]
+            .into(),
+            String::new(),
+        )
+        .await
+        .unwrap();
+    within("the honest provider's next offer", async {
+        loop {
+            let offers = requestor.offers().await.unwrap();
+            if offers
+                .iter()
+                .any(|o| o.publisher == honest && o.body.issued_at > issued_before)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}

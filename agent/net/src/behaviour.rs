@@ -9,8 +9,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux, StreamProtocol,
-    Swarm, SwarmBuilder,
+    allow_block_list, autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp,
+    yamux, StreamProtocol, Swarm, SwarmBuilder,
 };
 
 use super::codec::JsonCodec;
@@ -24,6 +24,10 @@ use super::{NetConfig, NetError};
 /// Our Kademlia protocol: a DHT of this marketplace's peers only, not the IPFS one.
 pub(crate) const KAD_PROTOCOL: &str = "/provider/kad/1.0.0";
 
+/// Below this gossipsub score a peer's RPCs are ignored (graylisted), and the event loop
+/// bans it (gossipsub's default value).
+pub(crate) const GRAYLIST_THRESHOLD: f64 = -80.0;
+
 /// What identify announces as the protocol family; peers of another family are still
 /// served, it is informational.
 const IDENTIFY_PROTOCOL: &str = "/provider/id/1";
@@ -35,6 +39,9 @@ pub(crate) type ActivityBehaviour =
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// Peers banned for flooding the offer gossip (`gossip_guard`): their connections are
+    /// closed and refused until the ban ends.
+    pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -134,7 +141,13 @@ fn behaviour(
         gossip_config,
     )?;
     let topic = gossipsub::IdentTopic::new(OFFER_TOPIC);
-    let mut score = gossipsub::PeerScoreParams::default();
+    let mut score = gossipsub::PeerScoreParams {
+        // The forwarder guard (`gossip_guard`) sets a flooding peer's application score to
+        // minus its excess of over-rate messages: weighted 10, one excess message puts it
+        // at the gossip threshold (-10), eight at the graylist (-80).
+        app_specific_weight: 10.0,
+        ..gossipsub::PeerScoreParams::default()
+    };
     score.topics.insert(
         topic.hash(),
         gossipsub::TopicScoreParams {
@@ -150,7 +163,13 @@ fn behaviour(
             ..gossipsub::TopicScoreParams::default()
         },
     );
-    gossipsub.with_peer_score(score, gossipsub::PeerScoreThresholds::default())?;
+    gossipsub.with_peer_score(
+        score,
+        gossipsub::PeerScoreThresholds {
+            graylist_threshold: GRAYLIST_THRESHOLD,
+            ..gossipsub::PeerScoreThresholds::default()
+        },
+    )?;
     gossipsub.subscribe(&topic)?;
 
     let autonat = autonat::Behaviour::new(
@@ -177,6 +196,7 @@ fn behaviour(
         )
     });
     Ok(Behaviour {
+        blocked: allow_block_list::Behaviour::default(),
         identify: identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
                 .with_agent_version(format!("provider/{}", env!("CARGO_PKG_VERSION"))),

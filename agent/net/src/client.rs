@@ -66,6 +66,25 @@ pub(crate) enum Command {
     Reachability {
         reply: Reply<Reachability>,
     },
+    GossipStanding {
+        reply: Reply<GossipStanding>,
+    },
+}
+
+/// How offer gossip has gone on this peer: what it checked and dropped, and how it
+/// scores the peers that forward to it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GossipStanding {
+    /// Gossiped offers decoded and verified (each costs a signature check).
+    pub verified: u64,
+    /// Gossiped offers dropped unverified: their forwarding peer was over its rate.
+    pub over_rate: u64,
+    /// Gossiped offers refused as invalid (`Reject`: the forwarding peer is penalised).
+    pub rejected: u64,
+    /// Peers banned for flooding (connections closed and refused for a while).
+    pub banned: Vec<PeerId>,
+    /// gossipsub's score of each connected gossip peer, sorted by peer id.
+    pub scores: Vec<(PeerId, f64)>,
 }
 
 /// What this peer knows about how others can reach it.
@@ -210,6 +229,11 @@ impl Client {
     /// AutoNAT's verdict, the addresses others can use, and the relays in use.
     pub async fn reachability(&self) -> Result<Reachability, NetError> {
         self.ask(|reply| Command::Reachability { reply }).await
+    }
+
+    /// What offer gossip cost this peer and how it scores its gossip peers.
+    pub async fn gossip_standing(&self) -> Result<GossipStanding, NetError> {
+        self.ask(|reply| Command::GossipStanding { reply }).await
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetError> {

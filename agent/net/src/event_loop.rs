@@ -22,8 +22,9 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
-use super::behaviour::{Behaviour, BehaviourEvent};
-use super::client::{Command, Reachability};
+use super::behaviour::{Behaviour, BehaviourEvent, GRAYLIST_THRESHOLD};
+use super::client::{Command, GossipStanding, Reachability};
+use super::gossip_guard::{ForwarderGuard, Gate};
 use super::inbound::{Inbound, InboundRequest, Kind, Responder, Response};
 use super::offer::{Admission, OfferBody, OfferCache, SignedOffer, OFFER_TOPIC, OFFER_VERSION};
 use super::wire::{ActivityResponse, MarketResponse, Reason, ACTIVITY_PROTOCOL, MARKET_PROTOCOL};
@@ -92,6 +93,12 @@ struct Discovery {
     /// Offer records already asked for, so a repeated provider lookup does not refetch.
     fetched: HashSet<PeerId>,
     relay_server: bool,
+    /// The per-forwarding-peer bound on gossip, consulted before an offer is decoded.
+    guard: ForwarderGuard,
+    /// Counters for [`GossipStanding`].
+    verified: u64,
+    over_rate: u64,
+    rejected: u64,
 }
 
 /// The DHT record key of `peer`'s offer.
@@ -147,6 +154,10 @@ impl EventLoop {
                 republish: config.offer_republish,
                 fetched: HashSet::new(),
                 relay_server: config.relay_server,
+                guard: ForwarderGuard::new(config.offer_limits.forwarders.clone()),
+                verified: 0,
+                over_rate: 0,
+                rejected: 0,
             },
         }
     }
@@ -264,6 +275,21 @@ impl EventLoop {
                     .kad
                     .get_providers(runtime_key(&runtime));
             }
+            Command::GossipStanding { reply } => {
+                let gossipsub = &self.swarm.behaviour().gossipsub;
+                let mut scores: Vec<(PeerId, f64)> = gossipsub
+                    .all_peers()
+                    .filter_map(|(p, _)| gossipsub.peer_score(p).map(|s| (*p, s)))
+                    .collect();
+                scores.sort_by_key(|a| a.0);
+                let _ = reply.send(Ok(GossipStanding {
+                    verified: self.discovery.verified,
+                    over_rate: self.discovery.over_rate,
+                    rejected: self.discovery.rejected,
+                    banned: self.discovery.guard.banned(),
+                    scores,
+                }));
+            }
             Command::Reachability { reply } => {
                 let mut relays: Vec<_> = self.discovery.reserved.iter().copied().collect();
                 relays.sort();
@@ -283,8 +309,7 @@ impl EventLoop {
         let mut out: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
         let private = matches!(self.discovery.nat, autonat::NatStatus::Private);
         for addr in self.swarm.listeners() {
-            let relayed = addr.iter().any(|p| matches!(p, Protocol::P2pCircuit));
-            if relayed || (!private && routable(addr)) {
+            if relayed(addr) || (!private && routable(addr)) {
                 out.push(addr.clone());
             }
         }
@@ -311,6 +336,35 @@ impl EventLoop {
     /// peer's offer when it changed or is due.
     fn on_tick(&mut self) {
         let now = Instant::now();
+        let (scores, unbanned) = self.discovery.guard.tick(now);
+        let behaviour = self.swarm.behaviour_mut();
+        for (peer, score) in scores {
+            behaviour.gossipsub.set_application_score(&peer, score);
+        }
+        for peer in unbanned {
+            tracing::info!(%peer, "ban for flooding over: the peer may connect again");
+            behaviour.blocked.unblock_peer(peer);
+            behaviour.gossipsub.set_application_score(&peer, 0.0);
+        }
+        // Graylisted peers' messages never reach `on_gossip`, yet gossipsub still decodes
+        // and checks the signature of each one they send: such a peer is banned.
+        let graylisted: Vec<PeerId> = behaviour
+            .gossipsub
+            .all_peers()
+            .filter(|(p, _)| {
+                behaviour
+                    .gossipsub
+                    .peer_score(p)
+                    .is_some_and(|s| s < GRAYLIST_THRESHOLD)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in graylisted {
+            if self.discovery.guard.ban(peer, now) {
+                tracing::warn!(%peer, "peer banned: gossipsub graylisted it (invalid or flooded offers)");
+            }
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+        }
         if now >= self.discovery.next_reservation_try {
             self.discovery.next_reservation_try = now + Duration::from_secs(5);
             self.reserve_relays();
@@ -330,17 +384,18 @@ impl EventLoop {
         if !due {
             return;
         }
+        let addresses: Vec<String> = self
+            .offer_addresses()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         let issued = chrono::Utc::now();
         let body = OfferBody {
             version: OFFER_VERSION,
             provider_id: self.swarm.local_peer_id().to_string(),
             properties: properties.clone(),
             constraints,
-            addresses: self
-                .offer_addresses()
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
+            addresses,
             issued_at: issued,
             expires_at: issued
                 + chrono::Duration::from_std(self.discovery.offer_ttl)
@@ -419,6 +474,16 @@ impl EventLoop {
         Ok(self.discovery.cache.insert(offer, now))
     }
 
+    /// Decodes and checks a gossiped offer, counting the check (`GossipStanding`).
+    fn verify_gossiped(
+        &mut self,
+        bytes: &[u8],
+        source: PeerId,
+    ) -> Result<Admission, super::offer::OfferError> {
+        self.discovery.verified += 1;
+        self.on_offer_bytes(bytes, Some(source))
+    }
+
     fn on_gossip(&mut self, event: gossipsub::Event) {
         let gossipsub::Event::Message {
             propagation_source,
@@ -428,6 +493,36 @@ impl EventLoop {
         else {
             return;
         };
+        // The forwarding peer's rate first: nothing of an over-rate message is decoded.
+        match self
+            .discovery
+            .guard
+            .admit(propagation_source, Instant::now())
+        {
+            Gate::Check => {}
+            Gate::Drop { score } | Gate::Ban { score } => {
+                self.discovery.over_rate += 1;
+                let behaviour = self.swarm.behaviour_mut();
+                behaviour
+                    .gossipsub
+                    .set_application_score(&propagation_source, score);
+                if self.discovery.guard.is_banned(&propagation_source)
+                    && behaviour.blocked.block_peer(propagation_source)
+                {
+                    tracing::warn!(peer = %propagation_source, "peer banned: it forwards offer gossip far over the rate");
+                } else {
+                    tracing::debug!(peer = %propagation_source, score, "offer dropped unchecked: its forwarding peer is over the rate");
+                }
+                // `Ignore`, not `Reject`: the message may be a valid offer that honest
+                // peers forward too, and a rejected id penalises all of them.
+                behaviour.gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+                return;
+            }
+        }
         let verdict = if message.topic != self.discovery.topic.hash() {
             gossipsub::MessageAcceptance::Reject
         } else {
@@ -435,7 +530,7 @@ impl EventLoop {
                 // Strict validation makes gossipsub check `source`'s signature; the offer
                 // must be signed by the same peer.
                 None => gossipsub::MessageAcceptance::Reject,
-                Some(source) => match self.on_offer_bytes(&message.data, Some(source)) {
+                Some(source) => match self.verify_gossiped(&message.data, source) {
                     Ok(Admission::Stored) => gossipsub::MessageAcceptance::Accept,
                     // Valid but not kept here: still worth passing on to peers with room.
                     Ok(Admission::Full) => gossipsub::MessageAcceptance::Accept,
@@ -451,6 +546,9 @@ impl EventLoop {
                 },
             }
         };
+        if matches!(verdict, gossipsub::MessageAcceptance::Reject) {
+            self.discovery.rejected += 1;
+        }
         self.swarm
             .behaviour_mut()
             .gossipsub
@@ -974,6 +1072,11 @@ fn routable(addr: &Multiaddr) -> bool {
         Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)) => true,
         _ => false,
     }
+}
+
+/// An address through a circuit relay.
+fn relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 fn unspecified(addr: &Multiaddr) -> bool {

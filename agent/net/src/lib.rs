@@ -20,6 +20,7 @@ mod client;
 mod codec;
 pub mod codes;
 mod event_loop;
+pub mod gossip_guard;
 mod identity;
 mod inbound;
 pub mod offer;
@@ -34,7 +35,7 @@ use libp2p::request_response::OutboundFailure;
 use crate::codes::Code;
 use tokio::sync::mpsc;
 
-pub use client::Client;
+pub use client::{Client, GossipStanding};
 pub use event_loop::EventLoop;
 pub use identity::load_or_create_identity;
 pub use inbound::{Inbound, InboundRequest, Responder, Response};

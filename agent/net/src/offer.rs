@@ -223,6 +223,8 @@ pub struct OfferLimits {
     pub min_republish: Duration,
     /// Peers whose rate is tracked; the oldest entries are forgotten beyond it.
     pub max_tracked_peers: usize,
+    /// The bound on gossip from each forwarding peer, applied before an offer is decoded.
+    pub forwarders: crate::gossip_guard::GossipLimits,
 }
 
 impl Default for OfferLimits {
@@ -231,6 +233,7 @@ impl Default for OfferLimits {
             max_offers: 10_000,
             min_republish: Duration::from_secs(1),
             max_tracked_peers: 20_000,
+            forwarders: crate::gossip_guard::GossipLimits::default(),
         }
     }
 }
@@ -437,6 +440,7 @@ mod tests {
             max_offers: 2,
             min_republish: Duration::from_secs(1),
             max_tracked_peers: 2,
+            ..OfferLimits::default()
         };
         let mut cache = OfferCache::new(limits);
         let a = Keypair::generate_ed25519();
