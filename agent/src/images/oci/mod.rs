@@ -547,7 +547,7 @@ fn read_small(
 }
 
 fn descriptor_digest(r: &OciRef, d: &Descriptor) -> Result<Digest, ImageError> {
-    Digest::parse(&d.digest().to_string()).map_err(|e| invalid(r, e))
+    Digest::parse(d.digest().as_ref()).map_err(|e| invalid(r, e))
 }
 
 fn is_index(media_type: &str) -> bool {
