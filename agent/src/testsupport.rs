@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vm::{qemu::QemuOptions, Backend};
 
+pub mod registry;
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
