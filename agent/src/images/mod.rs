@@ -560,10 +560,11 @@ impl ImageStore {
     }
 }
 
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Hasher,
-    bytes: u64,
+/// Passes writes on while hashing and counting what passed (fetches and OCI blobs).
+pub(crate) struct HashingWriter<W: Write> {
+    pub(crate) inner: W,
+    pub(crate) hasher: Hasher,
+    pub(crate) bytes: u64,
 }
 
 impl<W: Write> Write for HashingWriter<W> {

@@ -25,6 +25,7 @@ pub mod reference;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+
 use std::path::{Path, PathBuf};
 
 use http::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -161,25 +162,6 @@ fn invalid(r: &OciRef, message: impl Into<String>) -> ImageError {
     ImageError::Format {
         path: PathBuf::from(r.to_string()),
         message: message.into(),
-    }
-}
-
-/// Streams into a file while hashing what passes.
-struct DigestWriter<'w> {
-    inner: &'w mut dyn Write,
-    hasher: Hasher,
-    bytes: u64,
-}
-
-impl Write for DigestWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]).map_err(io::Error::other)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -434,7 +416,7 @@ impl<'a> Registry<'a> {
         if !resp.status().is_success() {
             return Err(fetch_err(&url, format!("HTTP {}", resp.status())));
         }
-        let mut w = DigestWriter {
+        let mut w = super::HashingWriter {
             inner: sink,
             hasher: Hasher::new(digest.algorithm.message_digest())
                 .map_err(|e| fetch_err(&url, e.to_string()))?,
