@@ -347,15 +347,19 @@ impl EventLoop {
             behaviour.gossipsub.set_application_score(&peer, 0.0);
         }
         // Graylisted peers' messages never reach `on_gossip`, yet gossipsub still decodes
-        // and checks the signature of each one they send: such a peer is banned.
+        // and checks the signature of each one they send: such a peer is banned if it
+        // offended here. A score sunk by IP colocation alone (peers sharing an address)
+        // is no offence: those peers keep their connections for the market protocols.
+        let guard = &self.discovery.guard;
         let graylisted: Vec<PeerId> = behaviour
             .gossipsub
             .all_peers()
             .filter(|(p, _)| {
-                behaviour
-                    .gossipsub
-                    .peer_score(p)
-                    .is_some_and(|s| s < GRAYLIST_THRESHOLD)
+                guard.has_offended(p)
+                    && behaviour
+                        .gossipsub
+                        .peer_score(p)
+                        .is_some_and(|s| s < GRAYLIST_THRESHOLD)
             })
             .map(|(p, _)| *p)
             .collect();
@@ -548,6 +552,9 @@ impl EventLoop {
         };
         if matches!(verdict, gossipsub::MessageAcceptance::Reject) {
             self.discovery.rejected += 1;
+            self.discovery
+                .guard
+                .offended(propagation_source, Instant::now());
         }
         self.swarm
             .behaviour_mut()

@@ -13,8 +13,12 @@
 //! ignored). A peer whose excess reaches [`GossipLimits::ban_after`] is banned for
 //! [`GossipLimits::ban_for`]: its connections are closed and refused, because gossipsub
 //! still decodes (and checks the signature of) what a graylisted peer sends. For the same
-//! reason a peer gossipsub itself scores below its graylist threshold (invalid offers) is
-//! banned too.
+//! reason a peer gossipsub itself scores below its graylist threshold is banned too, but
+//! only when it has *offended* here (forwarded over the rate, or an offer we rejected):
+//! gossipsub's score also falls for reasons that are not the peer's doing, above all
+//! IP colocation (many peers behind one address: a NAT, a data centre, loopback in the
+//! tests), and such peers must stay connected for the market protocols; gossipsub alone
+//! ignoring their RPCs is enough there.
 //!
 //! Why not gossipsub's `Reject`: a rejected message id penalises every peer that delivers
 //! it, and an over-rate message may well be a valid offer that honest peers forward too.
@@ -82,6 +86,9 @@ pub struct ForwarderGuard {
     limits: GossipLimits,
     peers: HashMap<PeerId, Bucket>,
     banned: HashMap<PeerId, Instant>,
+    /// Peers that offended (over the rate, or forwarded an offer that was rejected), with
+    /// when the record lapses: only these are banned for being graylisted.
+    offences: HashMap<PeerId, Instant>,
 }
 
 impl ForwarderGuard {
@@ -90,7 +97,34 @@ impl ForwarderGuard {
             limits,
             peers: HashMap::new(),
             banned: HashMap::new(),
+            offences: HashMap::new(),
         }
+    }
+
+    /// Records that `peer` offended at `now` (an offer it forwarded was rejected); the
+    /// record lasts as long as a ban. Bounded like the buckets: when full, the record
+    /// closest to lapsing makes room.
+    pub fn offended(&mut self, peer: PeerId, now: Instant) {
+        let until = now + self.limits.ban_for;
+        if !self.offences.contains_key(&peer) && self.offences.len() >= self.limits.max_peers {
+            self.offences.retain(|_, u| *u > now);
+            if self.offences.len() >= self.limits.max_peers {
+                if let Some(oldest) = self
+                    .offences
+                    .iter()
+                    .min_by_key(|(_, u)| **u)
+                    .map(|(p, _)| *p)
+                {
+                    self.offences.remove(&oldest);
+                }
+            }
+        }
+        self.offences.insert(peer, until);
+    }
+
+    /// Whether `peer` has an offence on record (what makes a graylisted peer banned).
+    pub fn has_offended(&self, peer: &PeerId) -> bool {
+        self.offences.contains_key(peer)
     }
 
     fn refill(limits: &GossipLimits, b: &mut Bucket, now: Instant) {
@@ -134,7 +168,9 @@ impl ForwarderGuard {
         }
         bucket.excess += 1.0;
         let score = -bucket.excess;
-        if bucket.excess >= limits.ban_after {
+        let ban = bucket.excess >= limits.ban_after;
+        self.offended(peer, now);
+        if ban {
             self.peers.remove(&peer);
             self.banned.insert(peer, now + self.limits.ban_for);
             Gate::Ban { score }
@@ -168,6 +204,7 @@ impl ForwarderGuard {
         for p in &unbanned {
             self.banned.remove(p);
         }
+        self.offences.retain(|_, until| *until > now);
         (scores, unbanned)
     }
 
@@ -287,6 +324,37 @@ mod tests {
         assert_eq!(scores, vec![(p, 0.0)]);
         // Idle and forgiven: forgotten.
         assert_eq!(g.tracked(), 0);
+    }
+
+    #[test]
+    fn only_offenders_are_on_record_and_the_record_lapses_and_is_bounded() {
+        let mut g = ForwarderGuard::new(limits());
+        let t0 = Instant::now();
+        let honest = PeerId::random();
+        let flooder = PeerId::random();
+        let forger = PeerId::random();
+        for _ in 0..20 {
+            assert_eq!(g.admit(honest, t0), Gate::Check);
+            assert_eq!(g.admit(flooder, t0), Gate::Check);
+        }
+        // Within its rate a peer has no record, whatever else gossipsub thinks of it.
+        assert!(!g.has_offended(&honest));
+        assert!(matches!(g.admit(flooder, t0), Gate::Drop { .. }));
+        assert!(g.has_offended(&flooder));
+        g.offended(forger, t0);
+        assert!(g.has_offended(&forger));
+        // Records last as long as a ban.
+        g.tick(t0 + Duration::from_secs(59));
+        assert!(g.has_offended(&forger));
+        g.tick(t0 + Duration::from_secs(61));
+        assert!(!g.has_offended(&forger) && !g.has_offended(&flooder));
+        // At most `max_peers` records: the oldest makes room.
+        let many: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        for (i, p) in many.iter().enumerate() {
+            g.offended(*p, t0 + Duration::from_secs(100 + i as u64));
+        }
+        assert!(!g.has_offended(&many[0]));
+        assert!(many[1..].iter().all(|p| g.has_offended(p)));
     }
 
     #[test]
