@@ -360,20 +360,27 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::E
 /// manifest must say exactly what it means.
 fn uri_problem(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
-    // `[` and `]` belong only around an IPv6 host, inside the authority.
-    let authority = text.find("://").map_or(0..0, |at| {
-        let start = at + 3;
-        let end = text[start..]
-            .find(['/', '?', '#'])
-            .map_or(text.len(), |e| start + e);
-        start..end
-    });
+    // `[` and `]` belong only around an IPv6 host: `[` as the host's first byte (after
+    // any userinfo), `]` closing it, followed by the end of the authority or a port.
+    let (open, close) = ip_literal_brackets(text);
+    if let Some(authority) = authority_range(text) {
+        if let Some(second) = text[authority.clone()]
+            .match_indices('@')
+            .nth(1)
+            .map(|(at, _)| authority.start + at)
+        {
+            return Some(format!(
+                "a second `@` at byte {second} in the authority (the userinfo ends at the first); percent-encode it as `%40`"
+            ));
+        }
+    }
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
         let allowed = b.is_ascii_alphanumeric()
             || b"-._~:/?#@!$&'()*+,;=".contains(&b)
-            || (matches!(b, b'[' | b']') && authority.contains(&i));
+            || (b == b'[' && open == Some(i))
+            || (b == b']' && close == Some(i));
         if b == b'%' {
             let escape = bytes.get(i + 1..i + 3);
             if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
@@ -393,6 +400,38 @@ fn uri_problem(text: &str) -> Option<String> {
         i += 1;
     }
     None
+}
+
+/// The byte range of `text`'s authority (after `://`, up to the path, query or fragment).
+fn authority_range(text: &str) -> Option<std::ops::Range<usize>> {
+    let start = text.find("://")? + 3;
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |e| start + e);
+    Some(start..end)
+}
+
+/// Where `text`'s IP-literal host opens and closes (the byte offsets of its `[` and `]`),
+/// if its authority has one where RFC 3986 puts it: the host starts after the userinfo's
+/// `@` (userinfo holds no `@` of its own: a second one is refused in [`uri_problem`]).
+fn ip_literal_brackets(text: &str) -> (Option<usize>, Option<usize>) {
+    let Some(authority) = authority_range(text) else {
+        return (None, None);
+    };
+    let (start, end) = (authority.start, authority.end);
+    let host = text[start..end].find('@').map_or(start, |u| start + u + 1);
+    if text.as_bytes().get(host) != Some(&b'[') {
+        return (None, None);
+    }
+    let Some(close) = text[host..end].find(']').map(|c| host + c) else {
+        return (Some(host), None);
+    };
+    let after = text.as_bytes().get(close + 1);
+    if close + 1 == end || after == Some(&b':') {
+        (Some(host), Some(close))
+    } else {
+        (Some(host), None)
+    }
 }
 
 /// Structural checks serde cannot express.

@@ -195,6 +195,12 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
             "https://images.example.com/ap[p.tar.gz",
             "not allowed in a URI",
         ),
+        // Finding 9: a `[` in the userinfo is not the host's.
+        ("https://[ap@images.example.com/v1/", "not allowed in a URI"),
+        ("https://u]@images.example.com/", "not allowed in a URI"),
+        ("https://u@im[ages.example.com/", "not allowed in a URI"),
+        ("https://[::1]x/", "not allowed in a URI"),
+        ("https://a@b@images.example.com/", "second `@`"),
     ] {
         let (field, message) = field_error(&manifest(&[bad]));
         assert_eq!(field, "compManifest.net.inet.out.urls[0]", "{bad:?}");
@@ -207,6 +213,8 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
     let ok = manifest(&[
         "https://api.example.com/a%20b/?q=%7E&x=%5B1%5D#f",
         "https://xn--bcher-kva.example/",
+        "https://user:pw@[2001:db8::1]:8443/v1/",
+        "https://[2001:db8::2]/",
     ]);
     assert!(parse(&ok).is_ok());
 }
