@@ -49,13 +49,21 @@ impl std::fmt::Debug for Observer {
 enum Sink {
     File {
         path: PathBuf,
-        file: Mutex<File>,
+        file: Mutex<AppendFile>,
     },
     Memory {
         records: Mutex<Vec<AuditRecord>>,
         /// Where every line goes as well (the daemon's `audit.jsonl`).
         parent: Option<Arc<AuditLog>>,
     },
+}
+
+/// The log file, and whether a write of ours failed part-way (a full disk), so the file
+/// may end in a torn line.
+#[derive(Debug)]
+struct AppendFile {
+    file: File,
+    maybe_torn: bool,
 }
 
 /// A writer killed in the middle of a line leaves it without its newline; the next line
@@ -94,7 +102,10 @@ impl AuditLog {
         Ok(Self {
             sink: Sink::File {
                 path: path.to_owned(),
-                file: Mutex::new(file),
+                file: Mutex::new(AppendFile {
+                    file,
+                    maybe_torn: false,
+                }),
             },
             observer: std::sync::OnceLock::new(),
         })
@@ -188,7 +199,17 @@ impl AuditLog {
         // One write_all of the whole line on an O_APPEND file: lines from concurrent
         // writers never interleave.
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(&line) {
+        // After a failed write (disk full) the file may end mid-line: end that line first,
+        // or this one would be glued to it and both lost to a reader.
+        if f.maybe_torn {
+            if let Err(e) = end_torn_line(&mut f.file) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write audit line");
+                return;
+            }
+            f.maybe_torn = false;
+        }
+        if let Err(e) = f.file.write_all(&line) {
+            f.maybe_torn = true;
             tracing::error!(path = %path.display(), error = %e, "cannot write audit line");
         }
     }

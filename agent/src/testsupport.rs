@@ -302,13 +302,31 @@ fn answer<S: Read + Write>(mut c: S, reply: &dyn Fn(&str) -> Vec<u8>, log: &Mute
 /// The command lines of live QEMU processes that mention `needle` (a job's or data dir's
 /// path), to prove none outlived its job.
 pub fn qemu_processes_mentioning(needle: &Path) -> Vec<String> {
+    qemus_mentioning(needle)
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .collect()
+}
+
+/// The process ids of the QEMU processes [`qemu_processes_mentioning`] finds.
+pub fn qemu_pids_mentioning(needle: &Path) -> Vec<u32> {
+    qemus_mentioning(needle)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn qemus_mentioning(needle: &Path) -> Vec<(u32, String)> {
     let needle = needle.to_string_lossy().into_owned();
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains("qemu-system") && cmd.contains(&needle) {
-                found.push(cmd);
+                found.push((pid, cmd));
             }
         }
     }
@@ -533,5 +551,64 @@ impl Drop for NatLab {
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// A small tmpfs mounted over a directory, for the disk-full fault campaign
+/// (docs/robustness.md): what fills it is the test's, what runs out of space is the
+/// provider's. Unmounted on drop.
+pub struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `bytes` on `path` (created if missing). `None`, with the reason
+    /// printed, where this process may not mount (not root, no tmpfs).
+    pub fn mount(path: &Path, bytes: u64) -> Option<Self> {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={bytes},mode=0700"))
+            .arg("tmpfs")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs on {} (needs root)",
+                path.display()
+            );
+            return None;
+        }
+        Some(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Writes a filler file until the disk is full; returns it (remove it to free space).
+    pub fn fill(&self) -> PathBuf {
+        Self::fill_dir(&self.path)
+    }
+
+    /// [`SmallDisk::fill`] for the disk `dir` is on (from another thread).
+    pub fn fill_dir(dir: &Path) -> PathBuf {
+        let filler = dir.join("filler");
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0xa5u8; 1 << 20];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", filler.display()),
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }

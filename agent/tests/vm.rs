@@ -200,6 +200,82 @@ fn bad_images_are_refused_before_boot() {
     );
 }
 
+/// Fault campaign (docs/robustness.md): the data dir's disk fills up while an image is
+/// stored. The command fails naming the disk-full error, no VM starts, and the store
+/// keeps no part of the image (nothing a later job could take for it).
+#[test]
+fn a_full_data_disk_during_an_image_download_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(disk) = testsupport::SmallDisk::mount(&data, 2 << 20) else {
+        return;
+    };
+    // An upstream that sends half of a 1 MiB image (which fits), then fills the disk as
+    // another writer would, then sends the rest: the store's own writes hit ENOSPC.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/big.tar", listener.local_addr().unwrap());
+    let upstream = {
+        let disk_path = data.clone();
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let (mut c, _) = listener.accept().unwrap();
+            let mut head = [0u8; 4096];
+            let _ = c.read(&mut head).unwrap();
+            let half = vec![0x5au8; 512 << 10];
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\nConnection: close\r\n\r\n",
+            );
+            let _ = c.write_all(&half);
+            std::thread::sleep(Duration::from_millis(300));
+            let filler = testsupport::SmallDisk::fill_dir(&disk_path);
+            let _ = c.write_all(&half);
+            filler
+        })
+    };
+    let agent = dir.path().join("no-agent-needed");
+    let o = provider(
+        &data,
+        &agent,
+        &["vm", "run", "--image", &url, "--", "/bin/true"],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    let e = stderr(&o);
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("could not store the image") && last.contains("No space left on device"),
+        "{e}"
+    );
+    assert!(
+        !data.join("jobs").exists()
+            || std::fs::read_dir(data.join("jobs"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a job started: {e}"
+    );
+    let mut left = Vec::new();
+    let mut stack = vec![data.join("images")];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                left.push(entry.path());
+            }
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "the store kept part of the image: {left:?}"
+    );
+    std::fs::remove_file(upstream.join().unwrap()).unwrap();
+    let o = provider(&data, &agent, &["--json", "images", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    drop(disk);
+}
+
 /// A hostile tarball through the CLI: refused with the entry named, no VM started.
 #[test]
 fn unsafe_tarball_is_refused_naming_the_entry() {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use certs::testpki::{self, KeyKind, Validity};
 use openssl::hash::MessageDigest;
 use provider::testsupport::{
-    hex_digest, http_server, qemu_processes_mentioning, vm_env, Upstream, VmEnv,
+    hex_digest, http_server, qemu_pids_mentioning, qemu_processes_mentioning, vm_env, Upstream,
+    VmEnv,
 };
 use serde_json::{json, Value};
 use tests::util::{write_signed, Provider, Run};
@@ -522,6 +523,80 @@ fn an_expired_agreement_ends_its_job() {
     // The requestor learns it: its job ends with an error, not a hang.
     let status = submitter.wait().unwrap();
     assert_ne!(status.code(), Some(0));
+}
+
+/// Fault campaign (docs/robustness.md): the guest stops answering mid-batch (its QEMU
+/// frozen with SIGSTOP, so neither the guest's own command timer nor its agent runs).
+/// The host gives up at the command's deadline plus its grace, kills the VM, fails the
+/// command with the reason, skips the rest of the batch, ends the job with a verified
+/// receipt, and serves the next job.
+#[test]
+fn a_guest_that_stops_answering_mid_batch_is_killed_and_the_job_ends_with_a_receipt() {
+    let Some(j) = job() else { return };
+    let cfg =
+        j.p.write_input("stuck.json", r#"{"command_timeout": "5s"}"#);
+    let mut args = daemon_args(&j);
+    args.extend(["--config".to_string(), cfg.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = j.p.daemon(&args);
+    let data = j.p.data_dir();
+    let mut submitter = start_long_job(&j, &d, Some(Duration::from_secs(1)));
+    let pids = qemu_pids_mentioning(&data);
+    assert_eq!(pids.len(), 1, "{:?}", qemu_processes_mentioning(&data));
+    tests::util::signal(pids[0], "STOP");
+    let frozen = Instant::now();
+    // 5 s deadline + the host's 15 s grace; the rest is a loaded machine's slack.
+    let deadline = frozen + Duration::from_secs(90);
+    while stored_receipts(&j).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the job with a frozen guest never ended: {}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        frozen.elapsed() >= Duration::from_secs(4),
+        "the job ended before the command's deadline: {}",
+        d.logs()
+    );
+    let receipts = stored_receipts(&j);
+    let r = &receipts[0]["receipt"];
+    let cmd = &r["commands"][0];
+    assert_eq!(cmd["outcome"], "failed", "{r}");
+    assert_eq!(cmd["reason"]["code"], "vm-error", "{r}");
+    assert!(
+        cmd["reason"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not answer")),
+        "{r}"
+    );
+    let wait = Instant::now() + Duration::from_secs(10);
+    while !qemu_processes_mentioning(&data).is_empty() {
+        assert!(Instant::now() < wait, "the frozen VM was left running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let file = std::fs::read_dir(data.join("receipts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        j.p.requestor(["receipt", "verify", file.to_str().unwrap()])
+            .code,
+        0
+    );
+    let status = submitter.wait().unwrap();
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "the requestor was told it succeeded"
+    );
+    let (r, events) = submit(&j, &d.addr, &[json!([run("/bin/echo", &["after"])])]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", d.logs());
+    let out = events.iter().find(|e| e["event"] == "result").unwrap();
+    assert_eq!(out["stdout"], "after\n");
 }
 
 /// Seconds since the epoch of an RFC 3339 timestamp (as the receipt writes them).

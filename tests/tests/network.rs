@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use certs::testpki::{self, Issued, KeyKind, Validity};
+use provider::testsupport::SmallDisk;
 use tests::util::{manifest, write_signed, Daemon, Provider, Run};
 
 struct Setup {
@@ -17,7 +18,11 @@ struct Setup {
 
 /// A data dir trusting a fresh root, an author under it, and a harmless script.
 fn setup() -> Setup {
-    let p = Provider::new();
+    setup_in(Provider::new())
+}
+
+/// [`setup`] in `p` (whose data dir may be on a disk of the test's own).
+fn setup_in(p: Provider) -> Setup {
     let root = testpki::root("E2E Root", KeyKind::EcP256, Validity::current());
     let author = testpki::issue(
         &root,
@@ -545,4 +550,93 @@ fn kill_9_during_negotiation_leaves_a_clean_data_dir_and_a_restart_serves() {
         .find(|v| v["event"] == "verdict")
         .expect("the last demand was audited");
     assert_eq!(last_verdict["verdict"], "reject");
+}
+
+/// Fault campaign (docs/robustness.md): the data dir's disk fills up under a running
+/// daemon. Demands are still answered; the audit lines that did not fit are reported in
+/// the daemon's log; a rule change fails with the reason and leaves the rules file as it
+/// was; once there is room again the audit log goes on with whole lines (a line torn by
+/// the full disk is ended, never glued to the next one).
+#[test]
+fn a_full_data_disk_fails_writes_clearly_and_corrupts_nothing() {
+    let p = Provider::new();
+    let Some(disk) = SmallDisk::mount(&p.data_dir(), 64 << 20) else {
+        return;
+    };
+    let s = setup_in(p);
+    // A daemon refuses to sell more disk than its data dir has: a profile and a job size
+    // that fit the small disk.
+    s.p.run(["profile", "set", "--storage", "32M"]).ok();
+    let cfg = s.p.write_input("small.json", r#"{"storage": "16MiB"}"#);
+    let d = s.p.daemon(&["--config", cfg.to_str().unwrap()]);
+    let m = manifest(&[]);
+    assert_eq!(submit(&s, &d, "before", &m, &["--dry-run"]).code, 0);
+    let rules = std::fs::read(s.p.data_dir().join("rules.json")).ok();
+
+    let filler = disk.fill();
+    // The audit file's last page may still hold a few lines: demands until one does not.
+    for i in 0.. {
+        let r = submit(&s, &d, &format!("full{i}"), &m, &["--dry-run"]);
+        assert_eq!(
+            r.code,
+            0,
+            "a demand went unanswered on a full disk: {r:?}\n{}",
+            d.logs()
+        );
+        if d.logs().contains("cannot write audit line") {
+            break;
+        }
+        assert!(
+            i < 40,
+            "40 demands on a full disk and no audit write failed:\n{}",
+            d.logs()
+        );
+    }
+    let r =
+        s.p.run(["rule", "set", "outbound", "everyone", "--mode", "all"]);
+    assert_ne!(
+        r.code, 0,
+        "a rule change on a full disk claimed success: {r:?}"
+    );
+    assert!(
+        r.stderr.contains("No space left on device"),
+        "the reason is not given: {r:?}"
+    );
+    assert_eq!(
+        std::fs::read(s.p.data_dir().join("rules.json")).ok(),
+        rules,
+        "the rules file changed on a failed write"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(submit(&s, &d, "after", &m, &["--dry-run"]).code, 0);
+    let audit = std::fs::read_to_string(s.p.data_dir().join("audit.jsonl")).unwrap();
+    let lines: Vec<&str> = audit.lines().collect();
+    let torn = lines
+        .iter()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+        .count();
+    assert!(torn <= 1, "more than one torn audit line:\n{audit}");
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert!(last.is_object(), "{audit}");
+    assert!(
+        audit.matches("\"verdict\":\"accept\"").count() >= 2,
+        "the demands before and after are not audited:\n{audit}"
+    );
+    let mut stack = vec![s.p.data_dir()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                !(name.starts_with('.') && name.contains(".tmp.")),
+                "half-written file {} left",
+                entry.path().display()
+            );
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    drop(d);
+    drop(disk);
 }

@@ -290,7 +290,7 @@ pub(crate) fn stream_body(
         }
         sink.write_all(&buf[..n]).map_err(|e| {
             tracing::warn!(%url, error = %e, "storing a payload image failed");
-            ImageError::Store
+            ImageError::Store(e.to_string())
         })?;
         progress(length, n as u64);
     }

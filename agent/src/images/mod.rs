@@ -32,7 +32,7 @@ pub fn code(e: &ImageError) -> Code {
         ImageError::Fetch { .. } => Code::PayloadFetchFailed,
         ImageError::UrlRefused { .. } => policies::Code::PayloadUrlRefused.into(),
         ImageError::TooLarge { .. } => Code::PayloadTooLarge,
-        ImageError::Io { .. } | ImageError::Store | ImageError::Convert(_) => {
+        ImageError::Io { .. } | ImageError::Store(_) | ImageError::Convert(_) => {
             Code::PayloadStoreFailed
         }
         ImageError::UnsafeEntry { .. } | ImageError::Format { .. } => Code::PayloadImageInvalid,

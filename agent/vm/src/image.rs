@@ -36,8 +36,8 @@ pub enum ImageError {
     },
     /// Writing a requestor's image into the store failed; the cause is in the operator's
     /// log, not in what the requestor is told.
-    #[error("the provider could not store the image")]
-    Store,
+    #[error("the provider could not store the image: {0}")]
+    Store(String),
     /// Every URL of the payload failed, each for its reason.
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Several(Vec<ImageError>),
@@ -69,7 +69,7 @@ impl ImageError {
     /// What a requestor is told: the operator's file system paths and errors stay out.
     pub fn public_message(&self) -> String {
         match self {
-            ImageError::Io { .. } | ImageError::Store => {
+            ImageError::Io { .. } | ImageError::Store(_) => {
                 "the provider could not store the image (its operator's log has the cause)".into()
             }
             ImageError::Format { message, .. } => {

@@ -905,16 +905,29 @@ fn a_closed_stdout_ends_a_listing_quietly() {
         &["--json", "profile", "runtime", "list"][..],
         &["profile", "runtime", "list"][..],
     ] {
-        let mut child = std::process::Command::new(tests::util::bin("provider"))
+        // A pipe whose read end is closed before the command starts: its first write
+        // fails with EPIPE, whatever the scheduling (closing it after the spawn raced the
+        // command's write on a loaded machine).
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe(2) to fill.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe(2) just returned these two open descriptors, owned by nothing else.
+        let (read, write) = unsafe {
+            use std::os::fd::FromRawFd as _;
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        drop(read);
+        let child = std::process::Command::new(tests::util::bin("provider"))
             .arg("--data-dir")
             .arg(p.data_dir())
             .args(args)
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::from(write))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Closed before the command writes anything.
-        drop(child.stdout.take());
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
