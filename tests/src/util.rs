@@ -320,9 +320,20 @@ impl Provider {
         self.daemon_in(None, args)
     }
 
+    /// [`Provider::daemon`] with `env` set for the daemon's process.
+    pub fn daemon_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Daemon {
+        let mut args = vec!["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"];
+        args.extend_from_slice(extra);
+        self.spawn_daemon(None, env, &args)
+    }
+
     /// Starts `provider run <args>` inside network namespace `netns` (`ip netns exec`), or
     /// here with `None`, and waits for the first address it listens on.
     pub fn daemon_in(&self, netns: Option<&str>, args: &[&str]) -> Daemon {
+        self.spawn_daemon(netns, &[], args)
+    }
+
+    fn spawn_daemon(&self, netns: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         use std::io::BufRead as _;
         let stderr = self.home.path().join(format!(
             "daemon-{}.log",
@@ -346,6 +357,7 @@ impl Provider {
             .args(args)
             .env_remove("PROVIDER_DATA_DIR")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
