@@ -78,6 +78,7 @@ fn main() {
                     username: USER.into(),
                     secret: PASSWORD.into(),
                     for_requestors: true,
+                    token_realms: Vec::new(),
                 },
             );
             f.save(&data, &lock).unwrap();

@@ -1,5 +1,6 @@
 //! `oci://` pulls against a real registry on loopback: Debian's `docker-registry` (the
-//! distribution registry 2.8), started here with basic auth (htpasswd, bcrypt), images
+//! distribution registry 2.8), started here with basic auth (htpasswd, bcrypt) or token
+//! auth (a token service of the test's own issuing ES256 JWTs the registry verifies), images
 //! pushed by the test over the distribution API: a multi-platform index, layers with
 //! whiteouts, a layer with a hostile path, and NFD compatibility artifacts that fail and
 //! pass (attached by the referrers tag schema, which 2.8 registries use for lack of the
@@ -15,8 +16,8 @@ use provider::images::oci::auth::{AuthFile, Credential};
 use provider::images::{code, ImageStore};
 use provider::store::DataDir;
 use provider::testsupport::registry::{
-    attach_compat, gzip, layer, push_image, sha3_256, skip, start_registry, Pusher, OCI_INDEX,
-    OCI_MANIFEST, PASSWORD, USER,
+    attach_compat, gzip, layer, push_image, sha3_256, skip, start_registry, start_token_registry,
+    Pusher, Signer, TokenServer, TokenUser, OCI_INDEX, OCI_MANIFEST, PASSWORD, USER,
 };
 use serde_json::{json, Value};
 
@@ -28,14 +29,19 @@ fn limits() -> FetchLimits {
 }
 
 fn login(data: &DataDir, port: u16, for_requestors: bool) {
+    login_as(data, port, PASSWORD, for_requestors, &[]);
+}
+
+fn login_as(data: &DataDir, port: u16, secret: &str, for_requestors: bool, realms: &[String]) {
     let lock = data.lock().unwrap();
     let mut f = AuthFile::load(data).unwrap();
     f.registries.insert(
         format!("127.0.0.1:{port}"),
         Credential {
             username: USER.into(),
-            secret: PASSWORD.into(),
+            secret: secret.into(),
             for_requestors,
+            token_realms: realms.to_vec(),
         },
     );
     f.save(data, &lock).unwrap();
@@ -297,6 +303,254 @@ fn oci_platforms_hostile_layers_and_compatibility_artifacts() {
     let e = pull("compat3", &odd).unwrap_err();
     assert_eq!(code(&e), "platform-incompatible", "{e}");
     assert!(e.to_string().contains("unknown field"), "{e}");
+}
+
+/// The manifest `m` (a descriptor) as the registry serves it, fetched with `auth`, and
+/// the `oci://` reference pinning it.
+fn pinned(
+    port: u16,
+    auth: &str,
+    repo: &str,
+    m: &Value,
+) -> (String, policies::manifest::PayloadHash) {
+    let digest = m["digest"].as_str().unwrap();
+    let bytes = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!(
+            "http://127.0.0.1:{port}/v2/{repo}/manifests/{digest}"
+        ))
+        .header("Authorization", auth)
+        .header("Accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    (
+        format!("oci://127.0.0.1:{port}/{repo}@{digest}"),
+        sha3_256(&bytes).parse_hash(),
+    )
+}
+
+fn token_user(repos: &[&str]) -> TokenUser {
+    (
+        USER.into(),
+        PASSWORD.into(),
+        repos
+            .iter()
+            .map(|r| (r.to_string(), vec!["pull".to_owned()]))
+            .collect(),
+    )
+}
+
+/// A token-auth registry whose pusher holds a token for `repos`, and one image in each.
+fn token_setup(
+    realm: &str,
+    signer: &Signer,
+    repos: &[&str],
+) -> (
+    provider::testsupport::registry::RegistryProc,
+    String,
+    Vec<Value>,
+) {
+    let reg = start_token_registry(realm, signer);
+    let mut p = Pusher::new(reg.port);
+    let rw: Vec<(String, Vec<String>)> = repos
+        .iter()
+        .map(|r| (r.to_string(), vec!["pull".into(), "push".into()]))
+        .collect();
+    p.auth = format!("Bearer {}", signer.token("pusher", &rw));
+    // Each repository's image differs, so no pull is answered from the store by hash.
+    let images = repos
+        .iter()
+        .map(|r| {
+            push_image(
+                &p,
+                r,
+                "amd64",
+                &[(
+                    "application/vnd.oci.image.layer.v1.tar",
+                    layer(&[("hello", &format!("from {r}"))]),
+                )],
+            )
+        })
+        .collect();
+    (reg, p.auth, images)
+}
+
+#[test]
+fn oci_pulls_through_a_token_service() {
+    if skip() {
+        return;
+    }
+    let signer = std::sync::Arc::new(Signer::new("test-token-issuer", "test-registry"));
+    let tokens = TokenServer::start(
+        "127.0.0.1".parse().unwrap(),
+        signer.clone(),
+        vec![token_user(&["team/app"])],
+    );
+    let (reg, auth, images) = token_setup(&tokens.realm(), &signer, &["team/app", "team/secret"]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path());
+    let (app, app_hash) = pinned(reg.port, &auth, "team/app", &images[0]);
+
+    // The right login: the registry's Bearer challenge sends us to the token service (on
+    // another port, so another origin the operator names), which checks the login and
+    // grants the pull the challenge's scope names.
+    let realm = vec![format!("127.0.0.1:{}", tokens.port)];
+    login_as(&data, reg.port, PASSWORD, true, &realm);
+    let img = requestor_store(&data)
+        .fetch(&app, Some(&app_hash))
+        .unwrap_or_else(|e| panic!("{e}\nregistry log:\n{}", reg.log()));
+    assert!(img.fetched);
+    assert_eq!(list_squashfs(&img.path), ["hello"]);
+    let asked = tokens.requests();
+    assert!(
+        asked
+            .iter()
+            .all(|r| r.target.contains("service=test-registry")
+                && r.target.contains("scope=repository%3Ateam%2Fapp%3Apull")
+                && r.authorization
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("Basic "))),
+        "{asked:?}"
+    );
+
+    // A wrong password: the token service refuses it, and we say so.
+    let data2 = DataDir::new(dir.path().join("second"));
+    login_as(&data2, reg.port, "wrong password", true, &realm);
+    let e = requestor_store(&data2)
+        .fetch(&app, Some(&app_hash))
+        .unwrap_err();
+    assert_eq!(code(&e), "payload-auth-failed", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!(
+            "token service http://127.0.0.1:{} refused the login (HTTP 401",
+            tokens.port
+        )),
+        "{msg}"
+    );
+
+    // A repository the login may not pull: the token holds no access to it, the registry
+    // answers insufficient_scope, and the message names the scope.
+    let (secret, secret_hash) = pinned(reg.port, &auth, "team/secret", &images[1]);
+    let e = requestor_store(&data)
+        .fetch(&secret, Some(&secret_hash))
+        .unwrap_err();
+    assert_eq!(code(&e), "payload-auth-failed", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("does not grant `repository:team/secret:pull`")
+            && msg.contains("insufficient_scope")
+            && msg.contains(&format!("the login `{USER}` may not pull team/secret")),
+        "{msg}"
+    );
+}
+
+#[test]
+fn registry_logins_never_cross_to_another_origin() {
+    if skip() {
+        return;
+    }
+    // The token service on another host (127.0.0.2) than the registry (127.0.0.1).
+    let signer = std::sync::Arc::new(Signer::new("test-token-issuer", "test-registry"));
+    let tokens = TokenServer::start(
+        "127.0.0.2".parse().unwrap(),
+        signer.clone(),
+        vec![token_user(&["team/app"])],
+    );
+    let (reg, auth, images) = token_setup(&tokens.realm(), &signer, &["team/app"]);
+    let (app, hash) = pinned(reg.port, &auth, "team/app", &images[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path());
+
+    login(&data, reg.port, true);
+    let e = requestor_store(&data).fetch(&app, Some(&hash)).unwrap_err();
+    assert_eq!(code(&e), "payload-auth-failed", "{e}");
+    let msg = e.to_string();
+    let realm_host = format!("127.0.0.2:{}", tokens.port);
+    assert!(
+        msg.contains(&format!(
+            "was not sent to the token service at http://{realm_host}"
+        )) && msg.contains(&format!("--token-realm {realm_host}")),
+        "{msg}"
+    );
+    let asked = tokens.requests();
+    assert!(
+        !asked.is_empty(),
+        "the token service was asked (anonymously)"
+    );
+    assert!(asked.iter().all(|r| r.authorization.is_none()), "{asked:?}");
+
+    // The operator trusts that realm: now the login goes there and the pull works.
+    login_as(
+        &data,
+        reg.port,
+        PASSWORD,
+        true,
+        std::slice::from_ref(&realm_host),
+    );
+    let img = requestor_store(&data).fetch(&app, Some(&hash)).unwrap();
+    assert_eq!(list_squashfs(&img.path), ["hello"]);
+    let last = tokens.requests().pop().unwrap();
+    assert!(
+        last.authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Basic ")),
+        "{last:?}"
+    );
+
+    // A trusted realm that redirects to another origin: the login stays behind.
+    let before = tokens.requests().len();
+    let t_port = tokens.port;
+    let hop = provider::testsupport::http_responder(move |path| {
+        format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:{t_port}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes()
+    });
+    let (reg2, auth2, images2) =
+        token_setup(&format!("{}/token", hop.url()), &signer, &["team/app"]);
+    let (app2, hash2) = pinned(reg2.port, &auth2, "team/app", &images2[0]);
+    let data3 = DataDir::new(dir.path().join("third"));
+    login_as(&data3, reg2.port, PASSWORD, true, &[hop.addr().to_string()]);
+    let e = requestor_store(&data3)
+        .fetch(&app2, Some(&hash2))
+        .unwrap_err();
+    assert_eq!(code(&e), "payload-auth-failed", "{e}");
+    assert_eq!(hop.paths().len(), 1, "the trusted realm was asked once");
+    let after: Vec<_> = tokens.requests().split_off(before);
+    assert_eq!(after.len(), 1, "the redirect was followed: {after:?}");
+    assert!(after[0].authorization.is_none(), "{after:?}");
+}
+
+#[test]
+fn a_plain_http_token_realm_elsewhere_than_loopback_is_refused() {
+    // A registry on loopback whose challenge names a plain-HTTP realm on another host:
+    // refused before anything is sent there (no name is even resolved).
+    let fake = provider::testsupport::http_responder(|_| {
+        b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://auth.registry.invalid/token\",service=\"r\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::new(dir.path());
+    login(&data, fake.port, true);
+    let url = format!(
+        "oci://127.0.0.1:{}/team/app@sha256:{}",
+        fake.port,
+        "a".repeat(64)
+    );
+    let e = requestor_store(&data)
+        .fetch(&url, Some(&sha3_256(b"x").parse_hash()))
+        .unwrap_err();
+    assert_eq!(code(&e), "payload-auth-failed", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("token realm http://auth.registry.invalid is plain HTTP on a host that is neither loopback nor listed"),
+        "{msg}"
+    );
+    assert_eq!(fake.paths().len(), 1, "only the registry was asked");
 }
 
 trait ParseHash {
