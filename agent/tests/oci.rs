@@ -562,3 +562,152 @@ impl ParseHash for String {
         policies::manifest::PayloadHash::parse(self).unwrap()
     }
 }
+
+const PROVIDER: &str = env!("CARGO_BIN_EXE_provider");
+
+/// `provider vm run --image oci://…` with `data` as its data dir, run directly (`tty` false:
+/// stdout and stderr are pipes) or under `script`, whose pseudo-terminal is stderr and
+/// stdout both (its transcript comes back as stdout).
+fn vm_run_oci(data: &Path, agent: &Path, tty: bool, args: &[&str]) -> std::process::Output {
+    if tty {
+        let quoted: Vec<String> = std::iter::once(PROVIDER)
+            .chain(args.iter().copied())
+            .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+            .collect();
+        Command::new("script")
+            .args(["-q", "-e", "-c", &quoted.join(" "), "/dev/null"])
+            .env("PROVIDER_DATA_DIR", data)
+            .env("PROVIDER_GUEST", agent)
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    } else {
+        Command::new(PROVIDER)
+            .env("PROVIDER_DATA_DIR", data)
+            .env("PROVIDER_GUEST", agent)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+/// The operator's `vm run` pulls an OCI image and runs it; the pull's progress bar is on a
+/// terminal only: piped stderr, and `--json` on a terminal, get no control characters.
+#[test]
+fn vm_run_pulls_an_oci_image_with_progress_only_on_a_terminal() {
+    if skip() {
+        return;
+    }
+    let Some(env) = provider::testsupport::vm_env() else {
+        return;
+    };
+    if !Path::new("/usr/bin/script").exists() {
+        eprintln!("SKIP: script(1) is missing (bsdutils)");
+        return;
+    }
+    let reg = start_registry();
+    let p = Pusher::new(reg.port);
+    let busybox = std::fs::read(&env.image).unwrap();
+    let m = push_image(
+        &p,
+        "tools/busybox",
+        "amd64",
+        &[(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            gzip(&busybox),
+        )],
+    );
+    p.manifest("tools/busybox", "v1", OCI_MANIFEST, &{
+        // The same manifest under a tag, as an operator names it.
+        let digest = m["digest"].as_str().unwrap();
+        let r = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!(
+                "http://127.0.0.1:{}/v2/tools/busybox/manifests/{digest}",
+                reg.port
+            ))
+            .header("Authorization", &p.auth)
+            .header("Accept", OCI_MANIFEST)
+            .send()
+            .unwrap();
+        serde_json::from_slice::<Value>(&r.bytes().unwrap()).unwrap()
+    });
+    let image = format!("oci://127.0.0.1:{}/tools/busybox:v1", reg.port);
+    let run = [
+        "vm",
+        "run",
+        "--image",
+        &image,
+        "--",
+        "/bin/echo",
+        "hi from oci",
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for d in &dirs {
+        login(&DataDir::new(d.path()), reg.port, false);
+    }
+
+    // Piped: the command's output, and a stderr with no control character at all.
+    let o = vm_run_oci(dirs[0].path(), &env.agent, false, &run);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi from oci\n", "{err}");
+    assert!(
+        !err.chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "control characters on a piped stderr: {err:?}"
+    );
+    assert!(!err.contains("pulling"), "{err:?}");
+
+    // On a terminal: the bar is drawn, then cleared. Only the pull is of interest here, so
+    // a kernel that does not exist ends these runs right after it (one boot per test run
+    // is enough: TCG boots take seconds).
+    let pull_only = |json: bool| {
+        let mut a = vec![
+            "vm",
+            "run",
+            "--image",
+            &image,
+            "--kernel",
+            "/nonexistent/vmlinuz",
+        ];
+        if json {
+            a.insert(0, "--json");
+        }
+        a.extend(["--", "/bin/true"]);
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let args = pull_only(false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = vm_run_oci(dirs[1].path(), &env.agent, true, &args);
+    let tty = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_ne!(o.status.code(), Some(0), "{tty:?}");
+    let bar = tty
+        .find("pulling tools/busybox")
+        .unwrap_or_else(|| panic!("no progress bar: {tty:?}"));
+    let failed = tty
+        .find("/nonexistent/vmlinuz")
+        .unwrap_or_else(|| panic!("it fails at the kernel, after the pull: {tty:?}"));
+    assert!(bar < failed, "{tty:?}");
+    assert!(
+        tty.contains('\u{1b}'),
+        "a bar is drawn with escape sequences: {tty:?}"
+    );
+    eprintln!("terminal transcript: {tty:?}");
+
+    // `--json` on a terminal: no bar.
+    let args = pull_only(true);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = vm_run_oci(dirs[2].path(), &env.agent, true, &args);
+    let tty = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_ne!(o.status.code(), Some(0), "{tty:?}");
+    assert!(
+        tty.contains("/nonexistent/vmlinuz"),
+        "it fails at the kernel, after the pull: {tty:?}"
+    );
+    assert!(!tty.contains("pulling"), "{tty:?}");
+    assert!(!tty.contains('\u{1b}'), "{tty:?}");
+}

@@ -839,7 +839,7 @@ pub fn pull(
         .map_err(io_err("create a staging dir in", p.work))?;
     if let Some(b) = &p.progress {
         b.set_length(total);
-        b.set_message(format!("pulling {}", r.repository));
+        b.set_style(super::bar_style());
     }
     let mut files = Vec::new();
     for (i, (l, digest)) in layers.iter().zip(&digests).enumerate() {
@@ -856,8 +856,19 @@ pub fn pull(
         drop(w);
         files.push(path);
     }
+    // Unpacking and `mksquashfs` take seconds for a large image: a spinner says so rather
+    // than a full bar that seems stuck.
     if let Some(b) = &p.progress {
-        b.finish_and_clear();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            b.set_style(style);
+        }
+        b.set_message(format!(
+            "converting {} layer{} of {} into a squashfs",
+            layers.len(),
+            if layers.len() == 1 { "" } else { "s" },
+            r.repository
+        ));
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
     }
     let fetched = started.elapsed();
     let out_dir = out.parent().unwrap_or(Path::new("."));
@@ -874,6 +885,9 @@ pub fn pull(
     )?;
     for f in &files {
         let _ = fs::remove_file(f);
+    }
+    if let Some(b) = &p.progress {
+        b.finish_and_clear();
     }
     append_gvmi_trailer(&sqfs, &config_json)?;
     // The staging dir is in the store, so this is a rename; a store split over two file
