@@ -447,6 +447,26 @@ fn oci_pulls_through_a_token_service() {
             && msg.contains(&format!("the login `{USER}` may not pull team/secret")),
         "{msg}"
     );
+
+    // A token service whose key the registry does not trust (its certificate is not in the
+    // registry's rootcertbundle): the registry answers invalid_token, and we say so.
+    let rogue = std::sync::Arc::new(Signer::new("test-token-issuer", "test-registry"));
+    let rogue_tokens = TokenServer::start(
+        "127.0.0.1".parse().unwrap(),
+        rogue,
+        vec![token_user(&["team/app"])],
+    );
+    let (reg3, auth3, images3) = token_setup(&rogue_tokens.realm(), &signer, &["team/app"]);
+    let (app3, hash3) = pinned(reg3.port, &auth3, "team/app", &images3[0]);
+    let data3 = DataDir::new(dir.path().join("third"));
+    let realm3 = vec![format!("127.0.0.1:{}", rogue_tokens.port)];
+    login_as(&data3, reg3.port, PASSWORD, true, &realm3);
+    let e = requestor_store(&data3)
+        .fetch(&app3, Some(&hash3))
+        .unwrap_err();
+    assert_eq!(code(&e), "payload-auth-failed", "{e}");
+    assert!(e.to_string().contains("invalid_token"), "{e}");
+    assert_eq!(rogue_tokens.requests().len(), 1, "one token was asked for");
 }
 
 #[test]
