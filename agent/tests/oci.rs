@@ -731,3 +731,92 @@ fn vm_run_pulls_an_oci_image_with_progress_only_on_a_terminal() {
     assert!(!tty.contains("pulling"), "{tty:?}");
     assert!(!tty.contains('\u{1b}'), "{tty:?}");
 }
+
+/// `provider registry login` against a token-auth registry: the check goes through the
+/// token service, a realm on another origin needs `--token-realm`, a refused login stores
+/// nothing, and `auth list` shows the trusted realm but never the secret.
+#[test]
+fn registry_login_checks_through_the_token_service_and_stores_only_what_passed() {
+    if skip() {
+        return;
+    }
+    let signer = std::sync::Arc::new(Signer::new("test-token-issuer", "test-registry"));
+    let tokens = TokenServer::start(
+        "127.0.0.1".parse().unwrap(),
+        signer.clone(),
+        vec![token_user(&["team/app"])],
+    );
+    let reg = start_token_registry(&tokens.realm(), &signer);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = format!("127.0.0.1:{}", reg.port);
+    let realm = format!("127.0.0.1:{}", tokens.port);
+    let cli = |args: &[&str], stdin: &str| {
+        let mut c = Command::new(PROVIDER)
+            .env("PROVIDER_DATA_DIR", dir.path())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let o = c.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let login = [
+        "registry",
+        "login",
+        &registry,
+        "--username",
+        USER,
+        "--password-stdin",
+    ];
+    let auth_file = dir.path().join("registry/auth.json");
+
+    // The realm is another origin: the login is not sent there, so the check fails, and
+    // the message says how to trust it.
+    let (code, _, err) = cli(&login, &format!("{PASSWORD}\n"));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("--token-realm {realm}")), "{err}");
+    assert!(!auth_file.exists(), "nothing stored after a failed check");
+
+    let mut trusted = login.to_vec();
+    trusted.extend(["--token-realm", &realm]);
+    let (code, _, err) = cli(&trusted, "wrong password\n");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("refused the login"), "{err}");
+    assert!(!auth_file.exists(), "nothing stored after a refused login");
+
+    let (code, _, err) = cli(&trusted, &format!("{PASSWORD}\n"));
+    assert_eq!(code, Some(0), "{err}");
+    let asked = tokens.requests();
+    let last = asked.last().unwrap();
+    assert!(
+        last.authorization.is_some() && !last.target.contains("scope="),
+        "{asked:?}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let (code, out, err) = cli(&["--json", "registry", "auth", "list"], "");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.contains(PASSWORD), "{out}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        list,
+        json!([{"registry": registry, "username": USER, "for_requestors": false, "token_realms": [realm]}])
+    );
+
+    let (code, _, err) = cli(&["registry", "logout", &registry], "");
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = cli(&["--json", "registry", "auth", "list"], "");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+}
