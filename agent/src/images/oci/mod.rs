@@ -325,6 +325,14 @@ impl<'a> Registry<'a> {
                     }
                 }
                 let (last, resp) = fetch::send(url, self.limits, &headers)?;
+                // A realm that redirects to plain HTTP elsewhere sends its token in clear
+                // (the login itself never follows a hop to another origin): not used.
+                if last.scheme() == "http" && !plain_http_ok(&last, &self.plain_http) {
+                    return Err(self.auth_error(&format!(
+                        "its token realm redirected to plain HTTP at {}, neither loopback nor listed as plain-HTTP; a token sent in clear is not used",
+                        origin_of(&last)
+                    )));
+                }
                 if resp.status() == reqwest::StatusCode::UNAUTHORIZED
                     || resp.status() == reqwest::StatusCode::FORBIDDEN
                 {
@@ -362,12 +370,11 @@ impl<'a> Registry<'a> {
     /// with or without a login.
     fn check_realm(&self, url: &Url) -> Result<(), ImageError> {
         match url.scheme() {
-            "https" => Ok(()),
-            "http" if host_is_loopback(url) || self.plain_http.iter().any(|p| p.eq_ignore_ascii_case(&authority(url))) => Ok(()),
-            "http" => Err(self.auth_error(&format!(
+            "http" if !plain_http_ok(url, &self.plain_http) => Err(self.auth_error(&format!(
                 "its token realm {} is plain HTTP on a host that is neither loopback nor listed as plain-HTTP; a token fetched in clear is not asked for",
                 origin_of(url)
             ))),
+            "http" | "https" => Ok(()),
             other => Err(self.auth_error(&format!(
                 "its token realm `{url}` is `{other}`, not http(s)"
             ))),
@@ -593,6 +600,15 @@ fn authority(url: &Url) -> String {
 /// `scheme://host[:port]`, for messages (never a query, which may carry a scope or more).
 fn origin_of(url: &Url) -> String {
     url.origin().ascii_serialization()
+}
+
+/// Whether `url` may be spoken to over plain HTTP: loopback (as registries are), or a
+/// `host[:port]` the operator listed.
+fn plain_http_ok(url: &Url, plain_http: &[String]) -> bool {
+    host_is_loopback(url)
+        || plain_http
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(&authority(url)))
 }
 
 fn host_is_loopback(url: &Url) -> bool {
@@ -942,6 +958,24 @@ mod tests {
     use super::*;
 
     const CPU_V3: &str = "flags\t: fpu cx16 lahf_lm popcnt sse4_1 sse4_2 ssse3 avx avx2 bmi1 bmi2 f16c fma movbe xsave\n";
+
+    #[test]
+    fn plain_http_is_for_loopback_and_listed_hosts_only() {
+        let ok = |u: &str, list: &[&str]| {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            plain_http_ok(&Url::parse(u).unwrap(), &list)
+        };
+        assert!(ok("http://127.0.0.2:5001/token", &[]));
+        assert!(ok("http://localhost/token", &[]));
+        assert!(ok("http://[::1]:80/token", &[]));
+        assert!(!ok("http://auth.example.com/token", &[]));
+        assert!(
+            !ok("http://10.0.0.5:5001/token", &["10.0.0.5"]),
+            "the port is part of it"
+        );
+        assert!(ok("http://10.0.0.5:5001/token", &["10.0.0.5:5001"]));
+        assert!(ok("http://Mirror.LAN/token", &["mirror.lan"]));
+    }
 
     #[test]
     fn x86_64_levels_come_from_the_flags() {
