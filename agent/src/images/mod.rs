@@ -374,6 +374,7 @@ impl ImageStore {
                             if let Some(len) = len {
                                 b.set_length(len);
                                 b.set_style(bar_style());
+                                b.reset_elapsed();
                             }
                         }
                         b.inc(n);
@@ -565,10 +566,22 @@ impl ImageStore {
     }
 }
 
-/// A download of known length: message, bar, bytes, rate.
+/// A download of known length: message, bar, bytes, and the mean rate since the bar
+/// became one. (indicatif's `{bytes_per_sec}` is a 15 s moving average that starts at zero:
+/// a pull of a few seconds showed a tenth of its real rate.)
 pub(crate) fn bar_style() -> indicatif::ProgressStyle {
-    indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+    indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {mean_rate}")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "mean_rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let secs = s.elapsed().as_secs_f64();
+                if secs > 0.0 {
+                    let rate = (s.pos() as f64 / secs) as u64;
+                    let _ = write!(w, "{}/s", indicatif::HumanBytes(rate));
+                }
+            },
+        )
 }
 
 /// Passes writes on while hashing and counting what passed (fetches and OCI blobs).

@@ -856,6 +856,8 @@ pub fn pull(
     if let Some(b) = &p.progress {
         b.set_length(total);
         b.set_style(super::bar_style());
+        // The rate counts from here, not from the manifest requests.
+        b.reset_elapsed();
     }
     let mut files = Vec::new();
     for (i, (l, digest)) in layers.iter().zip(&digests).enumerate() {
