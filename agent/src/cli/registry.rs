@@ -47,6 +47,11 @@ pub struct LoginArgs {
     /// any image it opens).
     #[arg(long)]
     pub for_requestors: bool,
+    /// A token service on another host than the registry that may be sent this login
+    /// (`host[:port]`, e.g. `auth.docker.io` for `registry-1.docker.io`). Without it the
+    /// login goes to the registry's own origin only. Repeatable.
+    #[arg(long = "token-realm", value_name = "HOST[:PORT]")]
+    pub token_realms: Vec<String>,
     /// Speak plain HTTP to this (non-loopback) registry for the check.
     #[arg(long)]
     pub plain_http: bool,
@@ -77,12 +82,17 @@ pub fn run(ctx: &Ctx, cmd: RegistryCmd) -> anyhow::Result<Outcome> {
                 output::json(&entries)?;
                 return Ok(Outcome::Done);
             }
-            let mut t = Table::new(&["REGISTRY", "USERNAME", "FOR REQUESTORS"]);
+            let mut t = Table::new(&["REGISTRY", "USERNAME", "FOR REQUESTORS", "TOKEN REALMS"]);
             for e in &entries {
                 t.row(vec![
                     e.registry.clone(),
                     e.username.clone(),
                     if e.for_requestors { "yes" } else { "no" }.into(),
+                    if e.token_realms.is_empty() {
+                        "-".into()
+                    } else {
+                        e.token_realms.join(",")
+                    },
                 ]);
             }
             t.print();
@@ -115,7 +125,17 @@ fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<Outcome> {
         username: args.username,
         secret,
         for_requestors: args.for_requestors,
+        token_realms: args
+            .token_realms
+            .iter()
+            .map(|r| r.to_ascii_lowercase())
+            .collect(),
     };
+    for r in &credential.token_realms {
+        if r.is_empty() || r.contains(['/', '@', ' ']) {
+            anyhow::bail!("--token-realm `{r}` is not host or host:port");
+        }
+    }
     if !args.no_verify {
         let plain = if args.plain_http {
             vec![registry.clone()]

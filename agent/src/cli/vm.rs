@@ -155,6 +155,8 @@ fn run_one(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     // The image's bytes are verified before anything reads them as a tarball.
     let mut store = ImageStore::new(&ctx.data);
     store.plain_http = args.plain_http.clone();
+    // `--json` output is for programs, which want no progress bar even on a terminal.
+    store.progress = !ctx.json;
     let image = store
         .fetch(&args.image, expected.as_ref())
         .with_context(|| format!("image {}", args.image))?;

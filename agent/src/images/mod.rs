@@ -367,12 +367,14 @@ impl ImageStore {
         match http {
             Some((url, limits)) => {
                 let cap = limits.cap(fs4::available_space(&self.dir).ok());
-                let bar = self.progress_bar();
+                let bar = self.progress_bar("fetching image".into());
                 let mut progress = |len: Option<u64>, n: u64| {
                     if let Some(b) = &bar {
                         if n == 0 {
                             if let Some(len) = len {
                                 b.set_length(len);
+                                b.set_style(bar_style());
+                                b.reset_elapsed();
                             }
                         }
                         b.inc(n);
@@ -503,7 +505,7 @@ impl ImageStore {
             } else {
                 u64::MAX
             },
-            progress: self.progress_bar(),
+            progress: self.progress_bar(format!("pulling {}", r.repository)),
         };
         oci::pull(&mut reg, &top, &pull, &path)?;
         let bytes = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
@@ -543,21 +545,43 @@ impl ImageStore {
 }
 
 impl ImageStore {
-    /// A download's progress on stderr (hidden when stderr is not a terminal).
-    fn progress_bar(&self) -> Option<indicatif::ProgressBar> {
+    /// A download's progress on stderr. indicatif draws nothing when stderr is not a
+    /// terminal, so logs and pipes get no control characters; `--json` turns it off too.
+    /// It starts as a spinner with `message` (a length is not known before the registry's
+    /// manifest or the server's headers); [`bar_style`] takes over once it is.
+    fn progress_bar(&self, message: String) -> Option<indicatif::ProgressBar> {
         if !self.progress {
             return None;
         }
-        let bar = indicatif::ProgressBar::no_length();
+        // A pull that fails midway clears its bar too, so the error is not printed after a
+        // half-drawn line.
+        let bar =
+            indicatif::ProgressBar::no_length().with_finish(indicatif::ProgressFinish::AndClear);
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
-        ) {
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
             bar.set_style(style);
         }
-        bar.set_message("fetching image");
+        bar.set_message(message);
         Some(bar)
     }
+}
+
+/// A download of known length: message, bar, bytes, and the mean rate since the bar
+/// became one. (indicatif's `{bytes_per_sec}` is a 15 s moving average that starts at zero:
+/// a pull of a few seconds showed a tenth of its real rate.)
+pub(crate) fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {mean_rate}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "mean_rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let secs = s.elapsed().as_secs_f64();
+                if secs > 0.0 {
+                    let rate = (s.pos() as f64 / secs) as u64;
+                    let _ = write!(w, "{}/s", indicatif::HumanBytes(rate));
+                }
+            },
+        )
 }
 
 /// Passes writes on while hashing and counting what passed (fetches and OCI blobs).

@@ -28,6 +28,12 @@ pub struct Credential {
     /// Requestors' pulls may use it too.
     #[serde(default)]
     pub for_requestors: bool,
+    /// Token services on another origin than the registry (`host[:port]`, as Docker Hub's
+    /// `auth.docker.io`) that may be sent this login. Without one listed, the login goes
+    /// only to the registry's own origin: a registry's challenge must not be able to name
+    /// any host and have the operator's secret sent there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_realms: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -43,6 +49,7 @@ pub struct AuthEntry {
     pub registry: String,
     pub username: String,
     pub for_requestors: bool,
+    pub token_realms: Vec<String>,
 }
 
 pub fn auth_path(data: &DataDir) -> PathBuf {
@@ -129,6 +136,7 @@ impl AuthFile {
                 registry: r.clone(),
                 username: c.username.clone(),
                 for_requestors: c.for_requestors,
+                token_realms: c.token_realms.clone(),
             })
             .collect()
     }
@@ -142,6 +150,9 @@ pub enum Challenge {
         realm: String,
         service: Option<String>,
         scope: Option<String>,
+        /// RFC 6750's `error` (`invalid_token`, `insufficient_scope`), when the challenge
+        /// answers a token that was sent.
+        error: Option<String>,
     },
 }
 
@@ -188,6 +199,7 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
             realm: params.remove("realm")?,
             service: params.remove("service"),
             scope: params.remove("scope"),
+            error: params.remove("error"),
         }),
         _ => None,
     }
@@ -233,6 +245,7 @@ mod tests {
                 realm: "https://auth.example.com/token".into(),
                 service: Some("registry.example.com".into()),
                 scope: Some("repository:a/b:pull".into()),
+                error: None,
             })
         );
         assert_eq!(
@@ -245,6 +258,18 @@ mod tests {
                 realm: "http://127.0.0.1:1/t".into(),
                 service: Some("s\"x".into()),
                 scope: None,
+                error: None,
+            })
+        );
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="http://a/t",service="s",scope="repository:x:pull",error="insufficient_scope""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "http://a/t".into(),
+                service: Some("s".into()),
+                scope: Some("repository:x:pull".into()),
+                error: Some("insufficient_scope".into()),
             })
         );
         assert_eq!(parse_challenge("Bearer service=\"x\""), None, "no realm");
@@ -265,6 +290,7 @@ mod tests {
                 username: "u".into(),
                 secret: "s3cret".into(),
                 for_requestors: false,
+                token_realms: Vec::new(),
             },
         );
         f.save(&data, &lock).unwrap();

@@ -146,8 +146,11 @@ pub struct Registry<'a> {
     pub reference: &'a OciRef,
     base: Url,
     limits: &'a FetchLimits,
+    plain_http: Vec<String>,
     credential: Option<Credential>,
     authorization: Option<HeaderValue>,
+    /// Why the login was not sent to the token service (another origin, not listed).
+    withheld: Option<String>,
     login_only: bool,
 }
 
@@ -176,8 +179,10 @@ impl<'a> Registry<'a> {
             base: reference.base_url(plain_http),
             reference,
             limits,
+            plain_http: plain_http.to_vec(),
             credential,
             authorization: None,
+            withheld: None,
             login_only: false,
         }
     }
@@ -237,11 +242,7 @@ impl<'a> Registry<'a> {
                 return Ok((last, resp));
             }
             if tried_auth {
-                return Err(self.auth_error(if self.credential.is_some() {
-                    "the registry refused the login (run `provider registry login` again)"
-                } else {
-                    "the registry wants a login"
-                }));
+                return Err(self.refused_after_auth(&resp));
             }
             tried_auth = true;
             let challenge = resp
@@ -289,15 +290,12 @@ impl<'a> Registry<'a> {
                 realm,
                 service,
                 scope,
+                ..
             } => {
                 let mut url = Url::parse(realm).map_err(|e| {
                     self.auth_error(&format!("its token realm `{realm}` is not a URL ({e})"))
                 })?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(
-                        self.auth_error(&format!("its token realm `{realm}` is not http(s)"))
-                    );
-                }
+                self.check_realm(&url)?;
                 {
                     let mut q = url.query_pairs_mut();
                     if let Some(s) = service {
@@ -314,31 +312,38 @@ impl<'a> Registry<'a> {
                 }
                 let mut headers = HeaderMap::new();
                 if let Some(c) = &self.credential {
-                    // Credentials go over TLS, or to a registry the operator lets speak
-                    // plain HTTP (loopback or listed), never to another plain-HTTP host.
-                    let same_host = url.host_str() == self.base.host_str();
-                    if url.scheme() == "https" || (same_host && self.base.scheme() == "http") {
+                    if let Some(why) = self.withhold_from(&url, c) {
+                        tracing::warn!(%url, "{why}");
+                        self.withheld = Some(why);
+                    } else {
                         headers.insert(
                             AUTHORIZATION,
                             HeaderValue::from_str(&auth::basic_header(c)).map_err(|_| {
                                 self.auth_error("the login has bytes no header can carry")
                             })?,
                         );
-                    } else {
-                        tracing::warn!(%url, "not sending the registry login to a plain-HTTP token realm");
                     }
                 }
                 let (last, resp) = fetch::send(url, self.limits, &headers)?;
+                // A realm that redirects to plain HTTP elsewhere sends its token in clear
+                // (the login itself never follows a hop to another origin): not used.
+                if last.scheme() == "http" && !plain_http_ok(&last, &self.plain_http) {
+                    return Err(self.auth_error(&format!(
+                        "its token realm redirected to plain HTTP at {}, neither loopback nor listed as plain-HTTP; a token sent in clear is not used",
+                        origin_of(&last)
+                    )));
+                }
                 if resp.status() == reqwest::StatusCode::UNAUTHORIZED
                     || resp.status() == reqwest::StatusCode::FORBIDDEN
                 {
+                    let what = match (&self.credential, &self.withheld) {
+                        (Some(_), None) => "the login".to_owned(),
+                        (Some(_), Some(why)) => format!("an anonymous token ({why})"),
+                        (None, _) => "an anonymous token".to_owned(),
+                    };
                     return Err(self.auth_error(&format!(
-                        "its token service refused {} (HTTP {})",
-                        if self.credential.is_some() {
-                            "the login"
-                        } else {
-                            "an anonymous token"
-                        },
+                        "its token service {} refused {what} (HTTP {})",
+                        origin_of(&last),
                         resp.status()
                     )));
                 }
@@ -356,6 +361,76 @@ impl<'a> Registry<'a> {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// A token realm is spoken to over TLS, or over plain HTTP only where a registry would
+    /// be: loopback, or a host the operator lists in `plain_http`. A bearer token fetched
+    /// in clear could be read and replayed, so an unlisted plain-HTTP realm is refused,
+    /// with or without a login.
+    fn check_realm(&self, url: &Url) -> Result<(), ImageError> {
+        match url.scheme() {
+            "http" if !plain_http_ok(url, &self.plain_http) => Err(self.auth_error(&format!(
+                "its token realm {} is plain HTTP on a host that is neither loopback nor listed as plain-HTTP; a token fetched in clear is not asked for",
+                origin_of(url)
+            ))),
+            "http" | "https" => Ok(()),
+            other => Err(self.auth_error(&format!(
+                "its token realm `{url}` is `{other}`, not http(s)"
+            ))),
+        }
+    }
+
+    /// Why `c` must not go to the token service at `url`, if it must not: the login goes to
+    /// the registry's own origin (scheme, host, port), or to a realm the operator named at
+    /// login (`--token-realm`), nowhere else.
+    fn withhold_from(&self, url: &Url, c: &Credential) -> Option<String> {
+        if url.origin() == self.base.origin() {
+            return None;
+        }
+        let at = authority(url);
+        if c.token_realms.iter().any(|r| r.eq_ignore_ascii_case(&at)) {
+            return None;
+        }
+        Some(format!(
+            "the login for {} was not sent to the token service at {}, another origin than the registry's; `provider registry login {} --token-realm {at}` trusts it",
+            self.reference.registry,
+            origin_of(url),
+            self.reference.registry,
+        ))
+    }
+
+    /// The error for a `401` that answered the `Authorization` a challenge earned.
+    fn refused_after_auth(&self, resp: &reqwest::blocking::Response) -> ImageError {
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|h| h.to_str().ok())
+            .and_then(auth::parse_challenge);
+        let bearer_error = match &challenge {
+            Some(Challenge::Bearer { error, scope, .. }) => Some((error.clone(), scope.clone())),
+            _ => None,
+        };
+        match bearer_error {
+            Some((Some(e), scope)) if e == "insufficient_scope" => {
+                let wanted = scope.unwrap_or_else(|| format!("repository:{}:pull", self.reference.repository));
+                let who = match &self.credential {
+                    Some(c) if self.withheld.is_none() => format!("the login `{}`", c.username),
+                    _ => "an anonymous pull".to_owned(),
+                };
+                self.auth_error(&format!(
+                    "the token its token service issued does not grant `{wanted}` (the registry answered insufficient_scope): {who} may not pull {}",
+                    self.reference.repository
+                ))
+            }
+            Some((Some(e), _)) if e == "invalid_token" => self.auth_error(
+                "the registry did not accept the token its token service issued (invalid_token: a signature, issuer, audience or expiry it does not trust)",
+            ),
+            _ => self.auth_error(if self.credential.is_some() && self.withheld.is_none() {
+                "the registry refused the login (run `provider registry login` again)"
+            } else {
+                "the registry wants a login"
+            }),
         }
     }
 
@@ -510,6 +585,38 @@ impl<'a> Registry<'a> {
             })
             .cloned()
             .collect())
+    }
+}
+
+/// `host[:port]` of `url`, as registries and realms are named in settings.
+fn authority(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    }
+}
+
+/// `scheme://host[:port]`, for messages (never a query, which may carry a scope or more).
+fn origin_of(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+/// Whether `url` may be spoken to over plain HTTP: loopback (as registries are), or a
+/// `host[:port]` the operator listed.
+fn plain_http_ok(url: &Url, plain_http: &[String]) -> bool {
+    host_is_loopback(url)
+        || plain_http
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(&authority(url)))
+}
+
+fn host_is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
     }
 }
 
@@ -748,7 +855,9 @@ pub fn pull(
         .map_err(io_err("create a staging dir in", p.work))?;
     if let Some(b) = &p.progress {
         b.set_length(total);
-        b.set_message(format!("pulling {}", r.repository));
+        b.set_style(super::bar_style());
+        // The rate counts from here, not from the manifest requests.
+        b.reset_elapsed();
     }
     let mut files = Vec::new();
     for (i, (l, digest)) in layers.iter().zip(&digests).enumerate() {
@@ -765,8 +874,19 @@ pub fn pull(
         drop(w);
         files.push(path);
     }
+    // Unpacking and `mksquashfs` take seconds for a large image: a spinner says so rather
+    // than a full bar that seems stuck.
     if let Some(b) = &p.progress {
-        b.finish_and_clear();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            b.set_style(style);
+        }
+        b.set_message(format!(
+            "converting {} layer{} of {} into a squashfs",
+            layers.len(),
+            if layers.len() == 1 { "" } else { "s" },
+            r.repository
+        ));
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
     }
     let fetched = started.elapsed();
     let out_dir = out.parent().unwrap_or(Path::new("."));
@@ -783,6 +903,9 @@ pub fn pull(
     )?;
     for f in &files {
         let _ = fs::remove_file(f);
+    }
+    if let Some(b) = &p.progress {
+        b.finish_and_clear();
     }
     append_gvmi_trailer(&sqfs, &config_json)?;
     // The staging dir is in the store, so this is a rename; a store split over two file
@@ -837,6 +960,24 @@ mod tests {
     use super::*;
 
     const CPU_V3: &str = "flags\t: fpu cx16 lahf_lm popcnt sse4_1 sse4_2 ssse3 avx avx2 bmi1 bmi2 f16c fma movbe xsave\n";
+
+    #[test]
+    fn plain_http_is_for_loopback_and_listed_hosts_only() {
+        let ok = |u: &str, list: &[&str]| {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            plain_http_ok(&Url::parse(u).unwrap(), &list)
+        };
+        assert!(ok("http://127.0.0.2:5001/token", &[]));
+        assert!(ok("http://localhost/token", &[]));
+        assert!(ok("http://[::1]:80/token", &[]));
+        assert!(!ok("http://auth.example.com/token", &[]));
+        assert!(
+            !ok("http://10.0.0.5:5001/token", &["10.0.0.5"]),
+            "the port is part of it"
+        );
+        assert!(ok("http://10.0.0.5:5001/token", &["10.0.0.5:5001"]));
+        assert!(ok("http://Mirror.LAN/token", &["mirror.lan"]));
+    }
 
     #[test]
     fn x86_64_levels_come_from_the_flags() {
