@@ -1,0 +1,646 @@
+//! Warm start: boot the guest agent once into a snapshot, then start each job by
+//! restoring it (QEMU only; see `docs/payload-runtime.md`, "Warm start").
+//!
+//! - **Build** ([`SnapshotStore::build`]): QEMU boots the agent's initramfs with
+//!   `provider.warm=1` and *placeholder disks* on the slots a job's disks take (the image
+//!   read-only, the writable layer), so the restoring QEMU has the same PCI devices. The
+//!   agent loads every module but `virtio_blk`, so nothing reads a disk (virtio-blk reads a
+//!   disk's size once, at probe), opens the channel and parks. The host then `stop`s the VM
+//!   and migrates it (`migrate fd:`, the file handed over QMP `getfd`: a sandboxed QEMU may
+//!   neither open files nor spawn `cat`) into `state`. Files go to a temp dir, are fsynced,
+//!   hashed into `snapshot.json`, and the dir is renamed into place.
+//! - **Restore** ([`Snapshot::restore`]): a QEMU with the same machine, but the *job's*
+//!   disks on those slots, reads `state` as `-incoming fd:5` and runs on its own. The
+//!   migration stream holds no disk contents or sizes (a virtio-blk device's config space
+//!   is read from its backend whenever the guest reads it), so nothing is hot-plugged.
+//!   First on the channel the guest reads the job's [`WarmIdentity`] (a seed from the
+//!   host's CSPRNG, the clock, the job id, the profile's guest limits), then loads
+//!   `virtio_blk`, which finds the job's disks, and does its normal mount and overlay setup.
+//! - **Checked before use** ([`SnapshotStore::open`]): the key (kernel, agent, modules,
+//!   memory, vCPUs, QEMU binary and options, this format) names the directory, and every
+//!   file's SHA-256 must match `snapshot.json`. The hashes of a file are checked once per
+//!   process while its inode, size, mtime and ctime stay the same (any write changes
+//!   them).
+//!
+//! The QEMU of a restore is confined as a cold boot's: the job's runtime profile
+//! (Landlock, seccomp, cgroup), no network device; it may read the snapshot's directory.
+//!
+//! Why a migration stream and not file-backed RAM (`memory-backend-file`, `share=off`,
+//! `x-ignore-shared`), which restored faster here: QEMU 7.2 opens `mem-path` read-write
+//! even for a private mapping (read-only opening, `rom=`, came in 8.2), so Landlock would
+//! have to let every job's QEMU write the snapshot every later job maps. The bench
+//! (`warm_start`) measures both.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use channel::msg::{WarmIdentity, PARKED_LINE, SEED_BYTES};
+use openssl::hash::{Hasher, MessageDigest};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::qemu::{QemuMachine, QemuOptions, WarmLaunch};
+use crate::qmp::{Qmp, QmpError};
+use crate::{DiskSpec, GuestFiles, Machine, MachineSpec};
+
+/// Bump when the machine's arguments or the layout change: older snapshots stop matching.
+pub const FORMAT: u32 = 2;
+/// The files of a snapshot, all hashed.
+const FILES: [&str; 2] = ["initramfs.cpio", "state"];
+const MANIFEST: &str = "snapshot.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error("no warm-start snapshot at {0}")]
+    Missing(PathBuf),
+    #[error("the warm-start snapshot at {path} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("building the warm-start snapshot: {0}")]
+    Build(String),
+    #[error("restoring the warm-start snapshot: {0}")]
+    Restore(String),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Vm(#[from] crate::VmError),
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WarmError + 'a {
+    move |source| WarmError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `snapshot.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format: u32,
+    key: String,
+    mem_mib: u32,
+    cpus: u32,
+    cmdline: String,
+    /// The disk slots, in order: (serial, read-only). A job's disks must match them.
+    disks: Vec<(String, bool)>,
+    /// File name → SHA-256 (hex).
+    sha256: HashMap<String, String>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sha256_file(path: &Path) -> Result<String, WarmError> {
+    let mut f = File::open(path).map_err(io_err("open", path))?;
+    let mut h =
+        Hasher::new(MessageDigest::sha256()).map_err(|e| WarmError::Build(e.to_string()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err("read", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n])
+            .map_err(|e| WarmError::Build(e.to_string()))?;
+    }
+    Ok(hex(&h
+        .finish()
+        .map_err(|e| WarmError::Build(e.to_string()))?))
+}
+
+/// What identifies one version of a file without reading it: a write changes mtime and
+/// ctime, a replacement the inode.
+type FileId = (u64, u64, u64, i64, i64, i64, i64);
+
+fn file_id(m: &fs::Metadata) -> FileId {
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// Hashes computed in this process, by path, valid while the file's id is unchanged.
+static HASHES: Mutex<Option<HashMap<PathBuf, (FileId, String)>>> = Mutex::new(None);
+
+fn cached_sha256(path: &Path) -> Result<String, WarmError> {
+    let meta = fs::metadata(path).map_err(io_err("stat", path))?;
+    let id = file_id(&meta);
+    {
+        let cache = HASHES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, h)) = cache.as_ref().and_then(|c| c.get(path)) {
+            if *seen == id {
+                return Ok(h.clone());
+            }
+        }
+    }
+    let h = sha256_file(path)?;
+    HASHES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(path.to_owned(), (id, h.clone()));
+    Ok(h)
+}
+
+/// `snapshots/` in the data dir: one directory per key.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+}
+
+/// A snapshot that passed its checks.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    kernel: PathBuf,
+    manifest: Manifest,
+}
+
+/// What a snapshot is made from.
+#[derive(Debug, Clone)]
+pub struct SnapshotInputs {
+    pub files: GuestFiles,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    pub qemu: QemuOptions,
+}
+
+impl SnapshotInputs {
+    /// The key: a SHA-256 over the contents of the kernel, the agent and the modules, the
+    /// machine size, the QEMU binary (path, size, mtime) and options, and [`FORMAT`].
+    pub fn key(&self) -> Result<String, WarmError> {
+        let mut parts = vec![
+            format!("format {FORMAT}"),
+            format!("kernel {}", cached_sha256(&self.files.kernel)?),
+            format!("agent {}", cached_sha256(&self.files.agent)?),
+            format!("mem {} cpus {}", self.mem_mib, self.cpus),
+            format!("accel {:?} sandbox {}", self.qemu.accel, self.qemu.sandbox),
+        ];
+        let q = fs::metadata(&self.qemu.binary).map_err(io_err("stat", &self.qemu.binary))?;
+        parts.push(format!(
+            "qemu {} {} {}",
+            self.qemu.binary.display(),
+            q.size(),
+            q.mtime()
+        ));
+        if let Some(m) = &self.files.modules {
+            let order = m.join("order");
+            let text = fs::read_to_string(&order).map_err(io_err("read", &order))?;
+            for name in text.lines().filter(|l| !l.trim().is_empty()) {
+                parts.push(format!(
+                    "module {name} {}",
+                    cached_sha256(&m.join(name.trim()))?
+                ));
+            }
+        }
+        let mut h =
+            Hasher::new(MessageDigest::sha256()).map_err(|e| WarmError::Build(e.to_string()))?;
+        h.update(parts.join("\n").as_bytes())
+            .map_err(|e| WarmError::Build(e.to_string()))?;
+        Ok(hex(&h.finish().map_err(|e| WarmError::Build(e.to_string()))?)[..32].to_owned())
+    }
+}
+
+impl SnapshotStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path_for(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    /// The snapshot for `inputs`, checked: [`WarmError::Missing`] when there is none,
+    /// [`WarmError::Corrupt`] when a file's hash or the manifest does not match.
+    pub fn open(&self, inputs: &SnapshotInputs) -> Result<Snapshot, WarmError> {
+        let key = inputs.key()?;
+        let dir = self.path_for(&key);
+        let mpath = dir.join(MANIFEST);
+        let text = match fs::read(&mpath) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(WarmError::Missing(dir)),
+            Err(e) => return Err(io_err("read", &mpath)(e)),
+        };
+        let corrupt = |why: String| WarmError::Corrupt {
+            path: dir.clone(),
+            why,
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("{MANIFEST}: {e}")))?;
+        if manifest.format != FORMAT
+            || manifest.key != key
+            || manifest.mem_mib != inputs.mem_mib
+            || manifest.cpus != inputs.cpus
+        {
+            return Err(corrupt(format!(
+                "{MANIFEST} is for another machine (format {}, key {})",
+                manifest.format, manifest.key
+            )));
+        }
+        for f in FILES {
+            let want = manifest
+                .sha256
+                .get(f)
+                .ok_or_else(|| corrupt(format!("{MANIFEST} has no hash for {f}")))?;
+            let p = dir.join(f);
+            if !p.is_file() {
+                return Err(corrupt(format!("{f} is missing")));
+            }
+            let got = cached_sha256(&p)?;
+            if &got != want {
+                return Err(corrupt(format!(
+                    "{f} has SHA-256 {got}, {MANIFEST} says {want}"
+                )));
+            }
+        }
+        Ok(Snapshot {
+            dir,
+            kernel: inputs.files.kernel.clone(),
+            manifest,
+        })
+    }
+
+    /// [`SnapshotStore::open`], building the snapshot when it is missing or corrupt (a
+    /// corrupt one is logged and replaced, never used).
+    pub fn open_or_build(
+        &self,
+        inputs: &SnapshotInputs,
+        timeout: Duration,
+    ) -> Result<Snapshot, WarmError> {
+        match self.open(inputs) {
+            Ok(s) => Ok(s),
+            Err(e @ (WarmError::Missing(_) | WarmError::Corrupt { .. })) => {
+                tracing::warn!(reason = %e, "building the warm-start snapshot");
+                self.build(inputs, timeout)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Boots the agent, parks it and saves it (see the module docs). One build at a time
+    /// per store (a lock file); a build that finds a sound snapshot made meanwhile keeps it.
+    pub fn build(&self, inputs: &SnapshotInputs, timeout: Duration) -> Result<Snapshot, WarmError> {
+        use fs4::fs_std::FileExt;
+        fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
+        let lock_path = self.dir.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        lock.lock_exclusive().map_err(io_err("lock", &lock_path))?;
+        let key = inputs.key()?;
+        let tmp = self
+            .dir
+            .join(format!(".build-{}-{key}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+        let built = self.build_in(inputs, &key, &tmp, timeout);
+        let result = built.and_then(|manifest| {
+            let target = self.path_for(&key);
+            let old = self.dir.join(format!(".old-{}-{key}", std::process::id()));
+            if target.exists() {
+                // Jobs restoring from the old one keep their open files.
+                fs::rename(&target, &old).map_err(io_err("move aside", &target))?;
+            }
+            fs::rename(&tmp, &target).map_err(io_err("rename", &tmp))?;
+            let _ = fs::remove_dir_all(&old);
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("fsync", &self.dir))?;
+            Ok(Snapshot {
+                dir: target,
+                kernel: inputs.files.kernel.clone(),
+                manifest,
+            })
+        });
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        drop(lock);
+        result
+    }
+
+    fn build_in(
+        &self,
+        inputs: &SnapshotInputs,
+        key: &str,
+        tmp: &Path,
+        timeout: Duration,
+    ) -> Result<Manifest, WarmError> {
+        let started = Instant::now();
+        let initramfs = tmp.join("initramfs.cpio");
+        crate::initramfs::build_agent(
+            &initramfs,
+            &inputs.files.agent,
+            inputs.files.modules.as_deref(),
+        )
+        .map_err(|e| WarmError::Build(format!("the guest initramfs: {e}")))?;
+        let cmdline = crate::disk_cmdline(true);
+        let disks = placeholder_disks(tmp)?;
+        let spec = MachineSpec {
+            kernel: inputs.files.kernel.clone(),
+            initramfs: initramfs.clone(),
+            cmdline: cmdline.clone(),
+            mem_mib: inputs.mem_mib,
+            cpus: inputs.cpus,
+            job_dir: tmp.to_owned(),
+            console_log: tmp.join("console.log"),
+            disks: disks.clone(),
+            runtime: crate::runtime::RuntimeLimits::default(),
+        };
+        let mut machine = QemuMachine::launch_with(
+            &spec,
+            &inputs.qemu,
+            Some(WarmLaunch {
+                incoming: None,
+                read: Vec::new(),
+            }),
+        )?;
+        let fail = |m: &mut QemuMachine, why: String| {
+            let _ = m.kill();
+            WarmError::Build(format!("{why}{}", crate::console_tail(&spec.console_log)))
+        };
+        let mut chan = machine
+            .take_channel()
+            .ok_or_else(|| WarmError::Build("no channel".into()))?;
+        let qmp_sock = machine
+            .take_qmp()
+            .ok_or_else(|| WarmError::Build("no QMP monitor".into()))?;
+        chan.set_read_timeout(Some(timeout))
+            .map_err(io_err("set a timeout on the channel of", tmp))?;
+        let mut got = vec![0u8; PARKED_LINE.len()];
+        if let Err(e) = chan.read_exact(&mut got) {
+            return Err(fail(&mut machine, format!("the guest did not park: {e}")));
+        }
+        if got != PARKED_LINE {
+            return Err(fail(
+                &mut machine,
+                format!(
+                    "the guest wrote {:?}, not the parked line",
+                    String::from_utf8_lossy(&got)
+                ),
+            ));
+        }
+        let booted = started.elapsed();
+        let state_path = tmp.join("state");
+        let state = File::create(&state_path).map_err(io_err("create", &state_path))?;
+        let saved = (|| -> Result<(), WarmError> {
+            let mut q = Qmp::connect(qmp_sock, Duration::from_secs(30))?;
+            q.execute("stop", json!({}))?;
+            q.execute(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )?;
+            q.send_fd("snapshot", state.as_raw_fd())?;
+            q.execute("migrate", json!({"uri": "fd:snapshot"}))?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = q.execute("query-migrate", json!({}))?;
+                match r.get("status").and_then(|s| s.as_str()) {
+                    Some("completed") => break,
+                    Some("failed") | Some("cancelled") => {
+                        return Err(WarmError::Build(format!(
+                            "migration {}: {}",
+                            r["status"],
+                            r.get("error-desc").and_then(|d| d.as_str()).unwrap_or("")
+                        )))
+                    }
+                    _ if Instant::now() > deadline => {
+                        return Err(WarmError::Build(
+                            "migration did not complete in 60 s".into(),
+                        ))
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            let _ = q.execute("quit", json!({}));
+            Ok(())
+        })();
+        if let Err(e) = saved {
+            return Err(fail(&mut machine, e.to_string()));
+        }
+        let _ = machine.wait_timeout(Duration::from_secs(10));
+        let _ = machine.kill();
+        drop(chan);
+        for d in &disks {
+            let _ = fs::remove_file(&d.path);
+        }
+        // Only the snapshot's own files stay (and `console.log`, for a failed restore).
+        for junk in ["qemu.stderr", "confinement.txt"] {
+            let _ = fs::remove_file(tmp.join(junk));
+        }
+        state.sync_all().map_err(io_err("fsync", &state_path))?;
+        let mut sha256 = HashMap::new();
+        for f in FILES {
+            let p = tmp.join(f);
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("fsync", &p))?;
+            sha256.insert(f.to_owned(), cached_sha256(&p)?);
+        }
+        let manifest = Manifest {
+            format: FORMAT,
+            key: key.to_owned(),
+            mem_mib: inputs.mem_mib,
+            cpus: inputs.cpus,
+            cmdline,
+            disks: disks
+                .iter()
+                .map(|d| (d.serial.clone(), d.read_only))
+                .collect(),
+            sha256,
+        };
+        let mpath = tmp.join(MANIFEST);
+        let mut mf = File::create(&mpath).map_err(io_err("create", &mpath))?;
+        mf.write_all(
+            &serde_json::to_vec_pretty(&manifest).map_err(|e| WarmError::Build(e.to_string()))?,
+        )
+        .and_then(|_| mf.sync_all())
+        .map_err(io_err("write", &mpath))?;
+        File::open(tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync", tmp))?;
+        tracing::info!(
+            key,
+            boot_ms = booted.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "built the warm-start snapshot"
+        );
+        Ok(manifest)
+    }
+}
+
+/// The disks a snapshot is built with, on the slots a job's disks take
+/// ([`crate::job_disks`]): small files the guest never reads (it parks before it loads the
+/// disk driver). Their contents and sizes do not matter; the job's replace them.
+fn placeholder_disks(dir: &Path) -> Result<Vec<DiskSpec>, WarmError> {
+    let mut disks = Vec::new();
+    for (serial, read_only) in [(crate::ROOT_SERIAL, true), (crate::UPPER_SERIAL, false)] {
+        let path = dir.join(format!("placeholder-{serial}.img"));
+        let f = File::create(&path).map_err(io_err("create", &path))?;
+        f.set_len(1 << 20).map_err(io_err("size", &path))?;
+        disks.push(DiskSpec {
+            path,
+            serial: serial.into(),
+            read_only,
+        });
+    }
+    Ok(disks)
+}
+
+/// Where the time of a restore went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreTimes {
+    /// QEMU start → the restored VM runs.
+    pub restore: Duration,
+}
+
+impl Snapshot {
+    pub fn key(&self) -> &str {
+        &self.manifest.key
+    }
+
+    /// Where the snapshot's migration stream is.
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// A machine for the job `spec` (its disks, job dir, console and runtime profile; the
+    /// kernel, initramfs and command line are the snapshot's) restored from this snapshot,
+    /// with the job's disks on the snapshot's slots and its identity sent. Hand it to
+    /// [`crate::Vm::boot`] as a cold machine.
+    pub fn restore(
+        &self,
+        spec: &MachineSpec,
+        qemu: &QemuOptions,
+        job_id: &str,
+    ) -> Result<(Box<dyn Machine>, RestoreTimes), WarmError> {
+        let start = Instant::now();
+        let slots: Vec<(String, bool)> = spec
+            .disks
+            .iter()
+            .map(|d| (d.serial.clone(), d.read_only))
+            .collect();
+        if slots != self.manifest.disks
+            || spec.mem_mib != self.manifest.mem_mib
+            || spec.cpus != self.manifest.cpus
+        {
+            return Err(WarmError::Restore(format!(
+                "the job's machine ({} MiB, {} vCPUs, disks {slots:?}) is not the snapshot's \
+                 ({} MiB, {} vCPUs, disks {:?})",
+                spec.mem_mib,
+                spec.cpus,
+                self.manifest.mem_mib,
+                self.manifest.cpus,
+                self.manifest.disks
+            )));
+        }
+        let state_path = self.state_path();
+        let state = File::open(&state_path).map_err(io_err("open", &state_path))?;
+        let launch = MachineSpec {
+            kernel: self.kernel.clone(),
+            initramfs: self.dir.join("initramfs.cpio"),
+            cmdline: self.manifest.cmdline.clone(),
+            ..spec.clone()
+        };
+        let mut machine = QemuMachine::launch_with(
+            &launch,
+            qemu,
+            Some(WarmLaunch {
+                incoming: Some(state),
+                read: vec![self.dir.clone()],
+            }),
+        )?;
+        let mut chan = machine
+            .take_channel()
+            .ok_or_else(|| WarmError::Restore("no channel".into()))?;
+        let qmp_sock = machine
+            .take_qmp()
+            .ok_or_else(|| WarmError::Restore("no QMP monitor".into()))?;
+        let mut seed = [0u8; SEED_BYTES];
+        openssl::rand::rand_bytes(&mut seed).map_err(|e| WarmError::Restore(e.to_string()))?;
+        let identity = WarmIdentity {
+            seed: hex(&seed),
+            unix_nanos: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+            job_id: job_id.to_owned(),
+            read_only: spec.runtime.read_only_rootfs,
+            pids_max: spec.runtime.pids_max,
+        };
+        let result = (|| -> Result<RestoreTimes, WarmError> {
+            // Buffered in the socket until the guest reads it: the guest's first read
+            // after the restore.
+            chan.write_all(&identity.to_line())
+                .map_err(io_err("send the identity on the channel of", &spec.job_dir))?;
+            let mut q = Qmp::connect(qmp_sock, Duration::from_secs(30))?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = q.execute("query-status", json!({}))?;
+                match r.get("status").and_then(|s| s.as_str()) {
+                    Some("running") => break,
+                    // The snapshot was taken stopped, and the stream says so: once it is
+                    // loaded the VM waits for `cont` (the state is `inmigrate` until then).
+                    Some("paused") => {
+                        q.execute("cont", json!({}))?;
+                    }
+                    Some(s @ ("internal-error" | "shutdown" | "guest-panicked")) => {
+                        return Err(WarmError::Restore(format!("the VM is {s}")))
+                    }
+                    s if Instant::now() > deadline => {
+                        let m = q.execute("query-migrate", json!({})).unwrap_or_default();
+                        return Err(WarmError::Restore(format!(
+                            "the restore did not finish in 60 s (status {s:?}, migration {m})"
+                        )));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            Ok(RestoreTimes {
+                restore: start.elapsed(),
+            })
+        })();
+        match result {
+            Ok(times) => {
+                machine.put_channel(chan);
+                Ok((Box::new(machine), times))
+            }
+            Err(e) => {
+                let _ = machine.kill();
+                let stderr = fs::read_to_string(spec.job_dir.join("qemu.stderr"))
+                    .map(|t| format!("; qemu: {}", t.trim()))
+                    .unwrap_or_default();
+                Err(WarmError::Restore(format!(
+                    "{e}{stderr}{}",
+                    crate::console_tail(&spec.console_log)
+                )))
+            }
+        }
+    }
+}
