@@ -59,8 +59,15 @@ const MANIFEST: &str = "snapshot.json";
 pub enum WarmError {
     #[error("no warm-start snapshot at {0}")]
     Missing(PathBuf),
-    #[error("the warm-start snapshot at {path} is corrupt: {why}")]
+    #[error("the warm-start snapshot at {path} is invalid: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error("the warm-start snapshot at {path} fails its hash check: {file} has SHA-256 {got}, snapshot.json says {want}")]
+    HashMismatch {
+        path: PathBuf,
+        file: &'static str,
+        got: String,
+        want: String,
+    },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -271,9 +278,12 @@ impl SnapshotStore {
             }
             let got = cached_sha256(&p)?;
             if &got != want {
-                return Err(corrupt(format!(
-                    "{f} has SHA-256 {got}, {MANIFEST} says {want}"
-                )));
+                return Err(WarmError::HashMismatch {
+                    path: dir.clone(),
+                    file: f,
+                    got,
+                    want: want.clone(),
+                });
             }
         }
         Ok(Snapshot {
@@ -292,7 +302,11 @@ impl SnapshotStore {
     ) -> Result<Snapshot, WarmError> {
         match self.open(inputs) {
             Ok(s) => Ok(s),
-            Err(e @ (WarmError::Missing(_) | WarmError::Corrupt { .. })) => {
+            Err(
+                e @ (WarmError::Missing(_)
+                | WarmError::Corrupt { .. }
+                | WarmError::HashMismatch { .. }),
+            ) => {
                 tracing::warn!(reason = %e, "building the warm-start snapshot");
                 self.build(inputs, timeout)
             }
@@ -642,5 +656,142 @@ impl Snapshot {
                 )))
             }
         }
+    }
+}
+
+/// What a job starts from, and why (the job's log says it).
+#[derive(Debug)]
+pub enum Start {
+    /// Restore this snapshot.
+    Warm(Snapshot),
+    /// Boot cold; the reason.
+    Cold(String),
+}
+
+#[derive(Debug, Default)]
+struct BuildState {
+    building: bool,
+    /// The key whose build or restore failed, and why: not retried in this process (the
+    /// inputs must change, or `provider vm snapshot` be run).
+    failed: Option<(String, String)>,
+}
+
+/// The daemon's warm start: one snapshot for the jobs' machine (built on first use, in
+/// the background, so that job boots cold as it would have anyway), checked before every
+/// restore and rebuilt when it is missing or fails its checks.
+#[derive(Debug, Clone)]
+pub struct WarmStart {
+    store: SnapshotStore,
+    inputs: SnapshotInputs,
+    boot_timeout: Duration,
+    state: std::sync::Arc<Mutex<BuildState>>,
+}
+
+impl WarmStart {
+    pub fn new(store: SnapshotStore, inputs: SnapshotInputs, boot_timeout: Duration) -> Self {
+        Self {
+            store,
+            inputs,
+            boot_timeout,
+            state: Default::default(),
+        }
+    }
+
+    pub fn inputs(&self) -> &SnapshotInputs {
+        &self.inputs
+    }
+
+    pub fn store(&self) -> &SnapshotStore {
+        &self.store
+    }
+
+    /// Hashes the snapshot's files in the background (once per process), so the first
+    /// job's check reads nothing. A missing or broken snapshot is left for the first job.
+    pub fn prime(&self) {
+        let me = self.clone();
+        std::thread::spawn(move || match me.store.open(&me.inputs) {
+            Ok(s) => tracing::info!(key = s.key(), "warm-start snapshot checked"),
+            Err(e) => tracing::info!("warm start: {e}"),
+        });
+    }
+
+    /// The snapshot for the next job if a sound one exists, else why it boots cold. A
+    /// missing or invalid snapshot is never used; [`WarmStart::rebuild_in_background`]
+    /// replaces it.
+    pub fn choose(&self) -> Start {
+        let why = match self.store.open(&self.inputs) {
+            Ok(s) => {
+                let failed = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                match &failed.failed {
+                    Some((k, why)) if k == s.key() => why.clone(),
+                    _ => return Start::Warm(s),
+                }
+            }
+            Err(WarmError::Missing(_)) => "no warm-start snapshot yet".to_owned(),
+            Err(e @ WarmError::HashMismatch { .. }) => format!("hash mismatch: {e}"),
+            Err(e @ WarmError::Corrupt { .. }) => format!("invalid snapshot: {e}"),
+            Err(e) => format!("the snapshot cannot be checked: {e}"),
+        };
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let next = if st.building {
+            "; one is being built"
+        } else if st.failed.is_some() {
+            "; not rebuilt in this process (see the earlier failure)"
+        } else {
+            "; rebuilding it in the background"
+        };
+        Start::Cold(format!("cold boot: {why}{next}"))
+    }
+
+    /// Builds the snapshot in a thread unless one is being built, is sound, or failed to
+    /// build here already.
+    pub fn rebuild_in_background(&self) {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.building || st.failed.is_some() {
+                return;
+            }
+            st.building = true;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let r = me
+                .store
+                .open(&me.inputs)
+                .or_else(|_| me.store.build(&me.inputs, me.boot_timeout));
+            let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.building = false;
+            match r {
+                Ok(s) => tracing::info!(key = s.key(), dir = %s.dir.display(), "warm-start snapshot ready"),
+                Err(e) => {
+                    tracing::warn!("the warm-start snapshot could not be built; jobs boot cold: {e}");
+                    st.failed = Some((
+                        me.inputs.key().unwrap_or_default(),
+                        format!("the snapshot could not be built: {e}"),
+                    ));
+                }
+            }
+        });
+    }
+
+    /// A restore of `snap` failed: later jobs boot cold until the snapshot is rebuilt.
+    pub fn restore_failed(&self, snap: &Snapshot, why: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.failed = Some((
+            snap.key().to_owned(),
+            format!("a restore of snapshot {} failed: {why}", snap.key()),
+        ));
+    }
+
+    /// Waits until no build runs (tests, `provider vm snapshot`'s callers).
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.state.lock().unwrap_or_else(|p| p.into_inner()).building {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 }
