@@ -171,7 +171,10 @@ fn snapshot(ctx: &Ctx, args: SnapshotArgs) -> anyhow::Result<Outcome> {
     cfg.warm_start = true;
     let jobs = crate::daemon::job_config(&cfg, &ctx.data)?;
     let Some(warm) = jobs.warm else {
-        anyhow::bail!("warm start needs the QEMU backend; this host's jobs run under {}", jobs.backend.describe());
+        anyhow::bail!(
+            "warm start needs the QEMU backend; this host's jobs run under {}",
+            jobs.backend.describe()
+        );
     };
     let (store, inputs) = (warm.store(), warm.inputs());
     let kept = if args.rebuild {
@@ -180,7 +183,12 @@ fn snapshot(ctx: &Ctx, args: SnapshotArgs) -> anyhow::Result<Outcome> {
         store.open(inputs).map_err(|e| e.to_string())
     };
     let (snap, built, reason, build_ms) = match kept {
-        Ok(s) => (s, false, "a sound snapshot exists (its hashes match)".to_owned(), None),
+        Ok(s) => (
+            s,
+            false,
+            "a sound snapshot exists (its hashes match)".to_owned(),
+            None,
+        ),
         Err(why) => {
             let started = Instant::now();
             let s = store

@@ -327,6 +327,16 @@ impl SnapshotStore {
             .open(&lock_path)
             .map_err(io_err("open", &lock_path))?;
         lock.lock_exclusive().map_err(io_err("lock", &lock_path))?;
+        // Under the lock no other build runs: what a killed build or swap left goes.
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".build-") || name.starts_with(".old-") {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let key = inputs.key()?;
         let tmp = self
             .dir
@@ -762,9 +772,13 @@ impl WarmStart {
             let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
             st.building = false;
             match r {
-                Ok(s) => tracing::info!(key = s.key(), dir = %s.dir.display(), "warm-start snapshot ready"),
+                Ok(s) => {
+                    tracing::info!(key = s.key(), dir = %s.dir.display(), "warm-start snapshot ready")
+                }
                 Err(e) => {
-                    tracing::warn!("the warm-start snapshot could not be built; jobs boot cold: {e}");
+                    tracing::warn!(
+                        "the warm-start snapshot could not be built; jobs boot cold: {e}"
+                    );
                     st.failed = Some((
                         me.inputs.key().unwrap_or_default(),
                         format!("the snapshot could not be built: {e}"),
@@ -786,7 +800,12 @@ impl WarmStart {
     /// Waits until no build runs (tests, `provider vm snapshot`'s callers).
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while self.state.lock().unwrap_or_else(|p| p.into_inner()).building {
+        while self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .building
+        {
             if Instant::now() > deadline {
                 return false;
             }
