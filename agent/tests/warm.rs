@@ -44,12 +44,8 @@ fn shared() -> Option<&'static Shared> {
     S.get_or_init(|| {
         let env = vm_env()?;
         let dir = tempfile::tempdir().unwrap();
-        // WARM_TEST_DIR: keep the snapshot where one can look at it.
-        let root = std::env::var_os("WARM_TEST_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| dir.path().to_owned());
-        let image = env.disk_image(&root);
-        let store = SnapshotStore::new(root.join("snapshots"));
+        let image = env.disk_image(dir.path());
+        let store = SnapshotStore::new(dir.path().join("snapshots"));
         store
             .build(&inputs(&env), Duration::from_secs(180))
             .unwrap_or_else(|e| panic!("build the snapshot: {e}"));
@@ -63,11 +59,19 @@ fn shared() -> Option<&'static Shared> {
     .as_ref()
 }
 
-/// A job restored from the shared snapshot, with its own disks in `job`.
-fn restore(s: &Shared, job: &Path, id: &str) -> Vm {
+/// A job restored from the shared snapshot, with its own disks in `job` (a writable layer
+/// of `upper_mib`) and the runtime profile `runtime`.
+fn restore(
+    s: &Shared,
+    job: &Path,
+    id: &str,
+    upper_mib: u64,
+    runtime: vm::runtime::RuntimeLimits,
+) -> Vm {
     let snap = s.store.open(&inputs(&s.env)).expect("a sound snapshot");
-    let mut spec = vm::disk_machine(&s.env.files(), &s.image, 64 << 20, MEM_MIB, 1, job).unwrap();
-    spec.runtime = vm::runtime::RuntimeLimits::default();
+    let mut spec =
+        vm::disk_machine(&s.env.files(), &s.image, upper_mib << 20, MEM_MIB, 1, job).unwrap();
+    spec.runtime = runtime;
     let (machine, _) = snap
         .restore(&spec, &qemu(&s.env), id)
         .unwrap_or_else(|e| panic!("restore: {e}"));
@@ -86,34 +90,73 @@ fn sh(guest: &Vm, script: &str) -> (Option<i32>, String) {
     )
 }
 
-/// Two jobs restored from one snapshot see their own disks (the image's files, a fresh
-/// writable layer of the job's size, not the placeholders) and get different random bytes
-/// and boot ids.
+/// The snapshot was built with 1 MiB placeholders on the disk slots; restored jobs see
+/// their own disks (the image's files; writable layers of 64 and 96 MiB, the size QEMU's
+/// incoming side gives, not the placeholder's), get different random bytes and boot ids,
+/// and each gets its own runtime profile's guest limits (sent with the identity, since
+/// the snapshot's command line is every job's).
 #[test]
-fn restored_jobs_use_their_own_disks_and_get_fresh_entropy() {
+fn restored_jobs_use_their_own_disks_profile_and_entropy() {
     let Some(s) = shared() else { return };
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = restore(s, a_dir.path(), "job-a");
-    let b = restore(s, b_dir.path(), "job-b");
-    let probe = "cat /proc/sys/kernel/random/boot_id; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-                 cat /sys/block/vdb/size /sys/block/vda/size; echo written > /w; cat /w; ls /bin/busybox";
+    let a = restore(s, a_dir.path(), "job-a", 64, Default::default());
+    let strict = vm::runtime::RuntimeLimits {
+        read_only_rootfs: true,
+        pids_max: Some(32),
+        ..Default::default()
+    };
+    let b = restore(s, b_dir.path(), "job-b", 96, strict);
+    let probe = "cat /proc/sys/kernel/random/boot_id; \
+                 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                 for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); done; \
+                 ls /bin/busybox; (echo written > /w && cat /w) 2>&1 | head -1; \
+                 (i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done; echo forked $i) 2>&1 | tail -1";
     let (ca, oa) = sh(&a, probe);
     let (cb, ob) = sh(&b, probe);
     assert_eq!((ca, cb), (Some(0), Some(0)), "{oa}\n{ob}");
     let la: Vec<&str> = oa.lines().collect();
     let lb: Vec<&str> = ob.lines().collect();
-    eprintln!("a: {la:?}\nb: {lb:?}");
+    assert_eq!(la.len(), 7, "{oa}");
+    assert_eq!(lb.len(), 7, "{ob}");
     assert_ne!(la[0], lb[0], "the same boot_id");
     assert_ne!(la[1], lb[1], "the same random bytes");
-    assert_eq!(la[1].len(), 64);
+    assert_eq!(la[1].len(), 64, "{oa}");
+    // 512-byte sectors: the job's writable layer, not the 2048 of the placeholder.
+    assert!(la[2..4].contains(&"upper 131072"), "{oa}");
+    assert!(lb[2..4].contains(&"upper 196608"), "{ob}");
+    let image_sectors = std::fs::metadata(&s.image.path).unwrap().len() / 512;
+    assert!(
+        la[2..4].contains(&format!("root {image_sectors}").as_str()),
+        "{oa}"
+    );
+    assert_eq!(la[4], "/bin/busybox");
+    assert_eq!(la[5], "written", "{oa}");
+    assert!(lb[5].contains("Read-only file system"), "{ob}");
+    assert_eq!(la[6], "forked 40", "{oa}");
+    assert!(
+        lb[6].contains("can't fork"),
+        "pids_max 32 did not hold: {ob}"
+    );
+    // The restoring QEMU is confined as a cold boot's.
+    let conf = std::fs::read_to_string(b_dir.path().join("confinement.txt")).unwrap();
+    assert!(conf.contains("guest: read-only root file system"), "{conf}");
     a.shutdown(Duration::from_secs(20)).unwrap();
     b.shutdown(Duration::from_secs(20)).unwrap();
 }
 
-/// A snapshot file whose bytes changed is refused by its hash.
+/// A job whose disks are not on the snapshot's slots is refused before any QEMU starts.
 #[test]
-fn a_corrupted_snapshot_is_refused() {
+fn a_machine_unlike_the_snapshot_is_refused() {
     let Some(s) = shared() else { return };
-    let _ = WarmError::Missing(Default::default());
-    let _ = s;
+    let snap = s.store.open(&inputs(&s.env)).expect("a sound snapshot");
+    let job = tempfile::tempdir().unwrap();
+    let mut spec =
+        vm::disk_machine(&s.env.files(), &s.image, 16 << 20, MEM_MIB, 1, job.path()).unwrap();
+    spec.disks.pop();
+    match snap.restore(&spec, &qemu(&s.env), "job-x") {
+        Err(WarmError::Restore(why)) => assert!(why.contains("is not the snapshot's"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("restored with one disk"),
+    }
+    assert!(!job.path().join("qemu.stderr").exists());
 }
