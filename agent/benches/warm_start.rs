@@ -1,10 +1,12 @@
 //! `cargo bench -p provider --bench warm_start`: job start (image → first byte of a
 //! command's output) on the disk path, cold boot against a restore of the warm-start
 //! snapshot (`vm::warm`), rounds interleaved so load from elsewhere hits both alike; with
-//! the breakdown of the warm path (prepare, restore, hot-plug, agent setup to ready, first
-//! command). Needs what `vm_boot` needs.
+//! the breakdown of the warm path (prepare, restore, agent setup to ready, first command),
+//! for guest RAM copied from the migration stream and mapped from a file (private
+//! copy-on-write per job). Needs what `vm_boot` needs.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -12,10 +14,10 @@ use std::time::{Duration, Instant};
 use provider::images::ImageStore;
 use provider::store::DataDir;
 use vm::qemu::QemuOptions;
-use vm::warm::{SnapshotInputs, SnapshotStore};
+use vm::warm::{RamMode, SnapshotInputs, SnapshotStore};
 use vm::{Backend, RunSpec, Vm};
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 5;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -92,9 +94,55 @@ fn echo(guest: &Vm, start: Instant) -> Duration {
 struct Warm {
     prepare: Duration,
     restore: Duration,
-    hotplug: Duration,
     ready: Duration,
     first_byte: Duration,
+    /// Resident memory of the restored QEMU (RSS, anonymous, file-backed) once ready.
+    rss: (u64, u64, u64),
+}
+
+/// `VmRSS`, `RssAnon`, `RssFile` of `pid` in KiB.
+fn rss(pid: Option<u32>) -> (u64, u64, u64) {
+    let Some(pid) = pid else { return (0, 0, 0) };
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("RssAnon:"), get("RssFile:"))
+}
+
+fn warm_round(
+    snaps: &SnapshotStore,
+    inputs: &SnapshotInputs,
+    files: &vm::GuestFiles,
+    disk: &vm::rootfs::DiskImage,
+    opts: &QemuOptions,
+    round: usize,
+) -> Warm {
+    let job = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let snap = snaps.open(inputs).unwrap();
+    let spec = vm::disk_machine(files, disk, 1 << 30, 512, 1, job.path()).unwrap();
+    let prepare = start.elapsed();
+    let (machine, times) = snap
+        .restore(&spec, opts, &format!("bench-{round}"))
+        .unwrap_or_else(|e| panic!("restore ({:?}): {e}", inputs.ram));
+    let pid = machine.pid();
+    let guest = Vm::boot(machine, Duration::from_secs(60), vm::refuse_streams()).unwrap();
+    let ready = start.elapsed();
+    let first_byte = echo(&guest, start);
+    let rss = rss(pid);
+    guest.shutdown(Duration::from_secs(20)).unwrap();
+    Warm {
+        prepare,
+        restore: times.restore,
+        ready: ready - prepare - times.restore,
+        first_byte,
+        rss,
+    }
 }
 
 fn main() {
@@ -128,20 +176,7 @@ fn main() {
     let store = ImageStore::new(&DataDir::new(dir.path().join("data")));
     let stored = store.fetch(image.to_str().unwrap(), None).unwrap();
     let disk = store.disk_image(&stored, 1 << 30).unwrap();
-    let inputs = SnapshotInputs {
-        files: files.clone(),
-        mem_mib: 512,
-        cpus: 1,
-        qemu: opts.clone(),
-    };
     let snaps = SnapshotStore::new(dir.path().join("data/snapshots"));
-    let mark = Instant::now();
-    let snap = snaps.build(&inputs, Duration::from_secs(180)).unwrap();
-    let build = mark.elapsed();
-    let state = std::fs::metadata(snap.dir.join("state")).unwrap().len();
-    let mark = Instant::now();
-    let _ = snaps.open(&inputs).unwrap();
-    let verify_cached = mark.elapsed();
     println!(
         "warm_start: {} ({}), kernel {}, 512 MiB, 1 vCPU, {ROUNDS} rounds; load average {}",
         choice.reason,
@@ -151,15 +186,42 @@ fn main() {
             .unwrap_or_default()
             .trim()
     );
-    println!(
-        "snapshot: built in {}, state stream {:.0} MB; open (hashes cached) {}",
-        ms(build),
-        state as f64 / 1e6,
-        ms(verify_cached)
-    );
+    let modes = [RamMode::Stream, RamMode::SharedFile];
+    let mut inputs = Vec::new();
+    for ram in modes {
+        let i = SnapshotInputs {
+            files: files.clone(),
+            mem_mib: 512,
+            cpus: 1,
+            qemu: opts.clone(),
+            ram,
+        };
+        let mark = Instant::now();
+        let snap = snaps.build(&i, Duration::from_secs(180)).unwrap();
+        let build = mark.elapsed();
+        let size = |f: &str| {
+            std::fs::metadata(snap.dir.join(f))
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0) as f64
+                / 1e6
+        };
+        // Hashing every file anew, as the first job after a daemon start does.
+        let mark = Instant::now();
+        let _ = snaps.open(&i).unwrap();
+        let verify_cached = mark.elapsed();
+        println!(
+            "snapshot ({ram:?}): built in {}, state {:.1} MB, ram file {:.1} MB on disk; \
+             open with hashes cached {}",
+            ms(build),
+            size("state"),
+            size("ram"),
+            ms(verify_cached)
+        );
+        inputs.push(i);
+    }
 
     let mut cold = Vec::new();
-    let mut warm = Vec::new();
+    let mut warm: Vec<Vec<Warm>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 0..ROUNDS {
         let job = tempfile::tempdir().unwrap();
         let start = Instant::now();
@@ -172,67 +234,58 @@ fn main() {
         .unwrap();
         cold.push(echo(&guest, start));
         guest.shutdown(Duration::from_secs(20)).unwrap();
-
-        let job = tempfile::tempdir().unwrap();
-        let start = Instant::now();
-        let snap = snaps.open(&inputs).unwrap();
-        let disks = vm::job_disks(&disk, 1 << 30, job.path()).unwrap();
-        let spec = vm::MachineSpec {
-            kernel: kernel.clone(),
-            initramfs: PathBuf::new(),
-            cmdline: String::new(),
-            mem_mib: 512,
-            cpus: 1,
-            job_dir: job.path().to_owned(),
-            console_log: job.path().join("console.log"),
-            disks,
-        };
-        let prepare = start.elapsed();
-        let (machine, times) = snap
-            .restore(&spec, &opts, &format!("bench-{round}"))
-            .unwrap();
-        let guest = Vm::boot(machine, Duration::from_secs(60), vm::refuse_streams()).unwrap();
-        let ready = start.elapsed();
-        let first_byte = echo(&guest, start);
-        warm.push(Warm {
-            prepare,
-            restore: times.restore,
-            hotplug: times.hotplug,
-            ready: ready - prepare - times.restore - times.hotplug,
-            first_byte,
-        });
-        guest.shutdown(Duration::from_secs(20)).unwrap();
+        for (m, i) in inputs.iter().enumerate() {
+            warm[m].push(warm_round(&snaps, i, &files, &disk, &opts, round));
+        }
     }
-    let m = |f: fn(&Warm) -> Duration| ms(median(warm.iter().map(f).collect()));
-    println!("{:<52} {:>10}", "median", "");
+    println!("{:<56} {:>10}", "median", "");
     println!(
-        "{:<52} {:>10}",
-        "cold: start → first byte of `echo`",
+        "{:<56} {:>10}",
+        "cold: job start → first byte of `echo`",
         ms(median(cold))
     );
-    println!(
-        "{:<52} {:>10}",
-        "warm: start → first byte of `echo`",
-        m(|w| w.first_byte)
-    );
-    println!(
-        "{:<52} {:>10}",
-        "  warm: open snapshot + writable layer",
-        m(|w| w.prepare)
-    );
-    println!(
-        "{:<52} {:>10}",
-        "  warm: QEMU start → restored VM running",
-        m(|w| w.restore)
-    );
-    println!(
-        "{:<52} {:>10}",
-        "  warm: hot-plug the two disks (QMP)",
-        m(|w| w.hotplug)
-    );
-    println!(
-        "{:<52} {:>10}",
-        "  warm: agent reseed, disks, mounts → ready",
-        m(|w| w.ready)
-    );
+    for (m, ram) in modes.iter().enumerate() {
+        let w = &warm[m];
+        let med = |f: fn(&Warm) -> Duration| ms(median(w.iter().map(f).collect()));
+        println!(
+            "{:<56} {:>10}",
+            format!("warm ({ram:?}): job start → first byte of `echo`"),
+            med(|w| w.first_byte)
+        );
+        println!(
+            "{:<56} {:>10}",
+            "  open snapshot (hashes cached), initramfs, writable layer",
+            med(|w| w.prepare)
+        );
+        println!(
+            "{:<56} {:>10}",
+            "  QEMU start → restored VM running",
+            med(|w| w.restore)
+        );
+        println!(
+            "{:<56} {:>10}",
+            "  agent: reseed, virtio_blk, mounts → ready",
+            med(|w| w.ready)
+        );
+        let (r, a, f) = w[w.len() / 2].rss;
+        println!(
+            "{:<56} {:>10}",
+            "  QEMU resident once ready (RSS / anon / file, MiB)",
+            format!("{} / {} / {}", r / 1024, a / 1024, f / 1024)
+        );
+    }
+    let all: Vec<String> = warm
+        .iter()
+        .zip(modes)
+        .map(|(w, m)| {
+            format!(
+                "{m:?} [{}]",
+                w.iter()
+                    .map(|x| format!("{:.0}", x.first_byte.as_secs_f64() * 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        })
+        .collect();
+    println!("every round (ms): {}", all.join("; "));
 }

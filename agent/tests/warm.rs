@@ -27,6 +27,7 @@ fn inputs(env: &VmEnv) -> SnapshotInputs {
         mem_mib: MEM_MIB,
         cpus: 1,
         qemu: qemu(env),
+        ram: vm::warm::RamMode::Stream,
     }
 }
 

@@ -137,9 +137,9 @@ fn last_start(data: &Path) -> String {
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     audit
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == "job" && v["phase"] == "started")
-        .last()
+        .find(|v| v["event"] == "job" && v["phase"] == "started")
         .map(|v| v["start"].as_str().unwrap_or("(no start field)").to_owned())
         .expect("a started job")
 }

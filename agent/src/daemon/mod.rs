@@ -421,6 +421,7 @@ pub(crate) fn job_config(c: &DaemonConfig, data: &DataDir) -> anyhow::Result<Job
                     mem_mib: c.mem_mib,
                     cpus: c.cpus,
                     qemu: qemu.clone(),
+                    ram: vm::warm::RamMode::Stream,
                 },
                 c.boot_timeout,
             );

@@ -54,16 +54,24 @@ const INCOMING_FD: i32 = 5;
 
 /// What a warm-start machine adds to a cold one (see `crate::warm`): a QMP monitor, the
 /// `vmgenid` device and, when restoring, the saved machine (RAM and devices).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct WarmLaunch {
     /// Restoring: the snapshot's migration stream, read as `-incoming fd:5`.
     pub incoming: Option<File>,
+    /// Wait for QMP `migrate-incoming` instead of reading `incoming` at once
+    /// (`-incoming defer`: capabilities are set first).
+    pub defer_incoming: bool,
     /// Paths QEMU may read beyond the spec's (the snapshot's files).
     pub read: Vec<PathBuf>,
+    /// Paths QEMU may write beyond the job dir (file-backed RAM, which QEMU 7.2 opens
+    /// read-write even for a private mapping).
+    pub write: Vec<PathBuf>,
+    /// File-backed guest RAM: `-object memory-backend-file,mem-path=…,share=…`.
+    pub ram_file: Option<(PathBuf, bool)>,
 }
 
 /// The arguments a warm-start machine adds to [`args`].
-pub fn warm_args(warm: &WarmLaunch) -> Vec<String> {
+pub fn warm_args(warm: &WarmLaunch, mem_mib: u32) -> Vec<String> {
     let mut a: Vec<String> = vec![
         // Tells the guest kernel it was restored (its vmgenid driver reseeds the CRNG);
         // a new id per QEMU start.
@@ -74,12 +82,28 @@ pub fn warm_args(warm: &WarmLaunch) -> Vec<String> {
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
     ];
-    if warm.incoming.is_some() {
+    if let Some((path, share)) = &warm.ram_file {
+        a.push("-object".into());
+        a.push(format!(
+            "memory-backend-file,id=warm-ram,size={mem_mib}M,mem-path={},share={}",
+            qemu_escape(&path.display().to_string()),
+            if *share { "on" } else { "off" }
+        ));
+        a.push("-machine".into());
+        a.push("memory-backend=warm-ram".into());
+    }
+    if warm.defer_incoming {
+        a.push("-incoming".into());
+        a.push("defer".into());
+    } else if warm.incoming.is_some() {
         a.push("-incoming".into());
         a.push(format!("fd:{INCOMING_FD}"));
     }
     a
 }
+
+/// The incoming migration's fd in a restoring QEMU (for `migrate-incoming fd:N`).
+pub const INCOMING: i32 = INCOMING_FD;
 
 /// The full argument list (tests and the docs show it).
 pub fn args(spec: &MachineSpec, opts: &QemuOptions) -> Vec<String> {
@@ -187,7 +211,7 @@ impl QemuMachine {
         let mut cmd = Command::new(&opts.binary);
         cmd.args(args(spec, opts));
         if let Some(w) = &warm {
-            cmd.args(warm_args(w));
+            cmd.args(warm_args(w, spec.mem_mib));
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,6 +230,7 @@ impl QemuMachine {
         if let Some(policy) = policy.as_mut() {
             if let Some(w) = &warm {
                 policy.read.extend(w.read.iter().cloned());
+                policy.write.extend(w.write.iter().cloned());
             }
             for d in &spec.disks {
                 if d.read_only {

@@ -51,8 +51,33 @@ use crate::{DiskSpec, GuestFiles, Machine, MachineSpec};
 
 /// Bump when the machine's arguments or the layout change: older snapshots stop matching.
 pub const FORMAT: u32 = 2;
-/// The files of a snapshot, all hashed.
-const FILES: [&str; 2] = ["initramfs.cpio", "state"];
+/// The files of a snapshot, all hashed (and `ram` with [`RamMode::SharedFile`]).
+const FILES: [&str; 3] = ["initramfs.cpio", "state", "ram"];
+
+/// Where a snapshot's guest RAM is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RamMode {
+    /// In the migration stream (`state`), copied into each job's anonymous RAM. What the
+    /// daemon uses.
+    #[default]
+    Stream,
+    /// In a file of its own (`ram`): the build's RAM is `memory-backend-file,share=on` and
+    /// migrates with `x-ignore-shared`, so `state` holds the devices only; each job maps the
+    /// file `share=off`, a private copy-on-write view. Measured by the `warm_start` bench,
+    /// not used by the daemon: QEMU 7.2 opens `mem-path` read-write even for a private
+    /// mapping, so every job's QEMU could write the file every later job maps.
+    SharedFile,
+}
+
+impl RamMode {
+    fn files(self) -> &'static [&'static str] {
+        match self {
+            RamMode::Stream => &FILES[..2],
+            RamMode::SharedFile => &FILES[..],
+        }
+    }
+}
 const MANIFEST: &str = "snapshot.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +126,7 @@ struct Manifest {
     mem_mib: u32,
     cpus: u32,
     cmdline: String,
+    ram: RamMode,
     /// The disk slots, in order: (serial, read-only). A job's disks must match them.
     disks: Vec<(String, bool)>,
     /// File name → SHA-256 (hex).
@@ -189,6 +215,7 @@ pub struct SnapshotInputs {
     pub mem_mib: u32,
     pub cpus: u32,
     pub qemu: QemuOptions,
+    pub ram: RamMode,
 }
 
 impl SnapshotInputs {
@@ -199,7 +226,7 @@ impl SnapshotInputs {
             format!("format {FORMAT}"),
             format!("kernel {}", cached_sha256(&self.files.kernel)?),
             format!("agent {}", cached_sha256(&self.files.agent)?),
-            format!("mem {} cpus {}", self.mem_mib, self.cpus),
+            format!("mem {} cpus {} ram {:?}", self.mem_mib, self.cpus, self.ram),
             format!("accel {:?} sandbox {}", self.qemu.accel, self.qemu.sandbox),
         ];
         let q = fs::metadata(&self.qemu.binary).map_err(io_err("stat", &self.qemu.binary))?;
@@ -261,13 +288,14 @@ impl SnapshotStore {
             || manifest.key != key
             || manifest.mem_mib != inputs.mem_mib
             || manifest.cpus != inputs.cpus
+            || manifest.ram != inputs.ram
         {
             return Err(corrupt(format!(
                 "{MANIFEST} is for another machine (format {}, key {})",
                 manifest.format, manifest.key
             )));
         }
-        for f in FILES {
+        for &f in manifest.ram.files() {
             let want = manifest
                 .sha256
                 .get(f)
@@ -401,8 +429,8 @@ impl SnapshotStore {
             &spec,
             &inputs.qemu,
             Some(WarmLaunch {
-                incoming: None,
-                read: Vec::new(),
+                ram_file: (inputs.ram == RamMode::SharedFile).then(|| (tmp.join("ram"), true)),
+                ..WarmLaunch::default()
             }),
         )?;
         let fail = |m: &mut QemuMachine, why: String| {
@@ -436,6 +464,13 @@ impl SnapshotStore {
         let saved = (|| -> Result<(), WarmError> {
             let mut q = Qmp::connect(qmp_sock, Duration::from_secs(30))?;
             q.execute("stop", json!({}))?;
+            if inputs.ram == RamMode::SharedFile {
+                // The RAM is in the file already (a shared mapping): only devices go.
+                q.execute(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+                )?;
+            }
             q.execute(
                 "migrate-set-parameters",
                 json!({"max-bandwidth": 8u64 << 30}),
@@ -480,7 +515,7 @@ impl SnapshotStore {
         }
         state.sync_all().map_err(io_err("fsync", &state_path))?;
         let mut sha256 = HashMap::new();
-        for f in FILES {
+        for &f in inputs.ram.files() {
             let p = tmp.join(f);
             File::open(&p)
                 .and_then(|f| f.sync_all())
@@ -493,6 +528,7 @@ impl SnapshotStore {
             mem_mib: inputs.mem_mib,
             cpus: inputs.cpus,
             cmdline,
+            ram: inputs.ram,
             disks: disks
                 .iter()
                 .map(|d| (d.serial.clone(), d.read_only))
@@ -595,9 +631,19 @@ impl Snapshot {
         let mut machine = QemuMachine::launch_with(
             &launch,
             qemu,
-            Some(WarmLaunch {
-                incoming: Some(state),
-                read: vec![self.dir.clone()],
+            Some(match self.manifest.ram {
+                RamMode::Stream => WarmLaunch {
+                    incoming: Some(state),
+                    read: vec![self.dir.clone()],
+                    ..WarmLaunch::default()
+                },
+                RamMode::SharedFile => WarmLaunch {
+                    incoming: Some(state),
+                    defer_incoming: true,
+                    read: vec![self.dir.clone()],
+                    write: vec![self.dir.join("ram")],
+                    ram_file: Some((self.dir.join("ram"), false)),
+                },
             }),
         )?;
         let mut chan = machine
@@ -624,6 +670,16 @@ impl Snapshot {
             chan.write_all(&identity.to_line())
                 .map_err(io_err("send the identity on the channel of", &spec.job_dir))?;
             let mut q = Qmp::connect(qmp_sock, Duration::from_secs(30))?;
+            if self.manifest.ram == RamMode::SharedFile {
+                q.execute(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+                )?;
+                q.execute(
+                    "migrate-incoming",
+                    json!({"uri": format!("fd:{}", crate::qemu::INCOMING)}),
+                )?;
+            }
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let r = q.execute("query-status", json!({}))?;
