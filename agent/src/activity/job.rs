@@ -772,7 +772,7 @@ fn launch(
             return cold("cold boot: warm start needs the QEMU backend".into())
         }
     };
-    let result = match warm.choose() {
+    let result = match warm.choose(spec.mem_mib, spec.cpus) {
         vm::warm::Start::Warm(snap) => match snap.restore(spec, opts, activity_id) {
             Ok((machine, times)) => {
                 let line = format!(
@@ -795,7 +795,7 @@ fn launch(
         },
         vm::warm::Start::Cold(why) => {
             let r = cold(why);
-            warm.rebuild_in_background();
+            warm.rebuild_in_background(spec.mem_mib, spec.cpus);
             r
         }
     };

@@ -736,18 +736,22 @@ pub enum Start {
 
 #[derive(Debug, Default)]
 struct BuildState {
-    building: bool,
-    /// The key whose build or restore failed, and why: not retried in this process (the
-    /// inputs must change, or `provider vm snapshot` be run).
-    failed: Option<(String, String)>,
+    /// Machine sizes (MiB, vCPUs) whose snapshot is being built.
+    building: std::collections::HashSet<(u32, u32)>,
+    /// Keys whose build or restore failed, and why: not retried in this process (the
+    /// inputs must change, or `provider vm snapshot --rebuild` be run and the daemon
+    /// restarted).
+    failed: HashMap<String, String>,
 }
 
-/// The daemon's warm start: one snapshot for the jobs' machine (built on first use, in
-/// the background, so that job boots cold as it would have anyway), checked before every
-/// restore and rebuilt when it is missing or fails its checks.
+/// The daemon's warm start: one snapshot per job machine size (a job's memory and vCPUs
+/// are its agreement's), built on first use in the background, so that job boots cold as
+/// it would have anyway; checked before every restore and rebuilt when it is missing or
+/// fails its checks.
 #[derive(Debug, Clone)]
 pub struct WarmStart {
     store: SnapshotStore,
+    /// The inputs of the daemon's default job size; other sizes differ in memory and vCPUs.
     inputs: SnapshotInputs,
     boot_timeout: Duration,
     state: std::sync::Arc<Mutex<BuildState>>,
@@ -763,16 +767,31 @@ impl WarmStart {
         }
     }
 
+    /// The inputs of the default job size.
     pub fn inputs(&self) -> &SnapshotInputs {
         &self.inputs
+    }
+
+    /// The inputs of a job of `mem_mib` and `cpus`.
+    pub fn inputs_for(&self, mem_mib: u32, cpus: u32) -> SnapshotInputs {
+        SnapshotInputs {
+            mem_mib,
+            cpus,
+            ..self.inputs.clone()
+        }
     }
 
     pub fn store(&self) -> &SnapshotStore {
         &self.store
     }
 
-    /// Hashes the snapshot's files in the background (once per process), so the first
-    /// job's check reads nothing. A missing or broken snapshot is left for the first job.
+    fn state(&self) -> std::sync::MutexGuard<'_, BuildState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hashes the default size's snapshot files in the background (once per process), so
+    /// the first job's check reads nothing. A missing or broken snapshot is left for the
+    /// first job.
     pub fn prime(&self) {
         let me = self.clone();
         std::thread::spawn(move || match me.store.open(&me.inputs) {
@@ -781,27 +800,26 @@ impl WarmStart {
         });
     }
 
-    /// The snapshot for the next job if a sound one exists, else why it boots cold. A
-    /// missing or invalid snapshot is never used; [`WarmStart::rebuild_in_background`]
-    /// replaces it.
-    pub fn choose(&self) -> Start {
-        let why = match self.store.open(&self.inputs) {
-            Ok(s) => {
-                let failed = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                match &failed.failed {
-                    Some((k, why)) if k == s.key() => why.clone(),
-                    _ => return Start::Warm(s),
-                }
-            }
+    /// The snapshot for a job of `mem_mib` and `cpus` if a sound one exists, else why it
+    /// boots cold. A missing or invalid snapshot is never used;
+    /// [`WarmStart::rebuild_in_background`] replaces it.
+    pub fn choose(&self, mem_mib: u32, cpus: u32) -> Start {
+        let inputs = self.inputs_for(mem_mib, cpus);
+        let why = match self.store.open(&inputs) {
+            Ok(s) => match self.state().failed.get(s.key()) {
+                Some(why) => why.clone(),
+                None => return Start::Warm(s),
+            },
             Err(WarmError::Missing(_)) => "no warm-start snapshot yet".to_owned(),
             Err(e @ WarmError::HashMismatch { .. }) => format!("hash mismatch: {e}"),
             Err(e @ WarmError::Corrupt { .. }) => format!("invalid snapshot: {e}"),
             Err(e) => format!("the snapshot cannot be checked: {e}"),
         };
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let next = if st.building {
+        let st = self.state();
+        let key = inputs.key().unwrap_or_default();
+        let next = if st.building.contains(&(mem_mib, cpus)) {
             "; one is being built"
-        } else if st.failed.is_some() {
+        } else if st.failed.contains_key(&key) {
             "; not rebuilt in this process (see the earlier failure)"
         } else {
             "; rebuilding it in the background"
@@ -809,64 +827,51 @@ impl WarmStart {
         Start::Cold(format!("cold boot: {why}{next}"))
     }
 
-    /// Builds the snapshot in a thread unless one is being built, is sound, or failed to
-    /// build here already.
-    pub fn rebuild_in_background(&self) {
+    /// Builds the snapshot of a job of `mem_mib` and `cpus` in a thread unless one is
+    /// being built, is sound, or failed here already.
+    pub fn rebuild_in_background(&self, mem_mib: u32, cpus: u32) {
+        let inputs = self.inputs_for(mem_mib, cpus);
+        let key = inputs.key().unwrap_or_default();
         {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if st.building || st.failed.is_some() {
+            let mut st = self.state();
+            if st.failed.contains_key(&key) || !st.building.insert((mem_mib, cpus)) {
                 return;
             }
-            st.building = true;
         }
         let me = self.clone();
         std::thread::spawn(move || {
             let r = me
                 .store
-                .open(&me.inputs)
-                .or_else(|_| me.store.build(&me.inputs, me.boot_timeout));
-            let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.building = false;
+                .open(&inputs)
+                .or_else(|_| me.store.build(&inputs, me.boot_timeout));
+            let mut st = me.state();
+            st.building.remove(&(mem_mib, cpus));
             match r {
-                Ok(s) => {
-                    tracing::info!(key = s.key(), dir = %s.dir.display(), "warm-start snapshot ready")
-                }
+                Ok(s) => tracing::info!(
+                    key = s.key(),
+                    dir = %s.dir.display(),
+                    mem_mib,
+                    cpus,
+                    "warm-start snapshot ready"
+                ),
                 Err(e) => {
                     tracing::warn!(
+                        mem_mib,
+                        cpus,
                         "the warm-start snapshot could not be built; jobs boot cold: {e}"
                     );
-                    st.failed = Some((
-                        me.inputs.key().unwrap_or_default(),
-                        format!("the snapshot could not be built: {e}"),
-                    ));
+                    st.failed
+                        .insert(key, format!("the snapshot could not be built: {e}"));
                 }
             }
         });
     }
 
-    /// A restore of `snap` failed: later jobs boot cold until the snapshot is rebuilt.
+    /// A restore of `snap` failed: later jobs of its size boot cold.
     pub fn restore_failed(&self, snap: &Snapshot, why: &str) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.failed = Some((
+        self.state().failed.insert(
             snap.key().to_owned(),
             format!("a restore of snapshot {} failed: {why}", snap.key()),
-        ));
-    }
-
-    /// Waits until no build runs (tests, `provider vm snapshot`'s callers).
-    pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .building
-        {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        true
+        );
     }
 }
