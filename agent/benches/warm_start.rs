@@ -98,6 +98,19 @@ struct Warm {
     first_byte: Duration,
     /// Resident memory of the restored QEMU (RSS, anonymous, file-backed) once ready.
     rss: (u64, u64, u64),
+    /// The guest's own line: reseed, + virtio_blk, + disks mounted (ms since the identity).
+    guest: Option<(u64, u64, u64)>,
+}
+
+/// The restored guest's `reseed A ms, virtio_blk B ms, disks mounted C ms` console line.
+fn guest_phases(console: &Path) -> Option<(u64, u64, u64)> {
+    let text = std::fs::read_to_string(console).ok()?;
+    let line = text.lines().find(|l| l.contains("disks mounted"))?;
+    let num = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.trim_start().split(' ').next()?.parse().ok()
+    };
+    Some((num("reseed")?, num("virtio_blk")?, num("disks mounted")?))
 }
 
 /// `VmRSS`, `RssAnon`, `RssFile` of `pid` in KiB.
@@ -136,7 +149,9 @@ fn warm_round(
     let first_byte = echo(&guest, start);
     let rss = rss(pid);
     guest.shutdown(Duration::from_secs(20)).unwrap();
+    let guest = guest_phases(&job.path().join("console.log"));
     Warm {
+        guest,
         prepare,
         restore: times.restore,
         ready: ready - prepare - times.restore,
@@ -205,13 +220,14 @@ fn main() {
                 .unwrap_or(0) as f64
                 / 1e6
         };
-        // Hashing every file anew, as the first job after a daemon start does.
+        // The build hashed the files under their temp dir's path, so this hashes them again,
+        // as the first check after a daemon start does.
         let mark = Instant::now();
         let _ = snaps.open(&i).unwrap();
         let verify_cached = mark.elapsed();
         println!(
             "snapshot ({ram:?}): built in {}, state {:.1} MB, ram file {:.1} MB on disk; \
-             open with hashes cached {}",
+             first open (hashes every file) {}",
             ms(build),
             size("state"),
             size("ram"),
@@ -267,6 +283,19 @@ fn main() {
             "  agent: reseed, virtio_blk, mounts → ready",
             med(|w| w.ready)
         );
+        let phases: Vec<(u64, u64, u64)> = w.iter().filter_map(|x| x.guest).collect();
+        if !phases.is_empty() {
+            let med = |f: fn(&(u64, u64, u64)) -> u64| {
+                let mut v: Vec<u64> = phases.iter().map(f).collect();
+                v.sort();
+                v[v.len() / 2]
+            };
+            println!(
+                "{:<56} {:>10}",
+                "    guest: reseed / +virtio_blk / +disks mounted (ms)",
+                format!("{} / {} / {}", med(|p| p.0), med(|p| p.1), med(|p| p.2))
+            );
+        }
         let (r, a, f) = w[w.len() / 2].rss;
         println!(
             "{:<56} {:>10}",

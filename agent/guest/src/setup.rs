@@ -144,21 +144,33 @@ pub fn setup() -> io::Result<File> {
                     vport::PORT_WAIT,
                 )?;
                 let id = warm::park(&mut port)?;
+                let restored = std::time::Instant::now();
                 warm::apply(&id, "/dev/urandom")?;
                 // The job's profile, which the snapshot's command line cannot carry.
                 boot.read_only = id.read_only;
                 boot.pids_max = id.pids_max;
-                eprintln!(
-                    "provider-guest: restored from a snapshot for job {}",
-                    id.job_id
-                );
+                let reseeded = restored.elapsed();
                 if have_mods {
                     modules::load_matching(mods, |n| n == modules::DISK_DRIVER)?;
                 }
+                let driver = restored.elapsed();
                 let node_name = node.file_name().map(|n| n.to_owned()).unwrap_or_default();
                 parked = Some((port, node_name));
+                let writable =
+                    disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?;
+                // On the console, where the bench and an operator find where a restore's
+                // time went (one short line: the UART is slow under TCG).
+                eprintln!(
+                    "provider-guest: restored for job {}: reseed {} ms, virtio_blk {} ms, disks mounted {} ms",
+                    id.job_id,
+                    reseeded.as_millis(),
+                    driver.as_millis(),
+                    restored.elapsed().as_millis()
+                );
+                writable
+            } else {
+                disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?
             }
-            disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?
         }
     };
     early.finish()?;
