@@ -781,8 +781,12 @@ fn launch(
                     times.restore.as_millis()
                 );
                 let vm = Vm::boot(machine, config.boot_timeout, bridge.handler());
-                if let Err(e) = &vm {
-                    warm.restore_failed(&snap, &e.to_string());
+                match &vm {
+                    // The agent explained why it stopped (an image that does not mount,
+                    // …): this job's doing, not the snapshot's, and no reason for a
+                    // requestor's bad image to turn warm start off for everyone.
+                    Err(vm::VmError::Boot { setup: Some(_), .. }) | Ok(_) => {}
+                    Err(e) => warm.restore_failed(&snap, &e.to_string()),
                 }
                 (vm, line)
             }

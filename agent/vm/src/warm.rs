@@ -381,6 +381,7 @@ impl SnapshotStore {
             }
             fs::rename(&tmp, &target).map_err(io_err("rename", &tmp))?;
             let _ = fs::remove_dir_all(&old);
+            self.remove_superseded(&manifest);
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("fsync", &self.dir))?;
@@ -395,6 +396,38 @@ impl SnapshotStore {
         }
         drop(lock);
         result
+    }
+
+    /// Removes the snapshots this one replaces: those for the same machine size and RAM
+    /// mode under another key (an older kernel, agent or QEMU: they can never match again)
+    /// and those of another format. Jobs restoring from one keep their open files.
+    fn remove_superseded(&self, current: &Manifest) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == current.key {
+                continue;
+            }
+            let superseded = match fs::read(e.path().join(MANIFEST))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
+            {
+                Some(m) => {
+                    m.format != FORMAT
+                        || (m.mem_mib == current.mem_mib
+                            && m.cpus == current.cpus
+                            && m.ram == current.ram)
+                }
+                // Unreadable under this format: an older layout.
+                None => e.path().join(MANIFEST).exists(),
+            };
+            if superseded {
+                tracing::info!(key = %name, "removing a superseded warm-start snapshot");
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     fn build_in(
@@ -873,5 +906,114 @@ impl WarmStart {
             snap.key().to_owned(),
             format!("a restore of snapshot {} failed: {why}", snap.key()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inputs made of small files (no QEMU runs): the key only reads and stats them.
+    fn inputs(dir: &Path) -> SnapshotInputs {
+        for f in ["vmlinuz", "agent"] {
+            fs::write(dir.join(f), f.as_bytes()).unwrap();
+        }
+        SnapshotInputs {
+            files: GuestFiles {
+                kernel: dir.join("vmlinuz"),
+                modules: None,
+                agent: dir.join("agent"),
+            },
+            mem_mib: 256,
+            cpus: 1,
+            qemu: QemuOptions {
+                binary: dir.join("agent"),
+                accel: crate::Accel::Tcg,
+                sandbox: true,
+            },
+            ram: RamMode::Stream,
+        }
+    }
+
+    /// A snapshot directory as a build leaves it, for `inputs`.
+    fn fake_snapshot(store: &SnapshotStore, inputs: &SnapshotInputs) -> PathBuf {
+        let key = inputs.key().unwrap();
+        let dir = store.path_for(&key);
+        fs::create_dir_all(&dir).unwrap();
+        let mut sha256 = HashMap::new();
+        for f in RamMode::Stream.files() {
+            fs::write(dir.join(f), format!("contents of {f}")).unwrap();
+            sha256.insert(f.to_string(), sha256_file(&dir.join(f)).unwrap());
+        }
+        let m = Manifest {
+            format: FORMAT,
+            key,
+            mem_mib: inputs.mem_mib,
+            cpus: inputs.cpus,
+            cmdline: "x".into(),
+            ram: inputs.ram,
+            disks: vec![("root".into(), true), ("upper".into(), false)],
+            sha256,
+        };
+        fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_snapshot_is_used_only_while_every_hash_and_the_key_match() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(tmp.path().join("snapshots"));
+        let inputs = inputs(tmp.path());
+        assert!(matches!(store.open(&inputs), Err(WarmError::Missing(_))));
+        let dir = fake_snapshot(&store, &inputs);
+        store.open(&inputs).expect("sound");
+        // One changed byte of the state (a write changes its mtime and ctime, so the
+        // cached hash is not reused).
+        let mut state = fs::read(dir.join("state")).unwrap();
+        state[3] ^= 1;
+        std::thread::sleep(Duration::from_millis(10));
+        fs::write(dir.join("state"), &state).unwrap();
+        match store.open(&inputs) {
+            Err(WarmError::HashMismatch { file, .. }) => assert_eq!(file, "state"),
+            other => panic!("{other:?}"),
+        }
+        // Another vCPU count is another key: no snapshot, not this one.
+        let other = SnapshotInputs {
+            cpus: 2,
+            ..inputs.clone()
+        };
+        assert!(matches!(store.open(&other), Err(WarmError::Missing(_))));
+        // A manifest that does not parse is invalid, not missing.
+        fs::write(dir.join(MANIFEST), b"{").unwrap();
+        assert!(matches!(
+            store.open(&inputs),
+            Err(WarmError::Corrupt { .. })
+        ));
+        // A changed agent changes the key.
+        let key = inputs.key().unwrap();
+        fs::write(tmp.path().join("agent"), b"agent v2").unwrap();
+        assert_ne!(inputs.key().unwrap(), key);
+    }
+
+    #[test]
+    fn a_new_snapshot_removes_those_it_supersedes_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(tmp.path().join("snapshots"));
+        let inputs = inputs(tmp.path());
+        let old = fake_snapshot(&store, &inputs);
+        let other_size = fake_snapshot(
+            &store,
+            &SnapshotInputs {
+                mem_mib: 512,
+                ..inputs.clone()
+            },
+        );
+        fs::write(tmp.path().join("agent"), b"agent v2").unwrap();
+        let new = fake_snapshot(&store, &inputs);
+        assert_ne!(old, new);
+        let m: Manifest = serde_json::from_slice(&fs::read(new.join(MANIFEST)).unwrap()).unwrap();
+        store.remove_superseded(&m);
+        assert!(!old.exists(), "the old agent's snapshot of this size stays");
+        assert!(new.exists() && other_size.exists());
     }
 }
