@@ -1,5 +1,6 @@
-//! `provider vm run` (one command in a fresh VM) and `provider vm selftest` (what this
-//! host offers and which backend `auto` picks).
+//! `provider vm run` (one command in a fresh VM), `provider vm selftest` (what this
+//! host offers and which backend `auto` picks) and `provider vm snapshot` (build the
+//! daemon's warm-start snapshot ahead, `vm::warm`).
 
 use std::io::Write as _;
 use std::path::PathBuf;
