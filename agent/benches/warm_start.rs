@@ -98,11 +98,11 @@ struct Warm {
     first_byte: Duration,
     /// Resident memory of the restored QEMU (RSS, anonymous, file-backed) once ready.
     rss: (u64, u64, u64),
-    /// The guest's own line: reseed, + virtio_blk, + disks mounted (ms since the identity).
+    /// The guest's own line: reseed, + disks probed, + disks mounted (ms since the identity).
     guest: Option<(u64, u64, u64)>,
 }
 
-/// The restored guest's `reseed A ms, virtio_blk B ms, disks mounted C ms` console line.
+/// The restored guest's `reseed A ms, disks probed B ms, disks mounted C ms` console line.
 fn guest_phases(console: &Path) -> Option<(u64, u64, u64)> {
     let text = std::fs::read_to_string(console).ok()?;
     let line = text.lines().find(|l| l.contains("disks mounted"))?;
@@ -110,7 +110,7 @@ fn guest_phases(console: &Path) -> Option<(u64, u64, u64)> {
         let rest = &line[line.find(key)? + key.len()..];
         rest.trim_start().split(' ').next()?.parse().ok()
     };
-    Some((num("reseed")?, num("virtio_blk")?, num("disks mounted")?))
+    Some((num("reseed")?, num("disks probed")?, num("disks mounted")?))
 }
 
 /// `VmRSS`, `RssAnon`, `RssFile` of `pid` in KiB.
@@ -292,7 +292,7 @@ fn main() {
             };
             println!(
                 "{:<56} {:>10}",
-                "    guest: reseed / +virtio_blk / +disks mounted (ms)",
+                "    guest: reseed / +disks probed / +disks mounted (ms)",
                 format!("{} / {} / {}", med(|p| p.0), med(|p| p.1), med(|p| p.2))
             );
         }

@@ -143,6 +143,10 @@ fn restored_jobs_use_their_own_disks_profile_and_entropy() {
     assert!(conf.contains("guest: read-only root file system"), "{conf}");
     a.shutdown(Duration::from_secs(20)).unwrap();
     b.shutdown(Duration::from_secs(20)).unwrap();
+    for d in [&a_dir, &b_dir] {
+        let console = std::fs::read_to_string(d.path().join("console.log")).unwrap();
+        eprintln!("{}", console.trim());
+    }
 }
 
 /// A job whose disks are not on the snapshot's slots is refused before any QEMU starts.

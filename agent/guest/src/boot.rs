@@ -7,7 +7,7 @@
 //! | `provider.channel=NAME` | the host channel is the virtio-serial port named `NAME` | the channel is `/dev/ttyS1` |
 //! | `provider.ro=1` | the payload's `/` is read-only (the runtime profile's `read_only_rootfs`) | `/` is writable |
 //! | `provider.pids=N` | the payload's processes are in a pids cgroup of `N` tasks | no pids limit |
-//! | `provider.warm=1` | boot into a warm-start snapshot: open the channel, park until the host sends a [`channel::msg::WarmIdentity`] (after a restore), and only then load `virtio_blk` and read the disks (the job's, on the snapshot's slots) | a cold boot |
+//! | `provider.warm=1` | boot into a warm-start snapshot: open the channel, unbind the placeholder disks from `virtio_blk`, park until the host sends a [`channel::msg::WarmIdentity`] (after a restore), then bind them again, which probes the job's disks on those slots | a cold boot |
 //!
 //! Disks are named by their virtio serial (`-device virtio-blk-pci,serial=…`, read from
 //! `/sys/block/vd*/serial`), not by `vda`/`vdb`, whose letters follow probe order.

@@ -35,13 +35,9 @@ pub fn parse_order(text: &str) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-/// The disk driver, which a warm-start guest loads only after its restore (see
-/// [`crate::warm`]): `virtio_blk` reads a disk's size once, when it probes it.
-pub const DISK_DRIVER: &str = "virtio_blk.ko";
-
-/// Loads the modules `dir/order` lists whose file name `wanted` accepts, in order; returns
-/// how many were loaded (not counting those already in the kernel).
-pub fn load_matching(dir: &Path, wanted: impl Fn(&str) -> bool) -> io::Result<usize> {
+/// Loads every module `dir/order` lists, in order; returns how many were loaded (not
+/// counting those already in the kernel).
+pub fn load_all(dir: &Path) -> io::Result<usize> {
     let read = |name: &str| {
         fs::read_to_string(dir.join(name))
             .map_err(|e| io::Error::new(e.kind(), format!("read {}/{name}: {e}", dir.display())))
@@ -64,7 +60,7 @@ pub fn load_matching(dir: &Path, wanted: impl Fn(&str) -> bool) -> io::Result<us
         }
     }
     let mut loaded = 0;
-    for name in names.iter().filter(|n| wanted(n)) {
+    for name in &names {
         let path = dir.join(name);
         let file = File::open(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
@@ -130,12 +126,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("order"), "nonexistent_module.ko\n").unwrap();
         fs::write(dir.path().join("release"), "0.0.0-not-this-kernel\n").unwrap();
-        let e = load_matching(dir.path(), |_| true).unwrap_err().to_string();
+        let e = load_all(dir.path()).unwrap_err().to_string();
         assert!(e.contains("for kernel 0.0.0-not-this-kernel"), "{e}");
         // Without a release file, a missing module file fails on open (nothing is loaded
         // on the test host).
         fs::remove_file(dir.path().join("release")).unwrap();
-        let e = load_matching(dir.path(), |_| true).unwrap_err().to_string();
+        let e = load_all(dir.path()).unwrap_err().to_string();
         assert!(
             e.contains("open") && e.contains("nonexistent_module.ko"),
             "{e}"

@@ -94,12 +94,8 @@ pub fn setup() -> io::Result<File> {
     let mut boot = BootConfig::parse(&cmdline).map_err(io::Error::other)?;
     let root = boot.root().map_err(io::Error::other)?;
     let mods = Path::new(modules::MODULES_DIR);
-    let have_mods = mods.join("order").exists();
-    // A warm guest boots with placeholder disks on the job's slots and must not probe them
-    // before its snapshot: the disk driver comes after the restore, with the job's disks.
-    let deferred = |name: &str| boot.warm && name == modules::DISK_DRIVER;
-    if have_mods {
-        modules::load_matching(mods, |n| !deferred(n))?;
+    if mods.join("order").exists() {
+        modules::load_all(mods)?;
     }
     let mut parked = None;
     let writable = match &root {
@@ -125,15 +121,27 @@ pub fn setup() -> io::Result<File> {
             Vec::new()
         }
         Root::Disks { image, upper } => {
-            early.mount("sysfs", "/sys", nosuid | MsFlags::MS_RDONLY, None)?;
+            // A warm guest unbinds and binds its disks through sysfs. The first mount sets
+            // the superblock's flags, so it is writable here; the payload's own sysfs
+            // mount is read-only by its mount flag either way.
+            let sys_flags = if boot.warm {
+                nosuid
+            } else {
+                nosuid | MsFlags::MS_RDONLY
+            };
+            early.mount("sysfs", "/sys", sys_flags, None)?;
             early.mount("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
             if boot.warm {
                 // The snapshot is taken while this waits; what follows runs per job.
+                // The placeholder disks the snapshot is built with leave before it: a
+                // virtio-blk disk's size is read once, at probe, so the job's disks are
+                // probed anew after the restore.
+                let devices = warm::unbind_disks(Path::new("/sys"))?;
                 let sys_block = Path::new("/sys/block");
                 if !disk::virtio_disks(sys_block)?.is_empty() {
                     return Err(io::Error::other(
-                        "provider.warm=1 and a virtio disk is probed before the snapshot: \
-                         warm start needs virtio_blk as a module (the kernel has it built in)",
+                        "provider.warm=1: a virtio disk is still probed after unbinding the \
+                         disk driver's devices",
                     ));
                 }
                 let name = boot.channel.as_deref().unwrap_or_default();
@@ -150,9 +158,7 @@ pub fn setup() -> io::Result<File> {
                 boot.read_only = id.read_only;
                 boot.pids_max = id.pids_max;
                 let reseeded = restored.elapsed();
-                if have_mods {
-                    modules::load_matching(mods, |n| n == modules::DISK_DRIVER)?;
-                }
+                warm::bind_disks(Path::new("/sys"), &devices)?;
                 let driver = restored.elapsed();
                 let node_name = node.file_name().map(|n| n.to_owned()).unwrap_or_default();
                 parked = Some((port, node_name));
@@ -161,7 +167,7 @@ pub fn setup() -> io::Result<File> {
                 // On the console, where the bench and an operator find where a restore's
                 // time went (one short line: the UART is slow under TCG).
                 eprintln!(
-                    "provider-guest: restored for job {}: reseed {} ms, virtio_blk {} ms, disks mounted {} ms",
+                    "provider-guest: restored for job {}: reseed {} ms, disks probed {} ms, disks mounted {} ms",
                     id.job_id,
                     reseeded.as_millis(),
                     driver.as_millis(),

@@ -1,8 +1,11 @@
 //! Warm start (`provider.warm=1`, see [`crate::boot`]): the host boots the agent once with
-//! no disks, the agent opens the channel port and *parks* (writes
+//! placeholder disks on the job disks' slots; the agent unbinds them from `virtio_blk`
+//! ([`unbind_disks`]), opens the channel port and *parks* (writes
 //! [`channel::msg::PARKED_LINE`] and blocks reading the port); the host snapshots the VM
-//! there. Every job restores that snapshot, and its first bytes on the channel are one
-//! [`WarmIdentity`] line: from here on this VM is one job's.
+//! there. Every job restores that snapshot with its own disks on those slots, and its
+//! first bytes on the channel are one [`WarmIdentity`] line: from here on this VM is one
+//! job's. Only then are the disks bound again ([`bind_disks`]), so the probe reads the
+//! job's disks.
 //!
 //! Before anything else reads randomness, the host's seed is added to the kernel's input
 //! pool (`RNDADDENTROPY`, credited) and the CRNG is forced to reseed from it
@@ -17,6 +20,54 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 
 use channel::msg::{WarmIdentity, MAX_IDENTITY_LINE, PARKED_LINE};
+
+/// Where the disk driver's devices are listed, bound and unbound.
+const DRIVER_DIR: &str = "bus/virtio/drivers/virtio_blk";
+
+/// Unbinds every virtio-blk device from its driver (`sys` is a writable sysfs): the
+/// snapshot's placeholder disks go, the driver stays loaded. Returns the devices, for
+/// [`bind_disks`] after the restore, which probes them again and so reads the job's
+/// disks' sizes. (Loading the module only after the restore worked too, and cost every
+/// job its load under TCG: about 50 ms more here.)
+pub fn unbind_disks(sys: &std::path::Path) -> io::Result<Vec<String>> {
+    let dir = sys.join(DRIVER_DIR);
+    let mut devices = Vec::new();
+    for e in std::fs::read_dir(&dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", dir.display())))?
+    {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("virtio") {
+            devices.push(name);
+        }
+    }
+    devices.sort();
+    for d in &devices {
+        write_attr(&dir.join("unbind"), d)?;
+    }
+    Ok(devices)
+}
+
+/// Binds `devices` to the disk driver again (a synchronous probe of each).
+pub fn bind_disks(sys: &std::path::Path, devices: &[String]) -> io::Result<()> {
+    let dir = sys.join(DRIVER_DIR);
+    for d in devices {
+        write_attr(&dir.join("bind"), d)?;
+    }
+    Ok(())
+}
+
+fn write_attr(path: &std::path::Path, value: &str) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("write {value} to {}: {e}", path.display()),
+            )
+        })
+}
 
 /// `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;

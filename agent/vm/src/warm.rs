@@ -4,18 +4,19 @@
 //! - **Build** ([`SnapshotStore::build`]): QEMU boots the agent's initramfs with
 //!   `provider.warm=1` and *placeholder disks* on the slots a job's disks take (the image
 //!   read-only, the writable layer), so the restoring QEMU has the same PCI devices. The
-//!   agent loads every module but `virtio_blk`, so nothing reads a disk (virtio-blk reads a
-//!   disk's size once, at probe), opens the channel and parks. The host then `stop`s the VM
-//!   and migrates it (`migrate fd:`, the file handed over QMP `getfd`: a sandboxed QEMU may
-//!   neither open files nor spawn `cat`) into `state`. Files go to a temp dir, are fsynced,
-//!   hashed into `snapshot.json`, and the dir is renamed into place.
+//!   agent loads its modules, unbinds the placeholder disks from `virtio_blk` (a
+//!   virtio-blk disk's size is read once, at probe), opens the channel and parks. The host
+//!   then `stop`s the VM and migrates it (`migrate fd:`, the file handed over QMP `getfd`:
+//!   a sandboxed QEMU may neither open files nor spawn `cat`) into `state`. Files go to a
+//!   temp dir, are fsynced, hashed into `snapshot.json`, and the dir is renamed into place.
 //! - **Restore** ([`Snapshot::restore`]): a QEMU with the same machine, but the *job's*
-//!   disks on those slots, reads `state` as `-incoming fd:5` and runs on its own. The
-//!   migration stream holds no disk contents or sizes (a virtio-blk device's config space
-//!   is read from its backend whenever the guest reads it), so nothing is hot-plugged.
-//!   First on the channel the guest reads the job's [`WarmIdentity`] (a seed from the
-//!   host's CSPRNG, the clock, the job id, the profile's guest limits), then loads
-//!   `virtio_blk`, which finds the job's disks, and does its normal mount and overlay setup.
+//!   disks on those slots, reads `state` as `-incoming fd:5` and is continued (`cont`: the
+//!   snapshot was taken stopped). The migration stream holds no disk contents or sizes (a
+//!   virtio-blk device's config space is read from its backend whenever the guest reads
+//!   it), so nothing is hot-plugged. First on the channel the guest reads the job's
+//!   [`WarmIdentity`] (a seed from the host's CSPRNG, the clock, the job id, the profile's
+//!   guest limits), then binds the disks again, which probes the job's, and does its
+//!   normal mount and overlay setup.
 //! - **Checked before use** ([`SnapshotStore::open`]): the key (kernel, agent, modules,
 //!   memory, vCPUs, QEMU binary and options, this format) names the directory, and every
 //!   file's SHA-256 must match `snapshot.json`. The hashes of a file are checked once per
