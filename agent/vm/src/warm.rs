@@ -24,7 +24,9 @@
 //!   them).
 //!
 //! The QEMU of a restore is confined as a cold boot's: the job's runtime profile
-//! (Landlock, seccomp, cgroup), no network device; it may read the snapshot's directory.
+//! (Landlock, seccomp, cgroup), no network device. It is given the stream as an fd and the
+//! job's own initramfs, so its Landlock policy names nothing in the snapshot (except the
+//! `ram` file of [`RamMode::SharedFile`]).
 //!
 //! Why a migration stream and not file-backed RAM (`memory-backend-file`, `share=off`,
 //! `x-ignore-shared`), which restored faster here: QEMU 7.2 opens `mem-path` read-write
@@ -656,9 +658,18 @@ impl Snapshot {
         }
         let state_path = self.state_path();
         let state = File::open(&state_path).map_err(io_err("open", &state_path))?;
+        // QEMU reads `-initrd` at start even when restoring (into fw_cfg; the guest's RAM
+        // then comes from the stream), so the job's own initramfs does, made of the same
+        // agent and modules. The restoring QEMU then needs no path into the snapshot: the
+        // stream is an fd, and a rebuild that swaps the directory meanwhile cannot fail it.
+        let initramfs = if spec.initramfs.is_file() {
+            spec.initramfs.clone()
+        } else {
+            self.dir.join("initramfs.cpio")
+        };
         let launch = MachineSpec {
             kernel: self.kernel.clone(),
-            initramfs: self.dir.join("initramfs.cpio"),
+            initramfs,
             cmdline: self.manifest.cmdline.clone(),
             ..spec.clone()
         };
@@ -666,15 +677,15 @@ impl Snapshot {
             &launch,
             qemu,
             Some(match self.manifest.ram {
+                // The kernel and initramfs are in the Landlock policy as on a cold boot.
                 RamMode::Stream => WarmLaunch {
                     incoming: Some(state),
-                    read: vec![self.dir.clone()],
                     ..WarmLaunch::default()
                 },
                 RamMode::SharedFile => WarmLaunch {
                     incoming: Some(state),
                     defer_incoming: true,
-                    read: vec![self.dir.clone()],
+                    read: Vec::new(),
                     write: vec![self.dir.join("ram")],
                     ram_file: Some((self.dir.join("ram"), false)),
                 },
