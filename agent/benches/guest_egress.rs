@@ -83,6 +83,7 @@ fn main() {
         plain_http_registries: Vec::new(),
         limits: egress::Limits::default(),
         runtime: Default::default(),
+        warm: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -299,6 +299,8 @@ pub enum JobEvent<'a> {
         image_hash: &'a str,
         backend: &'a str,
         boot_ms: u64,
+        /// How the VM started (`warm start: …` or `cold boot: WHY`).
+        start: &'a str,
         /// What the job's egress proxy allows, one line per rule.
         egress: Vec<String>,
     },

@@ -162,6 +162,7 @@ fn a_job_runs_gated_batches_with_egress_only_through_its_proxy() {
         plain_http_registries: Vec::new(),
         limits: Limits::default(),
         runtime: Default::default(),
+        warm: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -639,6 +640,7 @@ fn config_for(backend: Backend, kernel: PathBuf, agent: PathBuf, timeout: Durati
         plain_http_registries: Vec::new(),
         limits: Limits::default(),
         runtime: Default::default(),
+        warm: None,
     }
 }
 

@@ -5,6 +5,12 @@
 # fuzz/artifacts/<target>/ and its libFuzzer log is printed.
 #
 #   fuzz/scripts/run-all.sh [SECONDS] [TARGET...]     (SECONDS=0: replay the corpus only)
+#   fuzz/scripts/run-all.sh NUMx [TARGET...]          (NUM executions each, seed 1)
+#
+# `NUMx` mutates for a fixed number of executions from a fixed seed instead of a time: the
+# same binary on the same corpus tries the same inputs on any machine, fast or loaded, so
+# a run that passed here passes in CI and a failure is reproducible (a timed run explores
+# as far as the machine's speed takes it, and can find something new on a given day).
 #
 # New corpus entries go to a scratch directory (FUZZ_WORK, default a temp dir), not to the
 # committed seeds. Each target's last libFuzzer status line (execs, cov, ft) goes to
@@ -39,14 +45,20 @@ run_one() {
   local log="$work/$t.log"
   # SECONDS=0: replay the committed corpus once (deterministic; what CI runs), else mutate
   # for SECONDS.
-  local budget=(-max_total_time="$seconds")
-  if ((seconds == 0)); then budget=(-runs=0); fi
+  local budget
+  if [[ $seconds == *x ]]; then
+    budget=(-runs="${seconds%x}" -seed=1)
+  elif ((seconds == 0)); then
+    budget=(-runs=0)
+  else
+    budget=(-max_total_time="$seconds")
+  fi
   if nice -n 19 cargo +nightly fuzz run -s none -a "$t" "$work/$t" "corpus/$t" -- \
     "${budget[@]}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1; then
     local last
     last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
-    echo "$t: ok ${seconds}s ${last}" | tee -a "$work/summary.txt"
+    echo "$t: ok ${seconds} ${last}" | tee -a "$work/summary.txt"
   else
     echo "$t: FAILED (log below, input in fuzz/artifacts/$t/)" | tee -a "$work/summary.txt"
     tail -60 "$log"

@@ -7,6 +7,7 @@
 //! | `provider.channel=NAME` | the host channel is the virtio-serial port named `NAME` | the channel is `/dev/ttyS1` |
 //! | `provider.ro=1` | the payload's `/` is read-only (the runtime profile's `read_only_rootfs`) | `/` is writable |
 //! | `provider.pids=N` | the payload's processes are in a pids cgroup of `N` tasks | no pids limit |
+//! | `provider.warm=1` | boot into a warm-start snapshot: open the channel, unbind the placeholder disks from `virtio_blk`, park until the host sends a [`channel::msg::WarmIdentity`] (after a restore), then bind them again, which probes the job's disks on those slots | a cold boot |
 //!
 //! Disks are named by their virtio serial (`-device virtio-blk-pci,serial=…`, read from
 //! `/sys/block/vd*/serial`), not by `vda`/`vdb`, whose letters follow probe order.
@@ -30,6 +31,8 @@ pub struct BootConfig {
     pub read_only: bool,
     /// Tasks the payload may have at once.
     pub pids_max: Option<u32>,
+    /// `provider.warm=1`: park for a snapshot (see [`crate::warm`]).
+    pub warm: bool,
 }
 
 /// Where the payload's root comes from.
@@ -74,6 +77,18 @@ impl BootConfig {
                     }
                     continue;
                 }
+                "warm" => {
+                    if value != "1" {
+                        return Err(format!(
+                            "kernel parameter `provider.warm`: `{value}` is not `1`"
+                        ));
+                    }
+                    if c.warm {
+                        return Err("kernel parameter `provider.warm` is given twice".into());
+                    }
+                    c.warm = true;
+                    continue;
+                }
                 _ => {}
             }
             let (slot, max) = match key {
@@ -83,7 +98,8 @@ impl BootConfig {
                 _ => {
                     return Err(format!(
                         "unknown kernel parameter `provider.{key}` (known: provider.root, \
-                         provider.upper, provider.channel, provider.ro, provider.pids)"
+                         provider.upper, provider.channel, provider.ro, provider.pids, \
+                         provider.warm)"
                     ))
                 }
             };
@@ -106,6 +122,14 @@ impl BootConfig {
                     "provider.root and provider.upper name the same disk `{a}`"
                 ));
             }
+        }
+        if c.warm && (c.channel.is_none() || c.root.is_none()) {
+            return Err(
+                "provider.warm needs provider.channel and the disks (provider.root, \
+                 provider.upper): a warm guest gets its identity on the virtio-serial port \
+                 and reads the job's disks after the restore"
+                    .into(),
+            );
         }
         Ok(c)
     }
@@ -177,10 +201,21 @@ mod tests {
             ("provider.pids=0", "a number from 1"),
             ("provider.pids=x", "a number from 1"),
             ("provider.pids=3 provider.pids=4", "given twice"),
+            ("provider.warm=0", "is not `1`"),
+            ("provider.warm=1 provider.channel=c", "needs provider.channel and the disks"),
+            (
+                "provider.warm=1 provider.warm=1 provider.channel=c provider.root=a provider.upper=b",
+                "given twice",
+            ),
         ] {
             let e = BootConfig::parse(line).unwrap_err();
             assert!(e.contains(want), "{line}: {e}");
         }
+        let warm = BootConfig::parse(
+            "provider.warm=1 provider.channel=c provider.root=a provider.upper=b",
+        )
+        .unwrap();
+        assert!(warm.warm);
         let half = BootConfig::parse("provider.root=a").unwrap();
         assert!(half.root().unwrap_err().contains("needs provider.upper"));
         let half = BootConfig::parse("provider.upper=a").unwrap();

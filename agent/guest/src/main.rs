@@ -32,6 +32,7 @@ mod serve;
 mod setup;
 mod squashfs;
 mod vport;
+mod warm;
 
 use std::process::ExitCode;
 

@@ -13,7 +13,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::termios::{self, SetArg};
 
 use crate::boot::{BootConfig, Root};
-use crate::{disk, limits, lockdown, modules, vport};
+use crate::{disk, limits, lockdown, modules, vport, warm};
 
 /// Where the payload's rootfs is: a directory of the initramfs, or the overlay's mount.
 pub const PAYLOAD_ROOT: &str = "/rootfs";
@@ -91,12 +91,13 @@ pub fn setup() -> io::Result<File> {
     let mut early = Early::default();
     early.mount("proc", "/proc", nosuid, None)?;
     let cmdline = ctx(fs::read_to_string("/proc/cmdline"), "read /proc/cmdline")?;
-    let boot = BootConfig::parse(&cmdline).map_err(io::Error::other)?;
+    let mut boot = BootConfig::parse(&cmdline).map_err(io::Error::other)?;
     let root = boot.root().map_err(io::Error::other)?;
     let mods = Path::new(modules::MODULES_DIR);
     if mods.join("order").exists() {
         modules::load_all(mods)?;
     }
+    let mut parked = None;
     let writable = match &root {
         Root::Initramfs => {
             if !Path::new(PAYLOAD_ROOT).is_dir() {
@@ -120,9 +121,62 @@ pub fn setup() -> io::Result<File> {
             Vec::new()
         }
         Root::Disks { image, upper } => {
-            early.mount("sysfs", "/sys", nosuid | MsFlags::MS_RDONLY, None)?;
+            // A warm guest unbinds and binds its disks through sysfs. The first mount sets
+            // the superblock's flags, so it is writable here; the payload's own sysfs
+            // mount is read-only by its mount flag either way.
+            let sys_flags = if boot.warm {
+                nosuid
+            } else {
+                nosuid | MsFlags::MS_RDONLY
+            };
+            early.mount("sysfs", "/sys", sys_flags, None)?;
             early.mount("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-            disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?
+            if boot.warm {
+                // The snapshot is taken while this waits; what follows runs per job.
+                // The placeholder disks the snapshot is built with leave before it: a
+                // virtio-blk disk's size is read once, at probe, so the job's disks are
+                // probed anew after the restore.
+                let devices = warm::unbind_disks(Path::new("/sys"))?;
+                let sys_block = Path::new("/sys/block");
+                if !disk::virtio_disks(sys_block)?.is_empty() {
+                    return Err(io::Error::other(
+                        "provider.warm=1: a virtio disk is still probed after unbinding the \
+                         disk driver's devices",
+                    ));
+                }
+                let name = boot.channel.as_deref().unwrap_or_default();
+                let (mut port, node) = vport::open(
+                    Path::new("/sys/class/virtio-ports"),
+                    Path::new("/dev"),
+                    name,
+                    vport::PORT_WAIT,
+                )?;
+                let id = warm::park(&mut port)?;
+                let restored = std::time::Instant::now();
+                warm::apply(&id, "/dev/urandom")?;
+                // The job's profile, which the snapshot's command line cannot carry.
+                boot.read_only = id.read_only;
+                boot.pids_max = id.pids_max;
+                let reseeded = restored.elapsed();
+                warm::bind_disks(Path::new("/sys"), &devices)?;
+                let driver = restored.elapsed();
+                let node_name = node.file_name().map(|n| n.to_owned()).unwrap_or_default();
+                parked = Some((port, node_name));
+                let writable =
+                    disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?;
+                // On the console, where the bench and an operator find where a restore's
+                // time went (one short line: the UART is slow under TCG).
+                eprintln!(
+                    "provider-guest: restored for job {}: reseed {} ms, disks probed {} ms, disks mounted {} ms",
+                    id.job_id,
+                    reseeded.as_millis(),
+                    driver.as_millis(),
+                    restored.elapsed().as_millis()
+                );
+                writable
+            } else {
+                disk::mount_root(image, upper, Path::new(PAYLOAD_ROOT), Path::new("/dev"))?
+            }
         }
     };
     early.finish()?;
@@ -132,7 +186,7 @@ pub fn setup() -> io::Result<File> {
     if boot.read_only {
         limits::bind_writable(Path::new(PAYLOAD_ROOT), &writable)?;
     }
-    let channel = payload_mounts(boot.channel.as_deref())?;
+    let channel = payload_mounts(boot.channel.as_deref(), parked)?;
     if boot.read_only {
         // Last, once every mount point below it exists: only the root's own mount turns
         // read-only; /tmp, /dev/shm and the writable binds stay as they are.
@@ -143,7 +197,12 @@ pub fn setup() -> io::Result<File> {
 }
 
 /// Today's setup of the payload root at [`PAYLOAD_ROOT`], whatever it is made of.
-fn payload_mounts(port: Option<&str>) -> io::Result<File> {
+/// `parked`: the channel port a warm guest opened before its snapshot, with its node's
+/// name (the node is in the one devtmpfs, so it shows under the payload's `/dev` too).
+fn payload_mounts(
+    port: Option<&str>,
+    parked: Option<(File, std::ffi::OsString)>,
+) -> io::Result<File> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/rootfs/proc", nosuid, None)?;
     // Read-only: root may write most sysfs files without any capability (driver bind and
@@ -188,8 +247,12 @@ fn payload_mounts(port: Option<&str>) -> io::Result<File> {
 
     // std opens with O_CLOEXEC (and `try_clone` dups with F_DUPFD_CLOEXEC): no payload
     // inherits the channel.
-    let channel = match port {
-        None => {
+    let channel = match (port, parked) {
+        (_, Some((port, node_name))) => {
+            lockdown::hide_port(&Path::new("/rootfs/dev").join(node_name))?;
+            port
+        }
+        (None, None) => {
             let node = format!("{PAYLOAD_ROOT}{CHANNEL_TTY}");
             let tty = OpenOptions::new()
                 .read(true)
@@ -201,7 +264,7 @@ fn payload_mounts(port: Option<&str>) -> io::Result<File> {
             lockdown::hide_channel(&tty, Path::new(&node))?;
             tty
         }
-        Some(name) => {
+        (Some(name), None) => {
             let (port, node) = vport::open(
                 Path::new("/rootfs/sys/class/virtio-ports"),
                 Path::new("/rootfs/dev"),

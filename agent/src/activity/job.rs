@@ -60,6 +60,8 @@ pub struct Job {
     /// When the VM was launched (for `wall_ms`).
     launched: Instant,
     boot_ms: u64,
+    /// How the VM started: `warm (snapshot KEY)` or `cold boot: WHY`.
+    start: String,
     /// One batch at a time: the commands of a job run in the order they were sent.
     state: Mutex<State>,
 }
@@ -205,10 +207,7 @@ impl Job {
         let bridge = EgressBridge::new(proxy.clone(), rt.clone());
 
         let launched = Instant::now();
-        let booted = config
-            .backend
-            .launch(&machine_spec)
-            .and_then(|m| Vm::boot(m, config.boot_timeout, bridge.handler()));
+        let (booted, start) = launch(config, &machine_spec, &spec.activity_id, &bridge);
         // Once booted the initramfs lives in guest memory; on failure it is of no use.
         let _ = std::fs::remove_file(&initrd);
         let vm = match booted {
@@ -223,7 +222,8 @@ impl Job {
             manifest_sha256: sha256_hex(&manifest.json),
             image_hash: payload.hash.clone(),
             backend: vm.backend(),
-            boot_ms: vm.boot_time.as_millis() as u64,
+            boot_ms: launched.elapsed().as_millis() as u64,
+            start,
             vm: Some(Arc::new(vm)),
             stopping: Arc::default(),
             gate,
@@ -257,6 +257,7 @@ impl Job {
                 image_hash: &job.image_hash,
                 backend: job.backend,
                 boot_ms: job.boot_ms,
+                start: &job.start,
                 egress: job.proxy.policy().describe(),
             }),
         );
@@ -746,6 +747,66 @@ impl Hashes {
 }
 
 /// The activity id names a directory: nothing that could climb out of `jobs/`.
+/// Starts the job's VM: restored from the warm-start snapshot when a sound one exists,
+/// else booted cold. Returns the VM and the line the job's log gets about it. A snapshot
+/// that is missing or fails its checks is never used; it is rebuilt in the background
+/// once this job's boot is over (so the two do not share the CPUs). A restore that fails
+/// before the guest runs falls back to a cold boot.
+fn launch(
+    config: &JobConfig,
+    spec: &vm::MachineSpec,
+    activity_id: &str,
+    bridge: &EgressBridge,
+) -> (Result<Vm, vm::VmError>, String) {
+    let cold = |why: String| {
+        let vm = config
+            .backend
+            .launch(spec)
+            .and_then(|m| Vm::boot(m, config.boot_timeout, bridge.handler()));
+        (vm, why)
+    };
+    let (warm, opts) = match (&config.warm, &config.backend) {
+        (Some(w), vm::Backend::Qemu(o)) => (w, o),
+        (None, vm::Backend::Qemu(_)) => return cold("cold boot: warm start is off".into()),
+        (_, vm::Backend::Kvm) => {
+            return cold("cold boot: warm start needs the QEMU backend".into())
+        }
+    };
+    let result = match warm.choose(spec.mem_mib, spec.cpus) {
+        vm::warm::Start::Warm(snap) => match snap.restore(spec, opts, activity_id) {
+            Ok((machine, times)) => {
+                let line = format!(
+                    "warm start: restored snapshot {} in {} ms",
+                    snap.key(),
+                    times.restore.as_millis()
+                );
+                let vm = Vm::boot(machine, config.boot_timeout, bridge.handler());
+                match &vm {
+                    // The agent explained why it stopped (an image that does not mount,
+                    // …): this job's doing, not the snapshot's, and no reason for a
+                    // requestor's bad image to turn warm start off for everyone.
+                    Err(vm::VmError::Boot { setup: Some(_), .. }) | Ok(_) => {}
+                    Err(e) => warm.restore_failed(&snap, &e.to_string()),
+                }
+                (vm, line)
+            }
+            Err(e) => {
+                warm.restore_failed(&snap, &e.to_string());
+                // Only the console and QEMU's stderr were written in the job dir; the
+                // guest never ran past its parked point, so the disks are untouched.
+                cold(format!("cold boot: the restore failed: {e}"))
+            }
+        },
+        vm::warm::Start::Cold(why) => {
+            let r = cold(why);
+            warm.rebuild_in_background(spec.mem_mib, spec.cpus);
+            r
+        }
+    };
+    tracing::info!(activity_id, "{}", result.1);
+    result
+}
+
 fn check_activity_id(id: &str) -> Result<(), ActivityError> {
     let ok = !id.is_empty()
         && id.len() <= 128

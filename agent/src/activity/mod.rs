@@ -87,6 +87,9 @@ pub struct JobConfig {
     pub limits: Limits,
     /// The offered preset's runtime profile, as the VM enforces it.
     pub runtime: vm::runtime::RuntimeLimits,
+    /// Restore jobs from a snapshot of the booted guest (QEMU only; `None`: every job
+    /// boots cold). See `vm::warm`.
+    pub warm: Option<vm::warm::WarmStart>,
 }
 
 /// One agreement's job, as the market hands it over.

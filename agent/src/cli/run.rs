@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// Do not announce or discover peers with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Boot every job cold instead of restoring the warm-start snapshot.
+    #[arg(long)]
+    no_warm_start: bool,
     /// Let jobs' egress reach this private/loopback range (repeatable; e.g. a local mirror).
     #[arg(long, value_name = "CIDR")]
     allow_cidr: Vec<Cidr>,
@@ -64,6 +67,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<Outcome> {
     }
     if args.no_mdns {
         cfg.mdns = false;
+    }
+    if args.no_warm_start {
+        cfg.warm_start = false;
     }
     cfg.allow_cidr.extend(args.allow_cidr);
     if let Some(v) = args.vmm {

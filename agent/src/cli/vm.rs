@@ -1,5 +1,6 @@
-//! `provider vm run` (one command in a fresh VM) and `provider vm selftest` (what this
-//! host offers and which backend `auto` picks).
+//! `provider vm run` (one command in a fresh VM), `provider vm selftest` (what this
+//! host offers and which backend `auto` picks) and `provider vm snapshot` (build the
+//! daemon's warm-start snapshot ahead, `vm::warm`).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -25,6 +26,54 @@ pub enum VmCmd {
     /// Show what this host offers for VMs (KVM/PVM, QEMU, guest kernel, guest agent) and
     /// which backend `--vmm auto` picks. Exit code 1 when no backend can run a VM.
     Selftest,
+    /// Build the warm-start snapshot the daemon restores jobs from (the daemon also builds
+    /// it on its first job): the same kernel, agent, modules, memory, vCPUs and QEMU as
+    /// `provider run` with these settings. A sound one is kept unless `--rebuild`.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The daemon's settings file, so the snapshot matches its jobs; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, value_parser = vmm_parser())]
+    vmm: Option<Vmm>,
+    /// Guest kernel (bzImage).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// The static guest agent.
+    #[arg(long, value_name = "PATH")]
+    guest: Option<PathBuf>,
+    /// Guest memory of a job (suffix K, M, G; plain numbers are MiB) [default: the
+    /// daemon's, 512M].
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<MemSize>,
+    /// vCPUs of a job [default: the daemon's, 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: Option<u32>,
+    /// Build it even when a sound one exists.
+    #[arg(long)]
+    rebuild: bool,
+}
+
+/// What `vm snapshot` reports (`--json`).
+#[derive(Debug, Serialize)]
+struct SnapshotReport {
+    key: String,
+    dir: PathBuf,
+    /// Whether this run built it (else a sound one was there).
+    built: bool,
+    /// Why it was built, or kept.
+    reason: String,
+    build_ms: Option<u64>,
+    state_bytes: u64,
+    mem_mib: u32,
+    cpus: u32,
+    kernel: PathBuf,
+    agent: PathBuf,
+    modules: Option<PathBuf>,
+    qemu: PathBuf,
 }
 
 /// `--vmm`: the values of [`Vmm`], each with its help.
@@ -98,7 +147,97 @@ pub fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<Outcome> {
     match cmd {
         VmCmd::Run(args) => run_one(ctx, *args),
         VmCmd::Selftest => selftest(ctx),
+        VmCmd::Snapshot(args) => snapshot(ctx, args),
     }
+}
+
+fn snapshot(ctx: &Ctx, args: SnapshotArgs) -> anyhow::Result<Outcome> {
+    let mut cfg = crate::daemon::config::DaemonConfig::from_file(args.config.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if let Some(v) = args.vmm {
+        cfg.vmm = v;
+    }
+    if args.kernel.is_some() {
+        cfg.kernel = args.kernel;
+    }
+    if args.guest.is_some() {
+        cfg.guest = args.guest;
+    }
+    if let Some(m) = args.mem {
+        cfg.mem_mib = m.mib();
+    }
+    if let Some(c) = args.cpus {
+        cfg.cpus = c;
+    }
+    cfg.warm_start = true;
+    let jobs = crate::daemon::job_config(&cfg, &ctx.data)?;
+    let Some(warm) = jobs.warm else {
+        anyhow::bail!(
+            "warm start needs the QEMU backend; this host's jobs run under {}",
+            jobs.backend.describe()
+        );
+    };
+    let (store, inputs) = (warm.store(), warm.inputs());
+    let kept = if args.rebuild {
+        Err("--rebuild".to_owned())
+    } else {
+        store.open(inputs).map_err(|e| e.to_string())
+    };
+    let (snap, built, reason, build_ms) = match kept {
+        Ok(s) => (
+            s,
+            false,
+            "a sound snapshot exists (its hashes match)".to_owned(),
+            None,
+        ),
+        Err(why) => {
+            let started = Instant::now();
+            let s = store
+                .build(inputs, cfg.boot_timeout)
+                .context("build the warm-start snapshot")?;
+            (s, true, why, Some(started.elapsed().as_millis() as u64))
+        }
+    };
+    let report = SnapshotReport {
+        key: snap.key().to_owned(),
+        dir: snap.dir.clone(),
+        built,
+        reason,
+        build_ms,
+        state_bytes: std::fs::metadata(snap.state_path())
+            .map(|m| m.len())
+            .unwrap_or(0),
+        mem_mib: inputs.mem_mib,
+        cpus: inputs.cpus,
+        kernel: inputs.files.kernel.clone(),
+        agent: inputs.files.agent.clone(),
+        modules: inputs.files.modules.clone(),
+        qemu: inputs.qemu.binary.clone(),
+    };
+    if ctx.json {
+        output::json(&report)?;
+    } else {
+        let mut t = Table::new(&["FIELD", "VALUE"]);
+        t.row(vec!["key".into(), report.key.clone()]);
+        t.row(vec!["dir".into(), report.dir.display().to_string()]);
+        t.row(vec![
+            "built".into(),
+            match report.build_ms {
+                Some(ms) => format!("yes, in {ms} ms ({})", report.reason),
+                None => format!("no: {}", report.reason),
+            },
+        ]);
+        t.row(vec![
+            "state".into(),
+            format!("{} bytes", report.state_bytes),
+        ]);
+        t.row(vec![
+            "machine".into(),
+            format!("{} MiB, {} vCPUs", report.mem_mib, report.cpus),
+        ]);
+        t.print();
+    }
+    Ok(Outcome::Done)
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -19,6 +19,8 @@ pub struct ConfigFile {
     pub listen: Option<Vec<String>>,
     /// mDNS discovery on the local network.
     pub mdns: Option<bool>,
+    /// Start jobs from a snapshot of the booted guest (QEMU only; default true).
+    pub warm_start: Option<bool>,
     /// `auto`, `qemu` or `kvm`.
     pub vmm: Option<Vmm>,
     pub kernel: Option<PathBuf>,
@@ -77,6 +79,8 @@ pub struct ConfigFile {
 pub struct DaemonConfig {
     pub listen: Vec<String>,
     pub mdns: bool,
+    /// Restore jobs from the warm-start snapshot (`vm::warm`).
+    pub warm_start: bool,
     pub vmm: Vmm,
     pub kernel: Option<PathBuf>,
     pub guest: Option<PathBuf>,
@@ -113,6 +117,7 @@ impl Default for DaemonConfig {
         Self {
             listen: vec!["/ip4/0.0.0.0/tcp/7465".into()],
             mdns: true,
+            warm_start: true,
             vmm: Vmm::Auto,
             kernel: None,
             guest: None,
@@ -161,6 +166,9 @@ impl DaemonConfig {
         }
         if let Some(v) = file.mdns {
             cfg.mdns = v;
+        }
+        if let Some(v) = file.warm_start {
+            cfg.warm_start = v;
         }
         if let Some(v) = file.vmm {
             cfg.vmm = v;

@@ -101,10 +101,13 @@ pub async fn run(
         }
         None => None,
     };
-    let jobs = job_config(&cfg).map_err(|e| {
+    let jobs = job_config(&cfg, &data).map_err(|e| {
         tracing::warn!("jobs cannot run on this host ({e:#}); demands will still be judged");
         format!("{e:#}")
     });
+    if let Some(w) = jobs.as_ref().ok().and_then(|j| j.warm.as_ref()) {
+        w.prime();
+    }
 
     let offer = Offer {
         provider_id: provider_id.clone(),
@@ -394,18 +397,44 @@ fn sizing(
 
 /// Every job's settings: the backend this host runs, the guest kernel and agent, and the
 /// operator's limits.
-fn job_config(c: &DaemonConfig) -> anyhow::Result<JobConfig> {
+pub(crate) fn job_config(c: &DaemonConfig, data: &DataDir) -> anyhow::Result<JobConfig> {
     let (backend, why) = vm::Backend::select(c.vmm, &vm::HostInfo::detect())?;
     tracing::info!("{why}");
     let kernel = vm::find_kernel(c.kernel.as_deref())?;
+    let modules = match &backend {
+        vm::Backend::Qemu(_) => vm::find_modules(&kernel)?,
+        vm::Backend::Kvm => None,
+    };
+    let guest_agent = vm::find_guest_agent(c.guest.as_deref())?;
+    // Built on first use, not here: a daemon that never runs a job spends nothing on it,
+    // and the first job boots cold as it would have anyway (docs/payload-runtime.md).
+    let warm = match &backend {
+        vm::Backend::Qemu(qemu) if c.warm_start => {
+            let w = vm::warm::WarmStart::new(
+                vm::warm::SnapshotStore::new(data.root().join("snapshots")),
+                vm::warm::SnapshotInputs {
+                    files: vm::GuestFiles {
+                        kernel: kernel.clone(),
+                        modules: modules.clone(),
+                        agent: guest_agent.clone(),
+                    },
+                    mem_mib: c.mem_mib,
+                    cpus: c.cpus,
+                    qemu: qemu.clone(),
+                    ram: vm::warm::RamMode::Stream,
+                },
+                c.boot_timeout,
+            );
+            Some(w)
+        }
+        _ => None,
+    };
     Ok(JobConfig {
-        modules: match &backend {
-            vm::Backend::Qemu(_) => vm::find_modules(&kernel)?,
-            vm::Backend::Kvm => None,
-        },
+        modules,
         backend,
         kernel,
-        guest_agent: vm::find_guest_agent(c.guest.as_deref())?,
+        guest_agent,
+        warm,
         storage_bytes: c.storage_bytes,
         mem_mib: c.mem_mib,
         cpus: c.cpus,

@@ -22,9 +22,11 @@ pub mod initramfs;
 pub mod kvm;
 pub mod kvm_backend;
 pub mod qemu;
+pub mod qmp;
 pub mod rootfs;
 pub mod runtime;
 pub mod upper;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -339,36 +341,58 @@ pub fn disk_machine(
             message: format!("build the guest initramfs: {e}"),
         }
     })?;
-    let upper = job_dir.join("upper.img");
-    if let Err(e) = upper::create(&upper, upper_bytes, &image.config.dirs()) {
-        let _ = std::fs::remove_file(&initramfs);
-        return Err(e);
-    }
+    let disks = match job_disks(image, upper_bytes, job_dir) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&initramfs);
+            return Err(e);
+        }
+    };
     Ok(MachineSpec {
         kernel: files.kernel.clone(),
         initramfs,
-        cmdline: format!(
-            "{CMDLINE} provider.root={ROOT_SERIAL} provider.upper={UPPER_SERIAL} provider.channel={}",
-            qemu::CHANNEL_PORT
-        ),
+        cmdline: disk_cmdline(false),
         mem_mib,
         cpus,
         job_dir: job_dir.to_owned(),
         console_log: job_dir.join("console.log"),
-        disks: vec![
-            DiskSpec {
-                path: image.path.clone(),
-                serial: ROOT_SERIAL.into(),
-                read_only: true,
-            },
-            DiskSpec {
-                path: upper,
-                serial: UPPER_SERIAL.into(),
-                read_only: false,
-            },
-        ],
+        disks,
         runtime: runtime::RuntimeLimits::default(),
     })
+}
+
+/// The kernel command line of the disk path; `warm`: a warm-start snapshot's guest, which
+/// parks for the snapshot and gets its disks hot-plugged (see [`warm`]).
+pub fn disk_cmdline(warm: bool) -> String {
+    format!(
+        "{CMDLINE} provider.root={ROOT_SERIAL} provider.upper={UPPER_SERIAL} provider.channel={}{}",
+        qemu::CHANNEL_PORT,
+        if warm { " provider.warm=1" } else { "" }
+    )
+}
+
+/// A job's disks on the disk path: the image read-only as the root disk and a fresh
+/// writable layer (`upper.img` in the job dir, `upper_bytes`, with the image's volumes and
+/// working dir made on it).
+pub fn job_disks(
+    image: &rootfs::DiskImage,
+    upper_bytes: u64,
+    job_dir: &Path,
+) -> Result<Vec<DiskSpec>, VmError> {
+    let upper = job_dir.join("upper.img");
+    upper::create(&upper, upper_bytes, &image.config.dirs())?;
+    Ok(vec![
+        DiskSpec {
+            path: image.path.clone(),
+            serial: ROOT_SERIAL.into(),
+            read_only: true,
+        },
+        DiskSpec {
+            path: upper,
+            serial: UPPER_SERIAL.into(),
+            read_only: false,
+        },
+    ])
 }
 
 /// The agent's own explanation when it stopped the boot (`provider-guest: setup failed:

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,8 @@ pub struct QemuOptions {
 pub struct QemuMachine {
     child: Child,
     channel: Option<UnixStream>,
+    /// The host end of the QMP monitor (warm-start machines only).
+    qmp: Option<UnixStream>,
     console: PathBuf,
     exited: Option<String>,
     /// The VMM's cgroup (pids and CPU quota), removed once QEMU is reaped.
@@ -45,6 +47,63 @@ pub struct QemuMachine {
 pub const CHANNEL_PORT: &str = "provider.channel";
 /// The fd QEMU's channel chardev is given in the child.
 const CHANNEL_FD: i32 = 3;
+/// The fd of the QMP monitor's chardev (warm start).
+const QMP_FD: i32 = 4;
+/// The fd of the snapshot's device state a restoring QEMU reads (`-incoming fd:5`).
+const INCOMING_FD: i32 = 5;
+
+/// What a warm-start machine adds to a cold one (see `crate::warm`): a QMP monitor, the
+/// `vmgenid` device and, when restoring, the saved machine (RAM and devices).
+#[derive(Debug, Default)]
+pub struct WarmLaunch {
+    /// Restoring: the snapshot's migration stream, read as `-incoming fd:5`.
+    pub incoming: Option<File>,
+    /// Wait for QMP `migrate-incoming` instead of reading `incoming` at once
+    /// (`-incoming defer`: capabilities are set first).
+    pub defer_incoming: bool,
+    /// Paths QEMU may read beyond the spec's (the snapshot's files).
+    pub read: Vec<PathBuf>,
+    /// Paths QEMU may write beyond the job dir (file-backed RAM, which QEMU 7.2 opens
+    /// read-write even for a private mapping).
+    pub write: Vec<PathBuf>,
+    /// File-backed guest RAM: `-object memory-backend-file,mem-path=…,share=…`.
+    pub ram_file: Option<(PathBuf, bool)>,
+}
+
+/// The arguments a warm-start machine adds to [`args`].
+pub fn warm_args(warm: &WarmLaunch, mem_mib: u32) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        // Tells the guest kernel it was restored (its vmgenid driver reseeds the CRNG);
+        // a new id per QEMU start.
+        "-device".into(),
+        "vmgenid,guid=auto".into(),
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={QMP_FD}"),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+    ];
+    if let Some((path, share)) = &warm.ram_file {
+        a.push("-object".into());
+        a.push(format!(
+            "memory-backend-file,id=warm-ram,size={mem_mib}M,mem-path={},share={}",
+            qemu_escape(&path.display().to_string()),
+            if *share { "on" } else { "off" }
+        ));
+        a.push("-machine".into());
+        a.push("memory-backend=warm-ram".into());
+    }
+    if warm.defer_incoming {
+        a.push("-incoming".into());
+        a.push("defer".into());
+    } else if warm.incoming.is_some() {
+        a.push("-incoming".into());
+        a.push(format!("fd:{INCOMING_FD}"));
+    }
+    a
+}
+
+/// The incoming migration's fd in a restoring QEMU (for `migrate-incoming fd:N`).
+pub const INCOMING: i32 = INCOMING_FD;
 
 /// The full argument list (tests and the docs show it).
 pub fn args(spec: &MachineSpec, opts: &QemuOptions) -> Vec<String> {
@@ -116,6 +175,15 @@ fn qemu_escape(v: &str) -> String {
 impl QemuMachine {
     /// Starts QEMU with the channel already connected (one end of a socketpair as its fd 3).
     pub fn launch(spec: &MachineSpec, opts: &QemuOptions) -> Result<Self, VmError> {
+        Self::launch_with(spec, opts, None)
+    }
+
+    /// [`QemuMachine::launch`], for a warm-start machine when `warm` is given.
+    pub fn launch_with(
+        spec: &MachineSpec,
+        opts: &QemuOptions,
+        warm: Option<WarmLaunch>,
+    ) -> Result<Self, VmError> {
         for d in &spec.disks {
             if d.serial.is_empty()
                 || d.serial.len() > 20
@@ -141,8 +209,11 @@ impl QemuMachine {
             source: e,
         })?;
         let mut cmd = Command::new(&opts.binary);
-        cmd.args(args(spec, opts))
-            .stdin(Stdio::null())
+        cmd.args(args(spec, opts));
+        if let Some(w) = &warm {
+            cmd.args(warm_args(w, spec.mem_mib));
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
         let (extra, cgroup, notes) = enforce_profile(spec, opts)?;
@@ -157,6 +228,10 @@ impl QemuMachine {
             &spec.job_dir,
         );
         if let Some(policy) = policy.as_mut() {
+            if let Some(w) = &warm {
+                policy.read.extend(w.read.iter().cloned());
+                policy.write.extend(w.write.iter().cloned());
+            }
             for d in &spec.disks {
                 if d.read_only {
                     policy.read.push(d.path.clone());
@@ -178,11 +253,41 @@ impl QemuMachine {
         let text = format!("{report}\n{notes}");
         tracing::info!(profile = %spec.runtime.profile, "qemu confinement: {}", text.trim_end().replace('\n', "; "));
         let _ = std::fs::write(spec.job_dir.join("confinement.txt"), text);
+        // The fds the child gets, by number. Each source is first duplicated above every
+        // target, so no dup2 in the child overwrites a source still to be moved.
+        let (qmp_ours, qmp_theirs) = match &warm {
+            Some(_) => {
+                let (a, b) = UnixStream::pair().map_err(|e| VmError::Io {
+                    action: "socketpair for the QMP monitor of",
+                    path: spec.job_dir.clone(),
+                    source: e,
+                })?;
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        #[allow(unsafe_code)]
+        let high = |fd: BorrowedFd<'_>| -> Result<OwnedFd, VmError> {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                .map(|n| unsafe { OwnedFd::from_raw_fd(n) })
+                .map_err(|e| VmError::Backend {
+                    message: format!("duplicate a descriptor for QEMU: {e}"),
+                })
+        };
+        let mut moves: Vec<(OwnedFd, i32)> = vec![(high(theirs.as_fd())?, CHANNEL_FD)];
+        if let Some(q) = &qmp_theirs {
+            moves.push((high(q.as_fd())?, QMP_FD));
+        }
+        if let Some(f) = warm.as_ref().and_then(|w| w.incoming.as_ref()) {
+            moves.push((high(f.as_fd())?, INCOMING_FD));
+        }
+        let plan: Vec<(i32, i32)> = moves.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
         let parent = std::process::id();
-        let theirs_fd = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only calls prctl,
-        // getppid and dup2, which are async-signal-safe; it touches no memory shared with
-        // the parent. `theirs_fd` stays open in the parent until after spawn.
+        // getppid and dup2, which are async-signal-safe; it reads `plan`, allocated before
+        // the fork, and touches no other memory shared with the parent. The source fds
+        // stay open in the parent until after spawn.
         #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
@@ -192,14 +297,12 @@ impl QemuMachine {
                 if nix::unistd::getppid().as_raw() as u32 != parent {
                     return Err(io::Error::other("parent exited"));
                 }
-                // dup2 clears close-on-exec on the new fd: QEMU inherits exactly this one.
-                if theirs_fd == CHANNEL_FD {
-                    // dup2 onto itself would keep close-on-exec.
-                    if libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0) < 0 {
+                // Sources are all >= 10, targets 3..=5: dup2 onto a distinct number, which
+                // clears close-on-exec on the new fd: QEMU inherits exactly these.
+                for &(from, to) in &plan {
+                    if libc::dup2(from, to) < 0 {
                         return Err(io::Error::last_os_error());
                     }
-                } else if libc::dup2(theirs_fd, CHANNEL_FD) < 0 {
-                    return Err(io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -209,9 +312,12 @@ impl QemuMachine {
         })?;
         // Only QEMU holds its end now: when QEMU goes, ours reads EOF.
         drop(theirs);
+        drop(moves);
+        drop(qmp_theirs);
         Ok(QemuMachine {
             child,
             channel: Some(ours),
+            qmp: qmp_ours,
             console: spec.console_log.clone(),
             exited: None,
             cgroup,
@@ -353,6 +459,18 @@ fn enforce_profile(
         notes.push_str("guest: read-only root file system\n");
     }
     Ok((extra, cgroup, notes))
+}
+
+impl QemuMachine {
+    /// The host end of the QMP monitor, once (warm-start machines only).
+    pub fn take_qmp(&mut self) -> Option<UnixStream> {
+        self.qmp.take()
+    }
+
+    /// Gives the channel back after the warm start's identity line was written on it.
+    pub fn put_channel(&mut self, s: UnixStream) {
+        self.channel = Some(s);
+    }
 }
 
 impl Machine for QemuMachine {
