@@ -6,6 +6,7 @@
 #
 #   fuzz/scripts/run-all.sh [SECONDS] [TARGET...]     (SECONDS=0: replay the corpus only)
 #   fuzz/scripts/run-all.sh NUMx [TARGET...]          (NUM executions each, seed 1)
+#   fuzz/scripts/run-all.sh ci [TARGET...]            (each target's NUM from ci-runs.txt)
 #
 # `NUMx` mutates for a fixed number of executions from a fixed seed instead of a time: the
 # same binary on the same corpus tries the same inputs on any machine, fast or loaded, so
@@ -43,11 +44,19 @@ run_one() {
   local t=$1
   mkdir -p "$work/$t" "artifacts/$t"
   local log="$work/$t.log"
-  # SECONDS=0: replay the committed corpus once (deterministic; what CI runs), else mutate
-  # for SECONDS.
+  # SECONDS=0: replay the committed corpus once; NUMx or ci: NUM executions from seed 1;
+  # else mutate for SECONDS.
   local budget
-  if [[ $seconds == *x ]]; then
-    budget=(-runs="${seconds%x}" -seed=1)
+  local runs=$seconds
+  if [[ $seconds == ci ]]; then
+    runs=$(awk -v t="$t" '$1 == t { print $2 "x" }' ci-runs.txt)
+    if [[ -z $runs ]]; then
+      echo "$t: FAILED: no entry in fuzz/ci-runs.txt" | tee -a "$work/summary.txt"
+      return 1
+    fi
+  fi
+  if [[ $runs == *x ]]; then
+    budget=(-runs="${runs%x}" -seed=1)
   elif ((seconds == 0)); then
     budget=(-runs=0)
   else
@@ -58,7 +67,7 @@ run_one() {
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1; then
     local last
     last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
-    echo "$t: ok ${seconds} ${last}" | tee -a "$work/summary.txt"
+    echo "$t: ok ${runs} ${last}" | tee -a "$work/summary.txt"
   else
     echo "$t: FAILED (log below, input in fuzz/artifacts/$t/)" | tee -a "$work/summary.txt"
     tail -60 "$log"

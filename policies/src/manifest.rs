@@ -374,9 +374,16 @@ fn uri_problem(text: &str) -> Option<String> {
             ));
         }
     }
+    // The first `#` starts the fragment, which holds no `#` of its own.
+    let fragment = text.find('#');
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
+        if b == b'#' && fragment != Some(i) {
+            return Some(format!(
+                "a second `#` at byte {i} (the fragment starts at the first); percent-encode it as `%23`"
+            ));
+        }
         let allowed = b.is_ascii_alphanumeric()
             || b"-._~:/?#@!$&'()*+,;=".contains(&b)
             || (b == b'[' && open == Some(i))

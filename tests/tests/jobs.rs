@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use certs::testpki::{self, KeyKind, Validity};
 use openssl::hash::MessageDigest;
 use provider::testsupport::{
-    hex_digest, http_server, qemu_pids_mentioning, qemu_processes_mentioning, vm_env, Upstream,
-    VmEnv,
+    hex_digest, http_server, qemu_pids_mentioning, qemu_processes_mentioning, vm_env, SmallDisk,
+    Upstream, VmEnv,
 };
 use serde_json::{json, Value};
 use tests::util::{write_signed, Provider, Run};
@@ -311,6 +311,12 @@ fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
 /// an atomic write, no initramfs, and an audit log whose lines all parse but at most one
 /// line torn by the kill.
 fn assert_clean_after_kill(data: &std::path::Path, point: &str) {
+    assert_clean(data, point, true)
+}
+
+/// [`assert_clean_after_kill`]; `interrupted`: whether some job must have been marked
+/// interrupted (a kill), or only ended somehow (its end may or may not have been written).
+fn assert_clean(data: &std::path::Path, point: &str, interrupted_expected: bool) {
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     let lines: Vec<Option<Value>> = audit
         .lines()
@@ -339,7 +345,7 @@ fn assert_clean_after_kill(data: &std::path::Path, point: &str) {
         })
         .count();
     assert!(
-        interrupted >= 1,
+        !interrupted_expected || interrupted >= 1,
         "{point}: no job was marked interrupted:\n{audit}"
     );
     for entry in std::fs::read_dir(data.join("jobs")).unwrap() {
@@ -533,8 +539,11 @@ fn an_expired_agreement_ends_its_job() {
 #[test]
 fn a_guest_that_stops_answering_mid_batch_is_killed_and_the_job_ends_with_a_receipt() {
     let Some(j) = job() else { return };
-    let cfg =
-        j.p.write_input("stuck.json", r#"{"command_timeout": "5s"}"#);
+    // Cold boot: a warm-start snapshot built beside the job would be a second QEMU.
+    let cfg = j.p.write_input(
+        "stuck.json",
+        r#"{"command_timeout": "5s", "warm_start": false}"#,
+    );
     let mut args = daemon_args(&j);
     args.extend(["--config".to_string(), cfg.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -597,6 +606,58 @@ fn a_guest_that_stops_answering_mid_batch_is_killed_and_the_job_ends_with_a_rece
     assert_eq!(r.code, 0, "{r:?}\n{}", d.logs());
     let out = events.iter().find(|e| e["event"] == "result").unwrap();
     assert_eq!(out["stdout"], "after\n");
+}
+
+/// Fault campaign (docs/robustness.md): the disk the receipts go to is full when a running
+/// job's receipt is written (the daemon stopped with SIGTERM ends the job). A small full
+/// tmpfs on `receipts/` only: the job's teardown frees its own files just before the
+/// receipt is written, so a full data dir has room again by then. The daemon says it
+/// cannot store the receipt and still exits cleanly; no half-written receipt or temp is
+/// left; after a restart the job counts as ended and a new job runs and stores its receipt.
+#[test]
+fn a_full_disk_at_receipt_writing_leaves_no_half_receipt_and_a_restart_serves() {
+    let Some(j) = job() else { return };
+    let data = j.p.data_dir();
+    let Some(disk) = SmallDisk::mount(&data.join("receipts"), 1 << 20) else {
+        return;
+    };
+    let cfg = j.p.write_input("cold.json", r#"{"warm_start": false}"#);
+    let mut args = daemon_args(&j);
+    args.extend(["--config".to_string(), cfg.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = j.p.daemon(&args);
+    let mut submitter = start_long_job(&j, &d, Some(Duration::from_secs(2)));
+    let filler = disk.fill();
+    assert_eq!(d.stop(Duration::from_secs(60)), Some(0), "{}", d.logs());
+    let logs = d.logs();
+    assert!(
+        logs.contains("cannot store the receipt") && logs.contains("No space left on device"),
+        "{logs}"
+    );
+    assert!(qemu_processes_mentioning(&data).is_empty());
+    let _ = submitter.kill();
+    let _ = submitter.wait();
+    let stored: Vec<_> = std::fs::read_dir(data.join("receipts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| *p != filler)
+        .collect();
+    assert!(
+        stored.is_empty(),
+        "a receipt or its temp was left: {stored:?}"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let d2 = j.p.daemon(&args);
+    assert_clean(&data, "full disk at the receipt", false);
+    let (r, events) = submit(&j, &d2.addr, &[json!([run("/bin/echo", &["room again"])])]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", d2.logs());
+    let out = events.iter().find(|e| e["event"] == "result").unwrap();
+    assert_eq!(out["stdout"], "room again\n");
+    assert_eq!(stored_receipts(&j).len(), 1, "{}", d2.logs());
+    drop(d2);
+    // Unmounted first, so the temp dir under it can go.
+    drop(disk);
 }
 
 /// Seconds since the epoch of an RFC 3339 timestamp (as the receipt writes them).

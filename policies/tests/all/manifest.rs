@@ -201,6 +201,9 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
         ("https://u@im[ages.example.com/", "not allowed in a URI"),
         ("https://[::1]x/", "not allowed in a URI"),
         ("https://a@b@images.example.com/", "second `@`"),
+        // Finding 10: the fragment holds no `#`.
+        ("https://images.example.com/app##x.gvmi", "second `#`"),
+        ("https://images.example.com/app#a#b", "second `#`"),
     ] {
         let (field, message) = field_error(&manifest(&[bad]));
         assert_eq!(field, "compManifest.net.inet.out.urls[0]", "{bad:?}");
@@ -215,6 +218,7 @@ fn urls_that_are_not_rfc3986_uris_are_refused() {
         "https://xn--bcher-kva.example/",
         "https://user:pw@[2001:db8::1]:8443/v1/",
         "https://[2001:db8::2]/",
+        "https://images.example.com/app.gvmi#frag/with?marks",
     ]);
     assert!(parse(&ok).is_ok());
 }
