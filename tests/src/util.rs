@@ -403,3 +403,23 @@ impl Provider {
         Run::from(out)
     }
 }
+
+/// Temp files of atomic writes (`.<name>.tmp.<pid>…`) anywhere under `dir`: what a write
+/// cut short (a kill, a full disk) must not leave behind.
+pub fn half_written_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp.") {
+                found.push(entry.path());
+            }
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found
+}

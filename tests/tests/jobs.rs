@@ -360,21 +360,11 @@ fn assert_clean(data: &std::path::Path, point: &str, interrupted_expected: bool)
             "{point}: {id} kept its initramfs"
         );
     }
-    let mut stack = vec![data.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            assert!(
-                !(name.starts_with('.') && name.contains(".tmp.")),
-                "{point}: half-written file {} left",
-                entry.path().display()
-            );
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
+    let left = tests::util::half_written_files(data);
+    assert!(
+        left.is_empty(),
+        "{point}: half-written files left: {left:?}"
+    );
 }
 
 /// Starts `requestor submit` of one long `sleep` in the background and waits until its VM

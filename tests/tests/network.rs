@@ -532,21 +532,11 @@ fn kill_9_during_negotiation_leaves_a_clean_data_dir_and_a_restart_serves() {
             torn <= round as usize + 1,
             "round {round} (kill at {delay} ms): {torn} torn lines:\n{audit}"
         );
-        let mut stack = vec![data.clone()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let entry = entry.unwrap();
-                let name = entry.file_name().to_string_lossy().into_owned();
-                assert!(
-                    !(name.starts_with('.') && name.contains(".tmp.")),
-                    "round {round} (kill at {delay} ms): half-written file {}",
-                    entry.path().display()
-                );
-                if entry.file_type().unwrap().is_dir() {
-                    stack.push(entry.path());
-                }
-            }
-        }
+        let left = tests::util::half_written_files(&data);
+        assert!(
+            left.is_empty(),
+            "round {round} (kill at {delay} ms): half-written files {left:?}"
+        );
     }
     let d = s.p.daemon(&[]);
     let r = submit_signed(&s, &d, files, &[]);
@@ -631,21 +621,8 @@ fn a_full_data_disk_fails_writes_clearly_and_corrupts_nothing() {
         audit.matches("\"verdict\":\"accept\"").count() >= 2,
         "the demands before and after are not audited:\n{audit}"
     );
-    let mut stack = vec![s.p.data_dir()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            assert!(
-                !(name.starts_with('.') && name.contains(".tmp.")),
-                "half-written file {} left",
-                entry.path().display()
-            );
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
+    let left = tests::util::half_written_files(&s.p.data_dir());
+    assert!(left.is_empty(), "half-written files left: {left:?}");
     drop(d);
     drop(disk);
 }
