@@ -346,11 +346,18 @@ fn parse_and_validate(json: &[u8]) -> Result<(Manifest, Outbound), ManifestError
 /// `FromStr` is lenient (found by fuzzing: it read `210 -01-01T00:00:00Z` as a year).
 fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
     let text = String::deserialize(d)?;
-    DateTime::parse_from_rfc3339(&text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| {
-            serde::de::Error::custom(format!("`{text}` is not an RFC 3339 date-time: {e}"))
-        })
+    let t = DateTime::parse_from_rfc3339(&text).map_err(|e| {
+        serde::de::Error::custom(format!("`{text}` is not an RFC 3339 date-time: {e}"))
+    })?;
+    // chrono keeps a leap second (`:60`) as a nanosecond count past 10^9; RFC 3339 allows
+    // one only where a leap second really was, which Golem's schema checks and no manifest
+    // needs (found by fuzzing: `12:51:60` was accepted). Refused outright.
+    if chrono::Timelike::nanosecond(&t) >= 1_000_000_000 {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}`: a leap second (`:60`) is not accepted; write the next second"
+        )));
+    }
+    Ok(t.with_timezone(&Utc))
 }
 
 /// Why `text` is not a URI as RFC 3986 writes one (the `uri` format of Golem's schema),

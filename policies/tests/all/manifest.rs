@@ -248,6 +248,14 @@ fn times_must_be_rfc3339_exactly() {
     let (field, message) = field_error(&m);
     assert_eq!(field, "expiresAt");
     assert!(message.contains("RFC 3339"), "{message}");
+    // Finding 11: a leap second is refused (chrono accepts `:60` anywhere).
+    for leap in ["2022-07-26T12:51:60.000000Z", "2016-12-31T23:59:60Z"] {
+        let mut m = manifest(&[]);
+        m["createdAt"] = json!(leap);
+        let (field, message) = field_error(&m);
+        assert_eq!(field, "createdAt", "{leap}");
+        assert!(message.contains("leap second"), "{message}");
+    }
     let mut m = manifest(&[]);
     m["createdAt"] = json!("2024-01-01T00:00:00+02:00");
     assert!(parse(&m).is_ok());
