@@ -330,12 +330,9 @@ fn kill_9_mid_job_leaves_no_vm_behind_and_a_restart_serves_again() {
 /// or an `ended` audit line, the killed one's saying it was interrupted), no temp file of
 /// an atomic write, no initramfs, and an audit log whose lines all parse but at most one
 /// line torn by the kill.
-fn assert_clean_after_kill(data: &std::path::Path, point: &str) {
-    assert_clean(data, point, true)
-}
-
-/// [`assert_clean_after_kill`]; `interrupted`: whether some job must have been marked
-/// interrupted (a kill), or only ended somehow (its end may or may not have been written).
+///
+/// `interrupted_expected`: whether some job must have been marked interrupted (a kill
+/// mid-job), or only ended somehow (its end may or may not have been written first).
 fn assert_clean(data: &std::path::Path, point: &str, interrupted_expected: bool) {
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     let lines: Vec<Option<Value>> = audit
